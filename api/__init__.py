@@ -1,0 +1,23 @@
+"""The HTTP API: validate, write the job, enqueue, answer. It never imports torch or the worker."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from shared.config import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """The Flask app factory; tests pass their own settings."""
+    from api import errors, health, jobs
+    from api.context import init_app
+
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    init_app(app, settings)
+    errors.register(app)
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(health.bp)
+    return app

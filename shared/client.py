@@ -1,0 +1,77 @@
+"""A thin client of the HTTP API, used by the CLI and the demo."""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+import time
+from pathlib import Path
+
+import requests
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+
+
+class ApiError(Exception):
+    """The API answered with an error body."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+def file_to_data_uri(path: Path) -> str:
+    """Inline a local image file, so that a remote API can take it."""
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def image_arg_to_ref(arg: str) -> str:
+    """A CLI image argument as a ref: an existing local file is inlined, anything else is passed as is."""
+    path = Path(arg)
+    return file_to_data_uri(path) if "://" not in arg and path.is_file() else arg
+
+
+class Client:
+    """Submit jobs and read them back."""
+
+    def __init__(self, base_url: str, timeout_s: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.http = requests.Session()
+
+    def submit(self, task: str, images: list[str], question: str | None = None,
+               max_new_tokens: int | None = None) -> dict:
+        """POST /v1/jobs; returns the queued job."""
+        body = {"task": task, "images": images}
+        if question is not None:
+            body["question"] = question
+        if max_new_tokens is not None:
+            body["max_new_tokens"] = max_new_tokens
+        return self._answer(self.http.post(f"{self.base_url}/v1/jobs", json=body, timeout=self.timeout_s))
+
+    def get(self, job_id: str, wait_s: float = 0) -> dict:
+        """GET /v1/jobs/<id>, holding up to `wait_s` seconds for the job to end."""
+        params = {"wait": f"{wait_s:g}"} if wait_s else None
+        response = self.http.get(f"{self.base_url}/v1/jobs/{job_id}", params=params,
+                                 timeout=self.timeout_s + wait_s)
+        return self._answer(response)
+
+    def wait(self, job_id: str, timeout_s: float = 300.0) -> dict:
+        """The job once it has ended (or as it stands when `timeout_s` runs out)."""
+        deadline = time.monotonic() + timeout_s
+        job = self.get(job_id)
+        while job["status"] not in TERMINAL_STATUSES and time.monotonic() < deadline:
+            job = self.get(job_id, wait_s=min(60.0, max(0.1, deadline - time.monotonic())))
+        return job
+
+    @staticmethod
+    def _answer(response: requests.Response) -> dict:
+        try:
+            body = response.json()
+        except ValueError:
+            raise ApiError(response.status_code, "bad_response", response.text[:200]) from None
+        if not response.ok:
+            error = body.get("error", {})
+            raise ApiError(response.status_code, error.get("code", "unknown"), error.get("message", ""))
+        return body

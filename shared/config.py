@@ -1,0 +1,68 @@
+"""One settings object, read from VISIONQ_* environment variables once at start-up and passed down."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """Every knob of visionq; defaults work on a laptop."""
+
+    model_config = SettingsConfigDict(env_prefix="VISIONQ_", extra="ignore")
+
+    # Where jobs live. Empty: `visionq up`/`demo` start an embedded server; `api`/`worker` use LOCAL_REDIS_URL.
+    redis_url: str = ""
+    queue: str = "visionq"
+    data_dir: Path = Path(".visionq")
+
+    # The model the worker serves.
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+    # Bounds on what a request may ask for.
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    max_images: int = Field(default=8, ge=2)
+    max_question_chars: int = Field(default=2000, gt=0)
+    max_new_tokens_limit: int = Field(default=1024, gt=0)
+    default_max_new_tokens: int = Field(default=256, gt=0)
+    max_wait_s: float = 60.0
+
+    # Images.
+    image_root: Path = Path("images")
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+
+    # Lifetimes and delivery.
+    result_ttl_s: int = Field(default=24 * 3600, gt=0)
+    job_timeout_s: int = Field(default=900, gt=0)
+    # Celery's Redis transport redelivers an unacknowledged job after this long: it must outlast the longest job.
+    visibility_timeout_s: int = Field(default=3600, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+
+    # Local servers started by the CLI.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_workers: int = 2
+    api_threads: int = 16
+
+    @property
+    def broker_url(self) -> str:
+        """The Redis URL to use: the configured one, else a server on localhost."""
+        return self.redis_url or LOCAL_REDIS_URL
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

@@ -1,0 +1,50 @@
+"""`visionq demo`: the tiny model, embedded Redis, API and worker, then one job of each task through HTTP."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from shared.client import Client, file_to_data_uri
+from shared.config import Settings
+from shared.launcher import Stack
+from shared.samples import write_samples
+
+
+def demo_jobs(images: dict) -> list[tuple[str, list[str]]]:
+    """One job per task; refs show both kinds: a path under the image root and an inline data URI."""
+    return [
+        ("describe", ["bar_chart.png"]),
+        ("ocr", [file_to_data_uri(images["book_cover.png"])]),
+        ("compare", ["street_day.png", "street_night.png"]),
+    ]
+
+
+def run_demo(settings: Settings, max_new_tokens: int = 32) -> int:
+    """Run the demo; returns the process exit code (0 when every job succeeded)."""
+    from worker.tiny_model import build_tiny_model  # the demo builds the model; the API never imports torch
+
+    image_root = settings.data_dir / "demo-images"
+    images = write_samples(image_root)
+    model_path = build_tiny_model(settings.data_dir / "tiny-llava")
+    print(f"tiny model at {model_path}; sample images in {image_root}")
+    env = {"VISIONQ_MODEL": str(model_path.resolve()), "VISIONQ_IMAGE_ROOT": str(image_root.resolve())}
+    with Stack(settings, env=env) as stack:
+        print(f"API at {stack.api_url}, Redis at {stack.redis_url}, logs in {stack.log_dir}")
+        client = Client(stack.api_url)
+        submitted = [client.submit(task, refs, max_new_tokens=max_new_tokens) for task, refs in demo_jobs(images)]
+        finished = [client.wait(job["id"], timeout_s=120) for job in submitted]
+    for job in finished:
+        print_job(job)
+    return 0 if all(job["status"] == "succeeded" for job in finished) else 1
+
+
+def print_job(job: dict) -> None:
+    print(f"\n== {job['task']} job {job['id']}: {job['status']}")
+    if "result" in job:
+        result = job["result"]
+        print(f"text ({result['tokens']['completion']} tokens, prompt {result['tokens']['prompt']}): "
+              f"{json.dumps(result['text'])}")
+        print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
+    if "error" in job:
+        print(f"error: {job['error']['code']}: {job['error']['message']}", file=sys.stderr)

@@ -1,0 +1,137 @@
+"""A small tree of errors, each with a stable code; the API maps them to HTTP statuses in one handler."""
+
+from __future__ import annotations
+
+
+class VisionqError(Exception):
+    """Base of every error visionq reports to a user."""
+
+    code = "internal_error"
+    http_status = 500
+    retryable = False
+
+    def __init__(self, message: str | None = None, *, details: list | None = None):
+        super().__init__(message or self.__doc__)
+        self.message = message or (self.__doc__ or self.code)
+        self.details = details
+
+    def to_dict(self) -> dict:
+        """The `{"code", "message"}` body users see."""
+        body = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+# --- rejected requests -----------------------------------------------------------------------------------
+
+
+class InvalidJson(VisionqError):
+    """The request body is not valid JSON."""
+
+    code, http_status = "invalid_json", 400
+
+
+class UnsupportedMediaType(VisionqError):
+    """The request body must be JSON (Content-Type: application/json)."""
+
+    code, http_status = "unsupported_media_type", 415
+
+
+class PayloadTooLarge(VisionqError):
+    """The request body is larger than the server accepts."""
+
+    code, http_status = "payload_too_large", 413
+
+
+class InvalidRequest(VisionqError):
+    """The request does not have the expected fields and types."""
+
+    code, http_status = "invalid_request", 422
+
+
+class UnknownTask(InvalidRequest):
+    """The task is not one of the tasks this server runs."""
+
+    code = "unknown_task"
+
+
+class WrongImageCount(InvalidRequest):
+    """The task takes a different number of images."""
+
+    code = "wrong_image_count"
+
+
+class QuestionTooLong(InvalidRequest):
+    """The question is longer than the server accepts."""
+
+    code = "question_too_long"
+
+
+class MaxNewTokensOutOfRange(InvalidRequest):
+    """max_new_tokens is outside the allowed range."""
+
+    code = "max_new_tokens_out_of_range"
+
+
+class InvalidImageRef(InvalidRequest):
+    """An image reference is malformed, unsupported or outside what this server may read."""
+
+    code = "invalid_image_ref"
+
+
+class InvalidParameter(VisionqError):
+    """A query parameter is malformed or out of range."""
+
+    code, http_status = "invalid_parameter", 400
+
+
+class NotFound(VisionqError):
+    """No such resource (or it has expired)."""
+
+    code, http_status = "not_found", 404
+
+
+class QueueUnavailable(VisionqError):
+    """The job queue cannot be reached; the job was not accepted."""
+
+    code, http_status = "queue_unavailable", 503
+
+
+# --- failures that end a job -----------------------------------------------------------------------------
+
+
+class ImageError(VisionqError):
+    """An image of the job could not be used."""
+
+    code, http_status = "image_unreadable", 422
+
+
+class ImageNotFound(ImageError):
+    """An image of the job does not exist."""
+
+    code = "image_not_found"
+
+
+class ImageTooLarge(ImageError):
+    """An image of the job is larger than allowed, in bytes or pixels."""
+
+    code = "image_too_large"
+
+
+class ImageUnreadable(ImageError):
+    """An image of the job could not be read or decoded."""
+
+    code = "image_unreadable"
+
+
+class WorkerLost(VisionqError):
+    """The job was interrupted more times than allowed (its worker died while running it)."""
+
+    code = "worker_lost"
+
+
+class InferenceFailed(VisionqError):
+    """The model failed to run on this job."""
+
+    code = "inference_failed"

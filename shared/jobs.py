@@ -1,0 +1,135 @@
+"""The one job model that the API, the store and the worker share, and the state machine of its status."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobStatus(StrEnum):
+    """Where a job stands; a terminal status is written once and never changes."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def is_terminal(self) -> bool:
+        """True once the job has ended."""
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+# The only legal moves. RUNNING -> RUNNING is a redelivery: the worker that ran the job died and another
+# attempt starts (bounded by settings.max_attempts). Terminal states have no way out.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELED}),
+    JobStatus.RUNNING: frozenset({JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELED: frozenset(),
+}
+
+
+def can_transition(current: JobStatus, new: JobStatus) -> bool:
+    """Whether a job in `current` may move to `new`."""
+    return new in TRANSITIONS[current]
+
+
+def sources_of(new: JobStatus) -> list[JobStatus]:
+    """Every status from which `new` may be reached (what the store's compare-and-set accepts)."""
+    return [status for status, targets in TRANSITIONS.items() if new in targets]
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware."""
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    """A random, URL-safe job id."""
+    return uuid.uuid4().hex
+
+
+class TokenCounts(BaseModel):
+    prompt: int
+    completion: int
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    images_ms: float
+    inference_ms: float
+
+
+class JobResult(BaseModel):
+    """What a succeeded job produced."""
+
+    text: str
+    model: str
+    tokens: TokenCounts
+    timings: Timings
+
+
+class JobFailure(BaseModel):
+    """Why a job failed (or was canceled): a stable code and a message for humans."""
+
+    code: str
+    message: str
+
+
+class JobRequest(BaseModel):
+    """The body of POST /v1/jobs, as a client sends it; bounds that depend on settings are checked in the API."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task: str
+    images: list[str]
+    question: str | None = None
+    max_new_tokens: int | None = None
+
+
+class Job(BaseModel):
+    """A job as stored and as the API shows it."""
+
+    id: str
+    status: JobStatus
+    task: str
+    images: list[str] = Field(default_factory=list, exclude=True)  # refs may be large data URIs: never echoed
+    image_count: int
+    question: str
+    max_new_tokens: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    worker: str | None = None
+    result: JobResult | None = None
+    error: JobFailure | None = None
+
+    def public(self) -> dict:
+        """The JSON-ready view that GET /v1/jobs/<id> returns."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_hash(self) -> dict[str, str]:
+        """The flat fields of the job's Redis hash."""
+        fields = self.model_dump(mode="json", exclude={"result", "error", "images"}, exclude_none=True)
+        flat = {key: str(value) for key, value in fields.items()}
+        flat["images"] = json.dumps(self.images)
+        return flat
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> Job:
+        """Rebuild a job from its Redis hash."""
+        data: dict = dict(raw)
+        data["images"] = json.loads(data.get("images", "[]"))
+        for key in ("result", "error"):
+            if key in data:
+                data[key] = json.loads(data[key])
+        return cls.model_validate(data)

@@ -1,0 +1,148 @@
+"""Start visionq's processes for local runs and tests: embedded Redis, the API under gunicorn, a solo worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from shared.config import Settings
+from shared.embedded_redis import EmbeddedRedis
+from shared.store import JobStore, connect
+
+
+def api_command(settings: Settings, port: int | None = None) -> list[str]:
+    """gunicorn serving the app; threads so that ?wait requests do not hold a whole process each."""
+    return [
+        sys.executable, "-m", "gunicorn", "api.wsgi:app",
+        "--bind", f"{settings.api_host}:{port or settings.api_port}",
+        "--workers", str(settings.api_workers), "--threads", str(settings.api_threads),
+        "--worker-class", "gthread", "--graceful-timeout", "30", "--timeout", "120",
+    ]
+
+
+def worker_command(settings: Settings, name: str) -> list[str]:
+    """One Celery worker process, prefork disabled: it owns the model and (on a GPU host) one GPU."""
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "-P", "solo", "-c", "1", "-Q", settings.queue, "-n", name, "--loglevel", "INFO", "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def default_worker_name(index: int = 1) -> str:
+    return f"worker{index}@{socket.gethostname()}"
+
+
+class Stack:
+    """Redis (embedded unless settings name one), the API and one worker, started and stopped together."""
+
+    def __init__(self, settings: Settings, *, env: dict[str, str] | None = None, api_port: int | None = None,
+                 log_dir: Path | None = None, api: bool = True, worker: bool = True):
+        self.settings = settings
+        self.extra_env = env or {}
+        self.api_port = api_port or settings.api_port
+        self.log_dir = Path(log_dir or settings.data_dir / "logs")
+        self.want_api, self.want_worker = api, worker
+        self.redis: EmbeddedRedis | None = None
+        self.redis_url = settings.redis_url
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.worker_name = default_worker_name()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.api_port}"
+
+    def env(self) -> dict[str, str]:
+        """The children's environment: ours, the Redis URL in use and the caller's overrides."""
+        return {**os.environ, **self.extra_env, "VISIONQ_REDIS_URL": self.redis_url}
+
+    def start(self, timeout_s: float = 120.0) -> Stack:
+        """Start every part and return once the API answers and the worker has loaded its model."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not self.redis_url:
+            self.redis = EmbeddedRedis(self.settings.data_dir / "redis").start()
+            self.redis_url = self.redis.url
+        if self.want_worker:
+            self.start_worker()
+        if self.want_api:
+            self.spawn("api", api_command(self.settings, self.api_port))
+            self.wait_for_api(timeout_s)
+        if self.want_worker:
+            self.wait_for_worker(self.worker_name, timeout_s)
+        return self
+
+    def start_worker(self) -> None:
+        """(Re)start the worker process."""
+        self.spawn("worker", worker_command(self.settings, self.worker_name))
+
+    def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen(command, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+        self.processes[name] = process
+        return process
+
+    def wait_for_api(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive("api")
+            try:
+                if requests.get(f"{self.api_url}/healthz", timeout=1).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the API did not start; see {self.log_dir / 'api.log'}")
+
+    def wait_for_worker(self, name: str, timeout_s: float) -> dict:
+        """Wait until the worker has loaded its model and said so in Redis."""
+        store = JobStore(connect(self.settings.model_copy(update={"redis_url": self.redis_url})), 60)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive("worker")
+            info = store.worker_info(name)
+            if info.get("loads"):
+                return info
+            time.sleep(0.2)
+        raise RuntimeError(f"the worker did not start; see {self.log_dir / 'worker.log'}")
+
+    def _check_alive(self, name: str) -> None:
+        process = self.processes[name]
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}; see {self.log_dir / (name + '.log')}")
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
+        """Signal one process and wait for it (killing it if it will not stop)."""
+        process = self.processes.get(name)
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        """Stop the API and the worker, then Redis."""
+        for name in list(self.processes):
+            self.stop_process(name)
+        if self.redis is not None:
+            self.redis.stop()
+
+    def __enter__(self) -> Stack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()

@@ -1,0 +1,33 @@
+"""The worker's Celery app: `celery -A worker.celery_app worker -P solo` (one process per GPU).
+
+The model is loaded when the worker process starts (worker_process_init fires under -P solo too), never per job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery.signals import worker_process_init
+
+from shared.config import get_settings
+from shared.queue import make_celery
+from shared.store import JobStore, connect
+from worker.engine import get_engine, load_count
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+app = make_celery(settings)
+app.conf.include = ["worker.tasks"]
+store = JobStore(connect(settings), settings.result_ttl_s)
+
+
+@worker_process_init.connect
+def load_model(sender=None, **_kwargs) -> None:
+    """Load the model once for this process and publish what was loaded."""
+    name = sender or f"worker@{socket.gethostname()}"
+    engine = get_engine(settings)
+    store.record_worker(name, model=engine.model_id, device=str(engine.device), loads=load_count(),
+                        pid=os.getpid())

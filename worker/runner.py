@@ -1,0 +1,74 @@
+"""What the worker does with one job: load it, mark it running, fetch images, generate, store the outcome."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image
+
+from shared.config import Settings
+from shared.errors import InferenceFailed, VisionqError, WorkerLost
+from shared.images import load_image
+from shared.jobs import Job, JobFailure, JobResult, Timings, TokenCounts, utcnow
+from shared.store import JobStore
+from worker.engine import load_count
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobRunner:
+    """Runs jobs by id against one engine; every job it starts ends in exactly one terminal state."""
+
+    settings: Settings
+    store: JobStore
+    engine: Callable  # () -> Engine, so that the model is only touched when a job needs it
+    worker_name: str
+
+    def run(self, job_id: str) -> None:
+        """Run one job; a job that is gone, finished or canceled is skipped."""
+        job = self.store.get(job_id)
+        if job is None or job.status.is_terminal():
+            log.info("job %s skipped: %s", job_id, "gone" if job is None else job.status)
+            return
+        transition = self.store.mark_running(job_id, self.worker_name)
+        if not transition.applied:
+            return
+        if transition.attempts > self.settings.max_attempts:
+            self._fail(job_id, WorkerLost(f"the job was interrupted {transition.attempts - 1} times"))
+            return
+        try:
+            self._execute(job)
+        except VisionqError as exc:
+            self._fail(job_id, exc)
+        except Exception:
+            log.exception("job %s failed in inference", job_id)
+            self._fail(job_id, InferenceFailed())
+        finally:
+            self.store.count_worker_job(self.worker_name, loads=load_count())
+
+    def _execute(self, job: Job) -> None:
+        started = time.perf_counter()
+        queue_ms = (utcnow() - job.created_at).total_seconds() * 1000
+        images = self._load_images(job)
+        images_ms = (time.perf_counter() - started) * 1000
+        engine = self.engine()
+        generation = engine.generate(images, job.question, job.max_new_tokens)
+        result = JobResult(
+            text=generation.text,
+            model=engine.model_id,
+            tokens=TokenCounts(prompt=generation.prompt_tokens, completion=generation.completion_tokens),
+            timings=Timings(queue_ms=round(queue_ms, 3), images_ms=round(images_ms, 3),
+                            inference_ms=round(generation.inference_ms, 3)),
+        )
+        if not self.store.mark_succeeded(job.id, result).applied:
+            log.info("job %s finished after it was ended elsewhere; result dropped", job.id)
+
+    def _load_images(self, job: Job) -> list[Image.Image]:
+        return [load_image(ref, self.settings) for ref in job.images]
+
+    def _fail(self, job_id: str, exc: VisionqError) -> None:
+        self.store.mark_failed(job_id, JobFailure(code=exc.code, message=exc.message))

@@ -1,0 +1,129 @@
+"""Build a tiny random-weight vision-language model of a real transformers architecture, in seconds.
+
+LLaVA layout: a small CLIP vision tower, a projector and a small Llama text model, with a byte-level BPE
+tokenizer trained in memory, a real CLIP image processor and a processor whose chat template renders the
+Phi-3 cookbook conversation. Tests and the demo load it through the same code path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The chat template renders one user turn exactly as the Phi-3 cookbook does, with LLaVA's <image> token
+# standing where Phi-3 puts <|image_N|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|user|>", "<|assistant|>", "<|end|>"]
+CORPUS = [
+    "Describe this image in detail.",
+    "Extract all the text in this image, in reading order.",
+    "What is the difference between these images?",
+    "The image shows a bar chart with five bars of different heights and a title at the top.",
+    "A book cover with a red background, the title in large white letters and the author below it.",
+    "Two street scenes: a sunny road with a blue car, and the same road at night with street lights.",
+    "There is a cat sitting on a wooden table next to a window; the sky outside is cloudy and grey.",
+    "Text reads: Quarterly revenue grew 12 percent while costs fell by 3 percent in the last year.",
+]
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained in memory on a few sentences, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def build_processor():
+    """A LLaVA processor: the CLIP image processor, the tokenizer and the chat template."""
+    from transformers import LlavaProcessor
+
+    try:  # transformers >= 5.2x names the PIL backend explicitly; torchvision is not needed for it
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    image_processor = ImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+    )
+
+
+def build_model(tokenizer, seed: int):
+    """A LLaVA model with random weights: 2-layer CLIP tower, 2-layer Llama decoder."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # Random logits would emit control tokens (<image>, <pad>, ...) and stop after a handful of tokens;
+        # silencing those rows and damping EOS gives outputs of useful length that still end on EOS sometimes.
+        for token in SPECIAL_TOKENS:
+            row = tokenizer.convert_tokens_to_ids(token)
+            model.lm_head.weight[row] *= 0.5 if row == tokenizer.eos_token_id else 0.0
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    """Write a tiny LLaVA model and its processor to `path` (idempotent: an existing build is kept)."""
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "processor_config.json").exists():
+        return path
+    processor = build_processor()
+    model = build_model(processor.tokenizer, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(path)
+    model.save_pretrained(path)
+    return path
