@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_workers: int = 2
     api_threads: int = 16
+
+    @model_validator(mode="after")
+    def _redelivery_outlasts_jobs(self) -> Settings:
+        if self.visibility_timeout_s <= self.job_timeout_s:
+            raise ValueError("visibility_timeout_s must be longer than job_timeout_s, or long jobs run twice")
+        return self
 
     @property
     def broker_url(self) -> str:

@@ -1,0 +1,73 @@
+"""Session fixtures that start real servers once: an embedded Redis, the tiny model, a worker and the API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shared.config import Settings
+from shared.embedded_redis import EmbeddedRedis, free_port
+from shared.launcher import Stack
+from shared.samples import write_samples
+from shared.store import JobStore, connect
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    from worker.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    write_samples(root)
+    (root / "not_an_image.png").write_text("this is text, not a PNG")
+    return root
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server, tiny_model_path, image_root, tmp_path_factory) -> Settings:
+    return Settings(redis_url=redis_server.url, model=str(tiny_model_path), image_root=image_root,
+                    data_dir=tmp_path_factory.mktemp("data"), queue="visionq-test")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process the same settings."""
+    return {
+        "VISIONQ_REDIS_URL": settings.redis_url,
+        "VISIONQ_MODEL": settings.model,
+        "VISIONQ_IMAGE_ROOT": str(settings.image_root),
+        "VISIONQ_DATA_DIR": str(settings.data_dir),
+        "VISIONQ_QUEUE": settings.queue,
+        "VISIONQ_API_WORKERS": "1",
+        "VISIONQ_API_THREADS": "8",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(settings, tmp_path_factory):
+    """The API (gunicorn) and one solo worker on the tiny model, against the session's Redis."""
+    with Stack(settings, env=settings_env(settings), api_port=free_port(),
+               log_dir=tmp_path_factory.mktemp("logs")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def api_url(stack) -> str:
+    return stack.api_url
+
+
+@pytest.fixture
+def store(settings) -> JobStore:
+    return JobStore(connect(settings), settings.result_ttl_s)

@@ -1,0 +1,29 @@
+"""Settings come from VISIONQ_* environment variables, with defaults that work locally."""
+
+import pytest
+from pydantic import ValidationError
+
+from shared.config import DEFAULT_MODEL, LOCAL_REDIS_URL, Settings
+
+
+def test_defaults(monkeypatch):
+    for key in ("VISIONQ_MODEL", "VISIONQ_REDIS_URL", "VISIONQ_RESULT_TTL_S"):
+        monkeypatch.delenv(key, raising=False)
+    settings = Settings()
+    assert settings.model == DEFAULT_MODEL
+    assert settings.broker_url == LOCAL_REDIS_URL
+    assert settings.result_ttl_s == 24 * 3600
+    assert settings.visibility_timeout_s > settings.job_timeout_s
+
+
+def test_environment_overrides(monkeypatch):
+    monkeypatch.setenv("VISIONQ_MODEL", "some/model")
+    monkeypatch.setenv("VISIONQ_REDIS_URL", "redis://example:6379/3")
+    monkeypatch.setenv("VISIONQ_MAX_IMAGES", "4")
+    settings = Settings()
+    assert (settings.model, settings.broker_url, settings.max_images) == ("some/model", "redis://example:6379/3", 4)
+
+
+def test_redelivery_timeout_must_outlast_the_longest_job():
+    with pytest.raises(ValidationError):
+        Settings(job_timeout_s=600, visibility_timeout_s=600)

@@ -1,0 +1,65 @@
+"""The Redis job store: round trips, expiry, and ?wait woken by pub/sub."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from shared.jobs import JobFailure, JobStatus
+from shared.store import JobStore, job_key
+from tests.unit.test_jobs import make_job
+
+
+def test_create_and_get_round_trip(store):
+    job = make_job()
+    store.create(job)
+    assert store.get(job.id) == job
+
+
+def test_jobs_expire_after_the_configured_ttl(store):
+    job = make_job()
+    store.create(job)
+    ttl = store.redis.ttl(job_key(job.id))
+    assert 0 < ttl <= store.ttl_s
+
+
+def test_terminal_transition_restarts_the_ttl(settings, store):
+    short = JobStore(store.redis, ttl_s=5)
+    job = make_job()
+    short.create(job)
+    store.redis.expire(job_key(job.id), 2)
+    short.mark_failed(job.id, JobFailure(code="x", message="y"))
+    assert store.redis.ttl(job_key(job.id)) > 2
+
+
+def test_wait_wakes_when_the_job_ends(store):
+    job = make_job()
+    store.create(job)
+    timer = threading.Timer(0.3, store.mark_failed, args=(job.id, JobFailure(code="x", message="y")))
+    started = time.monotonic()
+    timer.start()
+    waited = store.wait(job.id, timeout_s=10)
+    elapsed = time.monotonic() - started
+    assert waited.status == JobStatus.FAILED
+    assert 0.25 < elapsed < 5  # woken by the end, not by the 10 s timeout
+
+
+def test_wait_returns_the_job_as_it_stands_at_the_timeout(store):
+    job = make_job()
+    store.create(job)
+    started = time.monotonic()
+    assert store.wait(job.id, timeout_s=0.3).status == JobStatus.QUEUED
+    assert time.monotonic() - started >= 0.3
+
+
+def test_wait_on_an_unknown_job_returns_none_at_once(store):
+    started = time.monotonic()
+    assert store.wait("nope", timeout_s=5) is None
+    assert time.monotonic() - started < 1
+
+
+def test_worker_facts_round_trip(store):
+    store.record_worker("w1@test", model="m", loads=1)
+    store.count_worker_job("w1@test", loads=1)
+    store.count_worker_job("w1@test", loads=1)
+    assert store.worker_info("w1@test") == {"model": "m", "loads": 1, "jobs": 2}
