@@ -1,14 +1,12 @@
-"""Where request handlers get the settings, the job store and the queue: one of each per process."""
+"""Where request handlers get the settings and the job store: one of each per process."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from celery import Celery
 from flask import Flask, current_app
 
 from shared.config import Settings
-from shared.queue import make_celery
 from shared.store import JobStore, connect
 
 
@@ -16,13 +14,11 @@ from shared.store import JobStore, connect
 class Services:
     settings: Settings
     store: JobStore
-    celery: Celery
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Create the process's Redis client, job store and Celery producer."""
-    store = JobStore(connect(settings), settings.result_ttl_s)
-    app.extensions["visionq"] = Services(settings, store, make_celery(settings))
+    """Create the process's Redis client and job store."""
+    app.extensions["visionq"] = Services(settings, JobStore(connect(settings), settings.result_ttl_s))
 
 
 def services() -> Services:

@@ -14,14 +14,12 @@ from shared.errors import (
     MaxNewTokensOutOfRange,
     NotFound,
     QuestionTooLong,
-    QueueUnavailable,
     UnknownTask,
     UnsupportedMediaType,
     WrongImageCount,
 )
 from shared.images import validate_ref
 from shared.jobs import Job, JobRequest, JobStatus, new_job_id, utcnow
-from shared.queue import enqueue_job
 from shared.task_specs import TASKS
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -32,12 +30,7 @@ def submit_job():
     """Accept a job: 202 with the queued job and its Location."""
     svc = services()
     job = build_job(parse_request(), svc.settings)
-    svc.store.create(job)
-    try:
-        enqueue_job(svc.celery, job.id, svc.settings.queue)
-    except Exception as exc:
-        svc.store.delete(job.id)  # not accepted: the client is told so and may retry
-        raise QueueUnavailable() from exc
+    svc.store.create(job, svc.settings.queue)
     return job.public(), 202, {"Location": f"/v1/jobs/{job.id}"}
 
 

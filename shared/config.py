@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=3600, gt=0)
     max_attempts: int = Field(default=3, ge=1)
 
+    log_level: str = "INFO"
+
     # Local servers started by the CLI.
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -92,12 +92,6 @@ class NotFound(VisionqError):
     code, http_status = "not_found", 404
 
 
-class QueueUnavailable(VisionqError):
-    """The job queue cannot be reached; the job was not accepted."""
-
-    code, http_status = "queue_unavailable", 503
-
-
 # --- failures that end a job -----------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ def worker_command(settings: Settings, name: str) -> list[str]:
     """One Celery worker process, prefork disabled: it owns the model and (on a GPU host) one GPU."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "-P", "solo", "-c", "1", "-Q", settings.queue, "-n", name, "--loglevel", "INFO", "--without-gossip",
+        "-P", "solo", "-c", "1", "-Q", settings.queue, "-n", name, "--loglevel", settings.log_level, "--without-gossip",
         "--without-mingle",
     ]
 

@@ -1,6 +1,18 @@
-"""The Celery app's configuration, shared by the API (which only sends) and the worker (which consumes)."""
+"""The queue: the Celery app the worker consumes with, and the message the API writes for each job.
+
+The API does not publish through Celery: it writes the job's hash and its queue message in one Redis
+transaction (see JobStore.create), so that a job is never stored without being queued, nor queued without
+being stored, and a submit costs one round trip. The message is Celery's task protocol v2 as kombu's Redis
+transport stores it; tests/unit/test_queue.py checks it against what Celery itself sends.
+"""
 
 from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import uuid
 
 from celery import Celery
 
@@ -32,6 +44,25 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_job(app: Celery, job_id: str, queue: str) -> None:
-    """Put a job id on the queue; the worker reads everything else from the store."""
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+_ORIGIN = f"visionq-api-{os.getpid()}@{socket.gethostname()}"
+
+
+def run_job_message(job_id: str, queue: str) -> str:
+    """The queue entry that makes a worker run `visionq.run_job(job_id)`; the task id is the job id."""
+    body = [[job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    headers = {
+        "lang": "py", "task": RUN_JOB_TASK, "id": job_id, "shadow": None, "eta": None, "expires": None,
+        "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": job_id,
+        "parent_id": None, "argsrepr": repr([job_id]), "kwargsrepr": "{}", "origin": _ORIGIN,
+        "ignore_result": True, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+    }
+    properties = {
+        "correlation_id": job_id, "reply_to": "", "delivery_mode": 2,
+        "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+        "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+    }
+    return json.dumps({
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": headers, "properties": properties,
+    })

@@ -10,6 +10,7 @@ import redis
 
 from shared.config import Settings
 from shared.jobs import Job, JobFailure, JobResult, JobStatus, sources_of, utcnow
+from shared.queue import run_job_message
 
 PREFIX = "visionq"
 
@@ -72,21 +73,18 @@ class JobStore:
         self.ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION_LUA)
 
-    def create(self, job: Job) -> None:
-        """Write a new job, with its expiry, in one transaction."""
+    def create(self, job: Job, queue: str) -> None:
+        """Write a new job with its expiry and put it on `queue`, in one transaction."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(job_key(job.id), mapping=job.to_hash())
         pipe.expire(job_key(job.id), self.ttl_s)
+        pipe.lpush(queue, run_job_message(job.id, queue))  # kombu's Redis transport: a list named as the queue
         pipe.execute()
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when it does not exist or has expired."""
         raw = self.redis.hgetall(job_key(job_id))
         return Job.from_hash(raw) if raw else None
-
-    def delete(self, job_id: str) -> None:
-        """Remove a job (used when it could not be enqueued)."""
-        self.redis.delete(job_key(job_id))
 
     def mark_running(self, job_id: str, worker: str) -> Transition:
         """Queued (or redelivered while running) -> running; counts an attempt."""
@@ -121,11 +119,14 @@ class JobStore:
 
     def wait(self, job_id: str, timeout_s: float) -> Job | None:
         """The job once it is terminal, or as it stands when `timeout_s` runs out; woken by Redis pub/sub."""
+        deadline = time.monotonic() + timeout_s
+        job = self.get(job_id)
+        if job is None or job.status.is_terminal():
+            return job  # the common poll of a finished job costs one read, no subscription
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            # Subscribe before reading, so that an end between the read and the wait still wakes us.
+            # Subscribe, then read again: an end between the two reads still wakes us.
             pubsub.subscribe(job_done_channel(job_id))
-            deadline = time.monotonic() + timeout_s
             job = self.get(job_id)
             while job is not None and not job.status.is_terminal():
                 remaining = deadline - time.monotonic()

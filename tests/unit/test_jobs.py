@@ -10,6 +10,8 @@ import pytest
 from shared.jobs import TERMINAL, TRANSITIONS, Job, JobFailure, JobStatus, can_transition, new_job_id, utcnow
 from shared.store import JobStore
 
+UNCONSUMED_QUEUE = "unit-tests"  # no worker reads it: these jobs only exercise the store
+
 LEGAL = {
     (JobStatus.QUEUED, JobStatus.RUNNING), (JobStatus.QUEUED, JobStatus.FAILED),
     (JobStatus.QUEUED, JobStatus.CANCELED), (JobStatus.RUNNING, JobStatus.RUNNING),
@@ -56,7 +58,7 @@ STORE_PAIRS = list(itertools.product(JobStatus, MARKABLE))
 @pytest.mark.parametrize(("current", "new"), STORE_PAIRS, ids=[f"{a}->{b}" for a, b in STORE_PAIRS])
 def test_store_applies_legal_and_refuses_illegal_moves(store, current, new):
     job = make_job(current)
-    store.create(job)
+    store.create(job, UNCONSUMED_QUEUE)
     outcome = _mark(store, job.id, new)
     assert outcome.applied == ((current, new) in LEGAL)
     assert outcome.previous == current
@@ -65,7 +67,7 @@ def test_store_applies_legal_and_refuses_illegal_moves(store, current, new):
 
 def test_a_late_success_never_overwrites_a_cancel(store):
     job = make_job(JobStatus.RUNNING)
-    store.create(job)
+    store.create(job, UNCONSUMED_QUEUE)
     assert _mark(store, job.id, JobStatus.CANCELED).applied
     assert not _mark(store, job.id, JobStatus.SUCCEEDED).applied
     stored = store.get(job.id)
@@ -74,7 +76,7 @@ def test_a_late_success_never_overwrites_a_cancel(store):
 
 def test_racing_terminal_writes_leave_exactly_one_winner(store):
     job = make_job(JobStatus.RUNNING)
-    store.create(job)
+    store.create(job, UNCONSUMED_QUEUE)
     barrier = threading.Barrier(8)
     outcomes = []
 
@@ -101,5 +103,5 @@ def test_missing_job_is_not_created_by_a_transition(store):
 
 def test_running_counts_attempts(store):
     job = make_job()
-    store.create(job)
+    store.create(job, UNCONSUMED_QUEUE)
     assert [store.mark_running(job.id, "w").attempts for _ in range(3)] == [1, 2, 3]

@@ -7,18 +7,18 @@ import time
 
 from shared.jobs import JobFailure, JobStatus
 from shared.store import JobStore, job_key
-from tests.unit.test_jobs import make_job
+from tests.unit.test_jobs import UNCONSUMED_QUEUE, make_job
 
 
 def test_create_and_get_round_trip(store):
     job = make_job()
-    store.create(job)
+    store.create(job, UNCONSUMED_QUEUE)
     assert store.get(job.id) == job
 
 
 def test_jobs_expire_after_the_configured_ttl(store):
     job = make_job()
-    store.create(job)
+    store.create(job, UNCONSUMED_QUEUE)
     ttl = store.redis.ttl(job_key(job.id))
     assert 0 < ttl <= store.ttl_s
 
@@ -26,7 +26,7 @@ def test_jobs_expire_after_the_configured_ttl(store):
 def test_terminal_transition_restarts_the_ttl(settings, store):
     short = JobStore(store.redis, ttl_s=5)
     job = make_job()
-    short.create(job)
+    short.create(job, UNCONSUMED_QUEUE)
     store.redis.expire(job_key(job.id), 2)
     short.mark_failed(job.id, JobFailure(code="x", message="y"))
     assert store.redis.ttl(job_key(job.id)) > 2
@@ -34,7 +34,7 @@ def test_terminal_transition_restarts_the_ttl(settings, store):
 
 def test_wait_wakes_when_the_job_ends(store):
     job = make_job()
-    store.create(job)
+    store.create(job, UNCONSUMED_QUEUE)
     timer = threading.Timer(0.3, store.mark_failed, args=(job.id, JobFailure(code="x", message="y")))
     started = time.monotonic()
     timer.start()
@@ -46,7 +46,7 @@ def test_wait_wakes_when_the_job_ends(store):
 
 def test_wait_returns_the_job_as_it_stands_at_the_timeout(store):
     job = make_job()
-    store.create(job)
+    store.create(job, UNCONSUMED_QUEUE)
     started = time.monotonic()
     assert store.wait(job.id, timeout_s=0.3).status == JobStatus.QUEUED
     assert time.monotonic() - started >= 0.3
@@ -63,3 +63,11 @@ def test_worker_facts_round_trip(store):
     store.count_worker_job("w1@test", loads=1)
     store.count_worker_job("w1@test", loads=1)
     assert store.worker_info("w1@test") == {"model": "m", "loads": 1, "jobs": 2}
+
+
+def test_create_queues_the_job_in_the_same_transaction(store):
+    job = make_job()
+    before = store.redis.llen("create-test")
+    store.create(job, "create-test")
+    assert store.redis.llen("create-test") == before + 1
+    assert job.id in store.redis.lindex("create-test", 0)

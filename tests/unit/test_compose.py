@@ -1,0 +1,55 @@
+"""compose.yaml cannot run here (no Docker engine): check that it is well formed and names real entry points."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def subcommands() -> set[str]:
+    parser = build_parser()
+    return set(parser._subparsers._group_actions[0].choices)
+
+
+def test_visionq_script_points_at_the_cli():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["visionq"] == "shared.cli:main"
+
+
+@pytest.mark.parametrize("service", ["api", "worker"])
+def test_each_built_service_runs_a_real_visionq_command(compose, service):
+    spec = compose["services"][service]
+    command = spec["command"]
+    assert command[0] == "visionq" and command[1] in subcommands()
+    build_parser().parse_args(command[1:])  # the arguments parse too
+    targets = re.findall(r"^FROM \S+ AS (\S+)$", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE)
+    assert spec["build"]["target"] in targets
+    assert spec["environment"]["VISIONQ_REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_worker_reserves_one_gpu_and_caches_models(compose):
+    worker = compose["services"]["worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and len(device["device_ids"]) == 1
+    assert any(volume.startswith("hf-cache:") for volume in worker["volumes"])
+    assert worker["environment"]["HF_HOME"] in worker["volumes"][0]
+
+
+def test_redis_keeps_an_append_only_file_on_a_volume(compose):
+    redis = compose["services"]["redis"]
+    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert any(volume.endswith(":/data") for volume in redis["volumes"])
+    assert set(compose["volumes"]) == {"redis-data", "hf-cache"}
