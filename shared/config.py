@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(default=900, gt=0)
     # Celery's Redis transport redelivers an unacknowledged job after this long: it must outlast the longest job.
     visibility_timeout_s: int = Field(default=3600, gt=0)
+    # How often a worker looks for jobs whose worker vanished (unacknowledged for visibility_timeout_s).
+    restore_interval_s: int = Field(default=10, ge=1)
     max_attempts: int = Field(default=3, ge=1)
 
     log_level: str = "INFO"

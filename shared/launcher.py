@@ -102,13 +102,13 @@ class Stack:
         raise RuntimeError(f"the API did not start; see {self.log_dir / 'api.log'}")
 
     def wait_for_worker(self, name: str, timeout_s: float) -> dict:
-        """Wait until the worker has loaded its model and said so in Redis."""
+        """Wait until this worker process has loaded its model and said so in Redis."""
         store = JobStore(connect(self.settings.model_copy(update={"redis_url": self.redis_url})), 60)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive("worker")
             info = store.worker_info(name)
-            if info.get("loads"):
+            if info.get("loads") and info.get("pid") == self.processes["worker"].pid:
                 return info
             time.sleep(0.2)
         raise RuntimeError(f"the worker did not start; see {self.log_dir / 'worker.log'}")
