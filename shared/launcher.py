@@ -96,8 +96,8 @@ class Stack:
             try:
                 if requests.get(f"{self.api_url}/healthz", timeout=1).ok:
                     return
-            except requests.ConnectionError:
-                pass
+            except requests.RequestException:
+                pass  # not listening yet, or listening while the app still imports
             time.sleep(0.1)
         raise RuntimeError(f"the API did not start; see {self.log_dir / 'api.log'}")
 

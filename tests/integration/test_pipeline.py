@@ -24,9 +24,13 @@ def reference(tiny_model_path):
     """The tiny model loaded straight from transformers in the test process: the oracle for every result."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from worker.engine import resolve_device, resolve_dtype
+
     torch.set_num_threads(1)  # the worker runs with one thread too: same float sums, same argmax
+    device = resolve_device("auto")  # where the worker runs: fp32 on the CPU, bf16 on a GPU
+    dtype = resolve_dtype("auto", device)
     processor = AutoProcessor.from_pretrained(tiny_model_path)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_path, dtype=dtype).to(device).eval()
     return processor, model
 
 
@@ -36,7 +40,7 @@ def direct_generate(reference, image_paths, question, max_new_tokens) -> tuple[s
     placeholders = "<image>\n" * len(image_paths)
     prompt = f"<|user|>\n{placeholders}{question}<|end|>\n<|assistant|>\n"
     images = [Image.open(path).convert("RGB") for path in image_paths]
-    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    inputs = processor(text=prompt, images=images, return_tensors="pt").to(model.device, dtype=model.dtype)
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
@@ -143,3 +147,9 @@ def test_model_is_loaded_once_per_worker_process(client, stack, settings):
     assert after["loads"] == 1
     assert after["pid"] == before["pid"] == stack.processes["worker"].pid
     assert after["jobs"] - before.get("jobs", 0) >= 12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks the worker chose it, in bf16")
+def test_worker_runs_on_the_gpu_in_bfloat16(stack, settings):
+    info = JobStore(connect(settings), settings.result_ttl_s).worker_info(stack.worker_name)
+    assert info["device"].startswith("cuda") and info["dtype"] == "torch.bfloat16"
