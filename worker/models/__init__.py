@@ -1,0 +1,1 @@
+"""Native (transformers 5.x) ports of model-specific processing code."""
