@@ -29,5 +29,5 @@ def load_model(sender=None, **_kwargs) -> None:
     """Load the model once for this process and publish what was loaded."""
     name = sender or f"worker@{socket.gethostname()}"
     engine = get_engine(settings)
-    store.record_worker(name, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype), loads=load_count(),
-                        pid=os.getpid())
+    store.record_worker(name, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
+                        loads=load_count(), pid=os.getpid())

@@ -178,7 +178,7 @@ def test_batch_matches_single_calls(processor):
               [random_image(1000, 200, 14)]]
     texts = [prompt("what is in the image ?", 1), prompt("compare", 2), prompt("describe the image .", 1)]
     batch = processor(texts, [image for group in images for image in group])
-    singles = [processor(text, group) for text, group in zip(texts, images)]
+    singles = [processor(text, group) for text, group in zip(texts, images, strict=True)]
 
     width = max(single["input_ids"].shape[1] for single in singles)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, width)

@@ -18,7 +18,6 @@ import math
 import numpy as np
 import torch
 from PIL import Image
-
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import to_pil_image

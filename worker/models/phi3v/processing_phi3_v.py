@@ -104,7 +104,7 @@ class Phi3VProcessor(ProcessorMixin):
             raise ValueError(f"the prompts have {sum(per_prompt)} images in all (per prompt: {per_prompt}), "
                              f"but {len(num_tokens)} images were given")
         rows, start = [], 0
-        for text, count in zip(texts, per_prompt):
+        for text, count in zip(texts, per_prompt, strict=True):
             rows.append(self.expand_prompt(text, num_tokens[start:start + count]))
             start += count
         width = max(len(row) for row in rows)
@@ -118,7 +118,7 @@ class Phi3VProcessor(ProcessorMixin):
         """Token ids of one prompt with `<|image_N|>` replaced by `num_tokens[N - 1]` copies of `-N`."""
         chunks = [self.tokenizer(chunk).input_ids for chunk in IMAGE_TAG.split(text)]
         input_ids = list(chunks[0])
-        for image_id, chunk in zip(image_tag_ids(text), chunks[1:]):
+        for image_id, chunk in zip(image_tag_ids(text), chunks[1:], strict=True):
             input_ids += [-image_id] * num_tokens[image_id - 1]
             input_ids += chunk
         return input_ids
