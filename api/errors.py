@@ -30,15 +30,12 @@ def register(app: Flask) -> None:
     app.register_error_handler(Exception, _unexpected_error)
 
 
-def error_response(code: str, message: str, status: int, details: list | None = None):
-    body = {"code": code, "message": message}
-    if details:
-        body["details"] = details
-    return jsonify(error=body), status
+def error_response(code: str, message: str, status: int):
+    return jsonify(error={"code": code, "message": message}), status
 
 
 def _visionq_error(exc: VisionqError):
-    return error_response(exc.code, exc.message, exc.http_status, exc.details)
+    return jsonify(error=exc.to_dict()), exc.http_status
 
 
 def _http_error(exc: HTTPException):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import redis
 
+from shared.completions import CompletionListener
 from shared.config import Settings
 from shared.jobs import Job, JobFailure, JobResult, JobStatus, sources_of, utcnow
 from shared.queue import run_job_message
@@ -21,6 +22,13 @@ def job_key(job_id: str) -> str:
 
 def job_done_channel(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:done"
+
+
+JOB_DONE_PATTERN = job_done_channel("*")
+
+
+def job_id_from_done_channel(channel: str) -> str:
+    return channel[len(f"{PREFIX}:job:"):-len(":done")]
 
 
 def worker_key(name: str) -> str:
@@ -72,6 +80,8 @@ class JobStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION_LUA)
+        # Its thread starts on the first wait, so workers, which never wait, never run one.
+        self.completions = CompletionListener(client, JOB_DONE_PATTERN, job_id_from_done_channel)
 
     def create(self, job: Job, queue: str) -> None:
         """Write a new job with its expiry and put it on `queue`, in one transaction."""
@@ -122,21 +132,19 @@ class JobStore:
         deadline = time.monotonic() + timeout_s
         job = self.get(job_id)
         if job is None or job.status.is_terminal():
-            return job  # the common poll of a finished job costs one read, no subscription
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            return job  # the common poll of a finished job costs one read
+        event = self.completions.register(job_id)
         try:
-            # Subscribe, then read again: an end between the two reads still wakes us.
-            pubsub.subscribe(job_done_channel(job_id))
-            job = self.get(job_id)
+            job = self.get(job_id)  # again, now that an end can no longer slip by unseen
             while job is not None and not job.status.is_terminal():
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or not event.wait(remaining):
                     break
-                if pubsub.get_message(timeout=remaining) is not None:
-                    job = self.get(job_id)
+                event.clear()
+                job = self.get(job_id)
             return job
         finally:
-            pubsub.close()
+            self.completions.unregister(job_id, event)
 
     # --- workers -----------------------------------------------------------------------------------------
 
