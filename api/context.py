@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import Flask, current_app
 
 from shared.config import Settings
-from shared.store import JobStore, connect
+from shared.store import JobStore, KeyStore, connect
+
+if TYPE_CHECKING:
+    from api.auth import KeyCache
 
 
 @dataclass
 class Services:
     settings: Settings
     store: JobStore
+    key_cache: KeyCache
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Create the process's Redis client and job store."""
-    app.extensions["visionq"] = Services(settings, JobStore(connect(settings), settings.result_ttl_s))
+    """Create the process's Redis client, job store and key cache."""
+    from api.auth import KeyCache
+
+    client = connect(settings)
+    store = JobStore(client, settings.result_ttl_s, settings.idempotency_ttl_s)
+    app.extensions["visionq"] = Services(settings, store, KeyCache(KeyStore(client), settings.key_cache_s))
 
 
 def services() -> Services:

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 # Werkzeug's own errors (routing, size limits) get codes of the same kind as ours.
 HTTP_CODES = {
     400: "bad_request",
+    401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
@@ -35,7 +36,7 @@ def error_response(code: str, message: str, status: int):
 
 
 def _visionq_error(exc: VisionqError):
-    return jsonify(error=exc.to_dict()), exc.http_status
+    return jsonify(error=exc.to_dict()), exc.http_status, exc.headers
 
 
 def _http_error(exc: HTTPException):

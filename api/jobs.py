@@ -2,36 +2,62 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, request
+import base64
+import hashlib
+import math
+
+from flask import Blueprint, g, request
 from pydantic import ValidationError
 
+from api.auth import authenticate
 from api.context import services
 from shared.config import Settings
 from shared.errors import (
+    AlreadyFinished,
+    IdempotencyConflict,
     InvalidJson,
     InvalidParameter,
     InvalidRequest,
     MaxNewTokensOutOfRange,
     NotFound,
     QuestionTooLong,
+    QueueFull,
     UnknownTask,
     UnsupportedMediaType,
     WrongImageCount,
 )
 from shared.images import validate_ref
-from shared.jobs import Job, JobRequest, JobStatus, new_job_id, utcnow
+from shared.jobs import Job, JobFailure, JobRequest, JobStatus, new_job_id, utcnow
 from shared.task_specs import TASKS
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+bp.before_request(authenticate)
 
 
 @bp.post("")
 def submit_job():
-    """Accept a job: 202 with the queued job and its Location."""
+    """Accept a job: 202 with the queued job and its Location; a repeated Idempotency-Key gives the same job."""
     svc = services()
-    job = build_job(parse_request(), svc.settings)
-    svc.store.create(job, svc.settings.queue)
+    request_body = parse_request()
+    job = build_job(request_body, svc.settings).model_copy(update={"owner": g.key.id})
+    idempotency = request.headers.get("Idempotency-Key")
+    created = svc.store.create(job, svc.settings.queue, max_active=g.key.limits(svc.settings)[2],
+                               idempotency=idempotency, request_hash=request_hash(request_body))
+    if created.outcome == "queue_full":
+        raise QueueFull()
+    if created.outcome == "existing":
+        return replay(created.job_id, created.same_request)
     return job.public(), 202, {"Location": f"/v1/jobs/{job.id}"}
+
+
+@bp.get("")
+def list_jobs():
+    """The caller's jobs, newest first: ?status=&limit=&cursor=."""
+    svc = services()
+    status, limit, before = list_parameters(svc.settings)
+    jobs, next_before = svc.store.list_jobs(g.key.id, status, limit, before)
+    return {"jobs": [job.public() for job in jobs],
+            "next_cursor": encode_cursor(next_before) if next_before is not None else None}
 
 
 @bp.get("/<job_id>")
@@ -39,10 +65,77 @@ def get_job(job_id: str):
     """The job as it stands, or once it ends when ?wait=<seconds> is given."""
     svc = services()
     wait = wait_seconds(svc.settings)
-    job = svc.store.wait(job_id, wait) if wait else svc.store.get(job_id)
-    if job is None:
-        raise NotFound("no job with this id (it may have expired)")
+    job = owned(svc.store.get(job_id))  # before any wait: another key's job must answer at once, as unknown
+    if wait and not job.status.is_terminal():
+        job = svc.store.wait(job_id, wait) or job
     return job.public()
+
+
+@bp.post("/<job_id>/cancel")
+def cancel_job(job_id: str):
+    """Cancel a queued or running job; a running one stops at its next decode step."""
+    svc = services()
+    owned(svc.store.get(job_id))
+    transition = svc.store.mark_canceled(job_id, JobFailure(code="canceled", message="canceled by the client"))
+    if not transition.applied:
+        if transition.previous is None:
+            raise NotFound(NOT_FOUND_MESSAGE)
+        raise AlreadyFinished(f"the job has already {transition.previous.value}")
+    return svc.store.get(job_id).public()
+
+
+NOT_FOUND_MESSAGE = "no job with this id (it may have expired)"
+
+
+def owned(job: Job | None) -> Job:
+    """The job if the caller's key made it; anyone else's job answers exactly as an unknown id."""
+    if job is None or job.owner != g.key.id:
+        raise NotFound(NOT_FOUND_MESSAGE)
+    return job
+
+
+def replay(job_id: str, same_request: bool):
+    if not same_request:
+        raise IdempotencyConflict("this Idempotency-Key was used with a different request body")
+    job = services().store.get(job_id)
+    if job is None:
+        raise NotFound("the job this Idempotency-Key created has expired")
+    return job.public(), 202, {"Location": f"/v1/jobs/{job.id}", "Idempotent-Replayed": "true"}
+
+
+def request_hash(body: JobRequest) -> str:
+    """A digest of the request as the client sent it, to tell a repeat from a different request."""
+    return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+
+
+def list_parameters(settings: Settings) -> tuple[JobStatus | None, int, float | None]:
+    args = request.args
+    try:
+        status = JobStatus(args["status"]) if args.get("status") else None
+    except ValueError:
+        raise InvalidParameter(f"status must be one of: {', '.join(s.value for s in JobStatus)}") from None
+    try:
+        limit = int(args.get("limit", 20))
+    except ValueError:
+        raise InvalidParameter("limit must be a whole number") from None
+    if not 1 <= limit <= settings.list_max_limit:
+        raise InvalidParameter(f"limit must be from 1 to {settings.list_max_limit}")
+    cursor = args.get("cursor")
+    return status, limit, decode_cursor(cursor) if cursor else None
+
+
+def encode_cursor(before: float) -> str:
+    return base64.urlsafe_b64encode(repr(before).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> float:
+    try:
+        value = float(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidParameter("cursor is not one this server gave") from None
+    if not math.isfinite(value):
+        raise InvalidParameter("cursor is not one this server gave")
+    return value
 
 
 def parse_request() -> JobRequest:

@@ -67,11 +67,12 @@ def measure_celery_noop(redis_url: str, jobs: int, log_dir: Path) -> list[float]
 class LeanClient:
     """A keep-alive HTTP/1.1 client with nothing on top (requests adds ~0.7 ms a call on this machine)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, key: str):
         self.conn = http.client.HTTPConnection("127.0.0.1", port)
+        self.auth = {"Authorization": f"Bearer {key}"}
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = {**self.auth, "Content-Type": "application/json"} if body is not None else self.auth
         self.conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
         return json.loads(self.conn.getresponse().read())
 
@@ -129,7 +130,7 @@ def main() -> None:
         env = {"VISIONQ_MODEL": str(model), "VISIONQ_IMAGE_ROOT": str(tmp_path / "images"),
                "VISIONQ_API_WORKERS": "1", "OMP_NUM_THREADS": "1"}
         with Stack(settings, env=env, api_port=free_port(), log_dir=tmp_path / "logs") as stack:
-            samples = measure_visionq(LeanClient(stack.api_port), args.jobs)
+            samples = measure_visionq(LeanClient(stack.api_port, stack.api_key), args.jobs)
     print(f"{args.jobs} sequential jobs each, tiny model, max_new_tokens=1, loopback, {os.cpu_count()} cores")
     show("anchor: Celery no-op round trip", noop_stats := percentiles(noop))
     for name, values in samples.items():

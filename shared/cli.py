@@ -1,4 +1,5 @@
-"""The `visionq` command: run the parts (up, api, worker, demo), talk to the API (submit, get), build models."""
+"""The `visionq` command: run the parts (up, api, worker, demo), talk to the API (submit, get, cancel, batch),
+manage API keys, build tiny models."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def cmd_up(args) -> int:
 
     with Stack(get_settings()) as stack:
         print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, logs in {stack.log_dir}. Ctrl-C stops.")
+        print(f"local API key (shown once): {stack.api_key}")
         try:
             for process in stack.processes.values():
                 process.wait()
@@ -44,11 +46,18 @@ def cmd_demo(args) -> int:
     return run_demo(get_settings(), max_new_tokens=args.max_new_tokens)
 
 
-def cmd_submit(args) -> int:
-    from shared.client import Client, image_arg_to_ref
+def client_of(args):
+    from shared.client import Client
 
-    client = Client(args.url)
-    job = client.submit(args.task, [image_arg_to_ref(a) for a in args.images], args.question, args.max_new_tokens)
+    return Client(args.url, key=args.key)
+
+
+def cmd_submit(args) -> int:
+    from shared.client import image_arg_to_ref
+
+    client = client_of(args)
+    refs = [image_arg_to_ref(a) for a in args.images]
+    job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key)
     if args.wait:
         job = client.wait(job["id"], timeout_s=args.timeout)
     print(json.dumps(job, indent=2))
@@ -56,9 +65,38 @@ def cmd_submit(args) -> int:
 
 
 def cmd_get(args) -> int:
-    from shared.client import Client
+    print(json.dumps(client_of(args).get(args.id, wait_s=args.wait), indent=2))
+    return 0
 
-    print(json.dumps(Client(args.url).get(args.id, wait_s=args.wait), indent=2))
+
+def cmd_cancel(args) -> int:
+    print(json.dumps(client_of(args).cancel(args.id), indent=2))
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from shared.batch import run_batch
+
+    return run_batch(client_of(args), Path(args.folder), args.task, Path(args.out), concurrency=args.concurrency,
+                     question=args.question, max_new_tokens=args.max_new_tokens)
+
+
+def cmd_keys(args) -> int:
+    from shared.store import KeyStore, connect
+
+    keys = KeyStore(connect(get_settings()))
+    if args.keys_command == "create":
+        secret, key = keys.create(args.name, rate_per_s=args.rate, burst=args.burst,
+                                  max_active_jobs=args.max_active_jobs)
+        print(f"key id {key.id} ({key.name}); the secret below is shown once and not stored:\n{secret}")
+    elif args.keys_command == "revoke":
+        if not keys.revoke(args.id):
+            print(f"no key with id {args.id}", file=sys.stderr)
+            return 1
+        print(f"revoked {args.id}")
+    else:
+        for key in keys.list():
+            print(json.dumps(key.model_dump(mode="json")))
     return 0
 
 
@@ -84,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.set_defaults(func=cmd_demo)
     add_client_commands(sub)
+    add_key_commands(sub)
     tiny = sub.add_parser("tiny-model", help="build a tiny random-weight vision-language model")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
@@ -91,22 +130,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def client_parser(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
+    settings = get_settings()
+    command = sub.add_parser(name, help=help_text)
+    command.add_argument("--url", default=os.environ.get("VISIONQ_URL", f"http://{settings.api_host}:{settings.api_port}"))
+    command.add_argument("--key", default=os.environ.get("VISIONQ_API_KEY"), help="API key (or VISIONQ_API_KEY)")
+    command.set_defaults(func=func)
+    return command
+
+
+def add_job_options(command) -> None:
+    command.add_argument("--task", required=True)
+    command.add_argument("--question")
+    command.add_argument("--max-new-tokens", type=int)
+
+
 def add_client_commands(sub) -> None:
-    default_url = f"http://{get_settings().api_host}:{get_settings().api_port}"
-    submit = sub.add_parser("submit", help="submit a job (local files are sent inline)")
+    submit = client_parser(sub, "submit", "submit a job (local files are sent inline)", cmd_submit)
     submit.add_argument("images", nargs="+")
-    submit.add_argument("--task", required=True)
-    submit.add_argument("--question")
-    submit.add_argument("--max-new-tokens", type=int)
+    add_job_options(submit)
+    submit.add_argument("--idempotency-key")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=600.0)
-    submit.add_argument("--url", default=default_url)
-    submit.set_defaults(func=cmd_submit)
-    get = sub.add_parser("get", help="show a job")
+    get = client_parser(sub, "get", "show a job", cmd_get)
     get.add_argument("id")
     get.add_argument("--wait", type=float, default=0, help="seconds to wait for the job to end (at most 60)")
-    get.add_argument("--url", default=default_url)
-    get.set_defaults(func=cmd_get)
+    cancel = client_parser(sub, "cancel", "cancel a queued or running job", cmd_cancel)
+    cancel.add_argument("id")
+    batch = client_parser(sub, "batch", "every image of a folder, results as JSON lines (resumable)", cmd_batch)
+    batch.add_argument("folder")
+    add_job_options(batch)
+    batch.add_argument("--out", required=True)
+    batch.add_argument("--concurrency", type=int, default=8)
+
+
+def add_key_commands(sub) -> None:
+    keys = sub.add_parser("keys", help="manage API keys (talks to Redis: VISIONQ_REDIS_URL)")
+    keys.set_defaults(func=cmd_keys)
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key; prints its secret once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--rate", type=float, help="requests per second (default: VISIONQ_RATE_PER_S)")
+    create.add_argument("--burst", type=int, help="burst size (default: VISIONQ_RATE_BURST)")
+    create.add_argument("--max-active-jobs", type=int, help="jobs queued or running at once")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id")
+    keys_sub.add_parser("list", help="every key (never the secrets)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,27 +35,37 @@ def image_arg_to_ref(arg: str) -> str:
 class Client:
     """Submit jobs and read them back."""
 
-    def __init__(self, base_url: str, timeout_s: float = 10.0):
+    def __init__(self, base_url: str, key: str | None = None, timeout_s: float = 10.0):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.http = requests.Session()
+        if key:
+            self.http.headers["Authorization"] = f"Bearer {key}"
 
     def submit(self, task: str, images: list[str], question: str | None = None,
-               max_new_tokens: int | None = None) -> dict:
-        """POST /v1/jobs; returns the queued job."""
+               max_new_tokens: int | None = None, idempotency_key: str | None = None) -> dict:
+        """POST /v1/jobs; returns the queued job (the same one again for a repeated idempotency key)."""
         body = {"task": task, "images": images}
         if question is not None:
             body["question"] = question
         if max_new_tokens is not None:
             body["max_new_tokens"] = max_new_tokens
-        return self._answer(self.http.post(f"{self.base_url}/v1/jobs", json=body, timeout=self.timeout_s))
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._send("POST", "/v1/jobs", json=body, headers=headers)
+
+    def cancel(self, job_id: str) -> dict:
+        """POST /v1/jobs/<id>/cancel."""
+        return self._send("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def list(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict:
+        """GET /v1/jobs: one page of the caller's jobs, newest first."""
+        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
+        return self._send("GET", "/v1/jobs", params=params)
 
     def get(self, job_id: str, wait_s: float = 0) -> dict:
         """GET /v1/jobs/<id>, holding up to `wait_s` seconds for the job to end."""
         params = {"wait": f"{wait_s:g}"} if wait_s else None
-        response = self.http.get(f"{self.base_url}/v1/jobs/{job_id}", params=params,
-                                 timeout=self.timeout_s + wait_s)
-        return self._answer(response)
+        return self._send("GET", f"/v1/jobs/{job_id}", params=params, timeout=self.timeout_s + wait_s)
 
     def wait(self, job_id: str, timeout_s: float = 300.0) -> dict:
         """The job once it has ended (or as it stands when `timeout_s` runs out)."""
@@ -64,6 +74,16 @@ class Client:
         while job["status"] not in TERMINAL_STATUSES and time.monotonic() < deadline:
             job = self.get(job_id, wait_s=min(60.0, max(0.1, deadline - time.monotonic())))
         return job
+
+    def _send(self, method: str, path: str, retries: int = 5, **kwargs) -> dict:
+        """One request; a 429 is retried after its Retry-After, a few times."""
+        kwargs.setdefault("timeout", self.timeout_s)
+        for _ in range(retries):
+            response = self.http.request(method, self.base_url + path, **kwargs)
+            if response.status_code != 429:
+                break
+            time.sleep(min(30.0, float(response.headers.get("Retry-After", "1"))))
+        return self._answer(response)
 
     @staticmethod
     def _answer(response: requests.Response) -> dict:

@@ -54,6 +54,15 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # API keys, quotas and listing.
+    auth_enabled: bool = True
+    rate_per_s: float = Field(default=200.0, gt=0)  # per key, unless the key says otherwise
+    rate_burst: int = Field(default=400, ge=1)
+    max_active_jobs: int = Field(default=10_000, ge=1)  # queued or running at once, per key
+    idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
+    list_max_limit: int = Field(default=100, ge=1)
+    key_cache_s: float = Field(default=2.0, ge=0)  # a revoked key may work this long in a process that cached it
+
     # Local servers started by the CLI.
     api_host: str = "127.0.0.1"
     api_port: int = 8000

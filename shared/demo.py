@@ -31,7 +31,8 @@ def run_demo(settings: Settings, max_new_tokens: int = 32) -> int:
     env = {"VISIONQ_MODEL": str(model_path.resolve()), "VISIONQ_IMAGE_ROOT": str(image_root.resolve())}
     with Stack(settings, env=env) as stack:
         print(f"API at {stack.api_url}, Redis at {stack.redis_url}, logs in {stack.log_dir}")
-        client = Client(stack.api_url)
+        print(f"local API key (shown once): {stack.api_key}")
+        client = Client(stack.api_url, key=stack.api_key)
         submitted = [client.submit(task, refs, max_new_tokens=max_new_tokens) for task, refs in demo_jobs(images)]
         finished = [client.wait(job["id"], timeout_s=120) for job in submitted]
     for job in finished:

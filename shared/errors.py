@@ -10,10 +10,12 @@ class VisionqError(Exception):
     http_status = 500
     retryable = False
 
-    def __init__(self, message: str | None = None, *, details: list | None = None):
+    def __init__(self, message: str | None = None, *, details: list | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message or self.__doc__)
         self.message = message or (self.__doc__ or self.code)
         self.details = details
+        self.headers = headers or {}
 
     def to_dict(self) -> dict:
         """The `{"code", "message"}` body users see."""
@@ -84,6 +86,36 @@ class InvalidParameter(VisionqError):
     """A query parameter is malformed or out of range."""
 
     code, http_status = "invalid_parameter", 400
+
+
+class IdempotencyConflict(InvalidRequest):
+    """This Idempotency-Key was already used with a different request body."""
+
+    code = "idempotency_conflict"
+
+
+class Unauthorized(VisionqError):
+    """A valid API key is required: Authorization: Bearer <key>."""
+
+    code, http_status = "unauthorized", 401
+
+
+class AlreadyFinished(VisionqError):
+    """The job has already ended and cannot be canceled."""
+
+    code, http_status = "already_finished", 409
+
+
+class RateLimited(VisionqError):
+    """Too many requests for this API key; retry after the time in Retry-After."""
+
+    code, http_status = "rate_limited", 429
+
+
+class QueueFull(VisionqError):
+    """This API key has as many jobs queued or running as it may; submit again when some have ended."""
+
+    code, http_status = "queue_full", 429
 
 
 class NotFound(VisionqError):

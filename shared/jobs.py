@@ -102,6 +102,7 @@ class Job(BaseModel):
     status: JobStatus
     task: str
     images: list[str] = Field(default_factory=list, exclude=True)  # refs may be large data URIs: never echoed
+    owner: str | None = Field(default=None, exclude=True)  # the id of the API key that made it
     image_count: int
     question: str
     max_new_tokens: int
@@ -122,6 +123,8 @@ class Job(BaseModel):
         fields = self.model_dump(mode="json", exclude={"result", "error", "images"}, exclude_none=True)
         flat = {key: str(value) for key, value in fields.items()}
         flat["images"] = json.dumps(self.images)
+        if self.owner is not None:
+            flat["owner"] = self.owner
         return flat
 
     @classmethod

@@ -14,7 +14,7 @@ import requests
 
 from shared.config import Settings
 from shared.embedded_redis import EmbeddedRedis
-from shared.store import JobStore, connect
+from shared.store import JobStore, KeyStore, connect
 
 
 def api_command(settings: Settings, port: int | None = None) -> list[str]:
@@ -54,6 +54,7 @@ class Stack:
         self.redis_url = settings.redis_url
         self.processes: dict[str, subprocess.Popen] = {}
         self.worker_name = default_worker_name()
+        self.api_key: str | None = None
 
     @property
     def api_url(self) -> str:
@@ -69,6 +70,7 @@ class Stack:
         if not self.redis_url:
             self.redis = EmbeddedRedis(self.settings.data_dir / "redis").start()
             self.redis_url = self.redis.url
+        self.api_key, _ = KeyStore(self.redis_client()).create("local")
         if self.want_worker:
             self.start_worker()
         if self.want_api:
@@ -103,7 +105,7 @@ class Stack:
 
     def wait_for_worker(self, name: str, timeout_s: float) -> dict:
         """Wait until this worker process has loaded its model and said so in Redis."""
-        store = JobStore(connect(self.settings.model_copy(update={"redis_url": self.redis_url})), 60)
+        store = JobStore(self.redis_client(), 60)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive("worker")
@@ -112,6 +114,9 @@ class Stack:
                 return info
             time.sleep(0.2)
         raise RuntimeError(f"the worker did not start; see {self.log_dir / 'worker.log'}")
+
+    def redis_client(self):
+        return connect(self.settings.model_copy(update={"redis_url": self.redis_url}))
 
     def _check_alive(self, name: str) -> None:
         process = self.processes[name]

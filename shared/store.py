@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
 
 import redis
 
+from shared import lua
 from shared.completions import CompletionListener
 from shared.config import Settings
 from shared.jobs import Job, JobFailure, JobResult, JobStatus, sources_of, utcnow
+from shared.keys import ApiKey, hash_secret, key_id_of, new_secret
 from shared.queue import run_job_message
 
 PREFIX = "visionq"
@@ -35,33 +38,45 @@ def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
+WORKERS_KEY = f"{PREFIX}:workers"  # zset: worker name -> time of its last heartbeat
+OWNER_PREFIX = f"{PREFIX}:owner:"
+
+
+def owner_jobs_key(owner: str) -> str:
+    return f"{OWNER_PREFIX}{owner}:jobs"
+
+
+def owner_active_key(owner: str) -> str:
+    return f"{OWNER_PREFIX}{owner}:active"
+
+
+def idempotency_key(owner: str, key: str) -> str:
+    return f"{PREFIX}:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def rate_key(owner: str) -> str:
+    return f"{PREFIX}:rate:{owner}"
+
+
+def api_key_key(secret_hash: str) -> str:
+    return f"{PREFIX}:apikey:{secret_hash}"
+
+
+API_KEY_IDS = f"{PREFIX}:apikeys"  # hash: key id -> secret hash
+
+
 def connect(settings: Settings) -> redis.Redis:
     """The Redis client every visionq process uses (strings in, strings out)."""
     return redis.Redis.from_url(settings.broker_url, decode_responses=True, health_check_interval=30)
 
 
-# Compare-and-set of the status, in one script so that two writers can never both win:
-# KEYS[1] job hash; ARGV: new status, allowed current statuses (space-separated), done channel, ttl seconds,
-# "1" when the new status is terminal, "1" to count an attempt, then field/value pairs to write.
-# Returns {applied (0/1), status before the call ("" when the job does not exist), attempts}.
-_TRANSITION_LUA = """
-local current = redis.call('HGET', KEYS[1], 'status')
-if not current then return {0, '', 0} end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-local allowed = false
-for status in string.gmatch(ARGV[2], '%S+') do
-  if status == current then allowed = true end
-end
-if not allowed then return {0, current, attempts} end
-if ARGV[6] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[5] == '1' then
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-  redis.call('PUBLISH', ARGV[3], ARGV[1])
-end
-return {1, current, attempts}
-"""
+@dataclass(frozen=True)
+class Created:
+    """The outcome of JobStore.create: "created", "existing" (an idempotent repeat) or "queue_full"."""
+
+    outcome: str
+    job_id: str
+    same_request: bool  # for "existing": whether the earlier request had the same body
 
 
 @dataclass(frozen=True)
@@ -76,25 +91,75 @@ class Transition:
 class JobStore:
     """Jobs as Redis hashes with a TTL; status changes only through the transition script."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int):
+    def __init__(self, client: redis.Redis, ttl_s: int, idempotency_ttl_s: int = 24 * 3600):
         self.redis = client
         self.ttl_s = ttl_s
-        self._transition = client.register_script(_TRANSITION_LUA)
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self._transition = client.register_script(lua.TRANSITION)
+        self._create = client.register_script(lua.CREATE_JOB)
+        self._take_token = client.register_script(lua.TAKE_TOKEN)
         # Its thread starts on the first wait, so workers, which never wait, never run one.
         self.completions = CompletionListener(client, JOB_DONE_PATTERN, job_id_from_done_channel)
 
-    def create(self, job: Job, queue: str) -> None:
-        """Write a new job with its expiry and put it on `queue`, in one transaction."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(job_key(job.id), mapping=job.to_hash())
-        pipe.expire(job_key(job.id), self.ttl_s)
-        pipe.lpush(queue, run_job_message(job.id, queue))  # kombu's Redis transport: a list named as the queue
-        pipe.execute()
+    def create(self, job: Job, queue: str, *, max_active: int = 2**62, idempotency: str | None = None,
+               request_hash: str = "") -> Created:
+        """Store a new job and queue it, all or nothing; or find the job an earlier request with the same
+        idempotency key made; or refuse when the owner already has `max_active` jobs queued or running."""
+        owner = job.owner or ""
+        keys = [job_key(job.id), queue, owner_jobs_key(owner), owner_active_key(owner),
+                idempotency_key(owner, idempotency) if idempotency else ""]
+        fields = [item for pair in job.to_hash().items() for item in pair]
+        args = [self.ttl_s, max_active, job.created_at.timestamp(), job.id, request_hash, self.idempotency_ttl_s,
+                run_job_message(job.id, queue), *fields]
+        outcome, detail = self._create(keys=keys, args=args)
+        if outcome == "existing":
+            job_id, earlier_hash = detail.split(" ", 1)
+            return Created("existing", job_id, earlier_hash == request_hash)
+        return Created(outcome, job.id if outcome == "created" else "", True)
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when it does not exist or has expired."""
         raw = self.redis.hgetall(job_key(job_id))
         return Job.from_hash(raw) if raw else None
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """Only the job's status (one small read: the worker asks it between decode steps)."""
+        value = self.redis.hget(job_key(job_id), "status")
+        return JobStatus(value) if value else None
+
+    def list_jobs(self, owner: str, status: JobStatus | None, limit: int, before: float | None,
+                  scan_limit: int = 1000) -> tuple[list[Job], float | None]:
+        """The owner's jobs, newest first, created before `before` (a timestamp), optionally of one status.
+        Returns the page and the timestamp to continue from (None at the end); at most `scan_limit` entries
+        are read per call, so a rare status cannot make one request read everything."""
+        index = owner_jobs_key(owner)
+        self.redis.zremrangebyscore(index, "-inf", time.time() - self.ttl_s)  # their hashes have expired
+        page: list[Job] = []
+        upper, scanned = (f"({before}" if before is not None else "+inf"), 0
+        while len(page) < limit and scanned < scan_limit:
+            batch = self.redis.zrevrangebyscore(index, upper, "-inf", start=0, num=min(200, limit * 2),
+                                                withscores=True)
+            if not batch:
+                return page, None
+            jobs = self._get_many([job_id for job_id, _ in batch])
+            for (_job_id, score), job in zip(batch, jobs, strict=True):
+                scanned += 1
+                upper = f"({score}"
+                if job is not None and (status is None or job.status == status):
+                    page.append(job)
+                    if len(page) == limit:
+                        return page, score
+        return page, float(upper[1:])
+
+    def _get_many(self, job_ids: list[str]) -> list[Job | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        return [Job.from_hash(raw) if raw else None for raw in pipe.execute()]
+
+    def take_token(self, owner: str, rate_per_s: float, burst: int) -> float:
+        """Spend one request from the owner's bucket: 0 when allowed, else the seconds until one is free."""
+        return float(self._take_token(keys=[rate_key(owner)], args=[rate_per_s, burst]))
 
     def mark_running(self, job_id: str, worker: str) -> Transition:
         """Queued (or redelivered while running) -> running; counts an attempt."""
@@ -123,7 +188,7 @@ class JobStore:
         allowed = " ".join(sources_of(status))
         flat = [item for pair in fields.items() for item in pair]
         args = [status.value, allowed, job_done_channel(job_id), self.ttl_s,
-                "1" if status.is_terminal() else "0", "1" if count_attempt else "0", *flat]
+                "1" if status.is_terminal() else "0", "1" if count_attempt else "0", OWNER_PREFIX, *flat]
         applied, previous, attempts = self._transition(keys=[job_key(job_id)], args=args)
         return Transition(bool(applied), JobStatus(previous) if previous else None, int(attempts))
 
@@ -163,3 +228,52 @@ class JobStore:
         """What a worker has published about itself."""
         raw = self.redis.hgetall(worker_key(name))
         return {key: json.loads(value) for key, value in raw.items()}
+
+    def heartbeat(self, name: str) -> None:
+        """The worker is alive now."""
+        self.redis.zadd(WORKERS_KEY, {name: time.time()})
+
+    def live_workers(self, within_s: float) -> list[str]:
+        """Workers whose last heartbeat is at most `within_s` old."""
+        return self.redis.zrangebyscore(WORKERS_KEY, time.time() - within_s, "+inf")
+
+
+class KeyStore:
+    """API keys in Redis: a hash per key, found by the hash of its secret."""
+
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+
+    def create(self, name: str, **limits: float | int | None) -> tuple[str, ApiKey]:
+        """Make a key; returns its secret (shown once, never stored) and its facts."""
+        secret = new_secret()
+        secret_hash = hash_secret(secret)
+        key = ApiKey(id=key_id_of(secret_hash), name=name, created_at=utcnow(),
+                     **{k: v for k, v in limits.items() if v is not None})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(api_key_key(secret_hash), mapping={"json": key.model_dump_json()})
+        pipe.hset(API_KEY_IDS, key.id, secret_hash)
+        pipe.execute()
+        return secret, key
+
+    def lookup(self, secret: str) -> ApiKey | None:
+        """The live key with this secret, or None (unknown or revoked)."""
+        raw = self.redis.hget(api_key_key(hash_secret(secret)), "json")
+        key = ApiKey.model_validate_json(raw) if raw else None
+        return key if key is not None and not key.revoked else None
+
+    def revoke(self, key_id: str) -> bool:
+        """Revoke a key by id; False when there is no such key."""
+        secret_hash = self.redis.hget(API_KEY_IDS, key_id)
+        raw = self.redis.hget(api_key_key(secret_hash), "json") if secret_hash else None
+        if raw is None:
+            return False
+        key = ApiKey.model_validate_json(raw).model_copy(update={"revoked": True})
+        self.redis.hset(api_key_key(secret_hash), "json", key.model_dump_json())
+        return True
+
+    def list(self) -> list[ApiKey]:
+        """Every key, revoked ones included."""
+        hashes = list(self.redis.hgetall(API_KEY_IDS).values())
+        raws = [self.redis.hget(api_key_key(h), "json") for h in hashes]
+        return sorted((ApiKey.model_validate_json(raw) for raw in raws if raw), key=lambda k: k.created_at)

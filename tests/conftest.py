@@ -68,6 +68,19 @@ def api_url(stack) -> str:
     return stack.api_url
 
 
+@pytest.fixture(scope="session")
+def auth(stack) -> dict[str, str]:
+    """The Authorization header of the key the stack created."""
+    return {"Authorization": f"Bearer {stack.api_key}"}
+
+
+@pytest.fixture(scope="session")
+def client(stack):
+    from shared.client import Client
+
+    return Client(stack.api_url, key=stack.api_key, timeout_s=30)
+
+
 @pytest.fixture
 def store(settings) -> JobStore:
     return JobStore(connect(settings), settings.result_ttl_s)

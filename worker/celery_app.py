@@ -8,7 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 
+import redis
 from celery.signals import worker_process_init
 
 from shared.config import get_settings
@@ -18,6 +21,8 @@ from worker.engine import get_engine, load_count
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_S = 10.0
+
 settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
@@ -26,8 +31,19 @@ store = JobStore(connect(settings), settings.result_ttl_s)
 
 @worker_process_init.connect
 def load_model(sender=None, **_kwargs) -> None:
-    """Load the model once for this process and publish what was loaded."""
+    """Load the model once for this process, publish what was loaded, and start beating."""
     name = sender or f"worker@{socket.gethostname()}"
     engine = get_engine(settings)
     store.record_worker(name, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
                         loads=load_count(), pid=os.getpid())
+    threading.Thread(target=beat_forever, args=(name,), name="visionq-heartbeat", daemon=True).start()
+
+
+def beat_forever(name: str) -> None:
+    """Tell Redis this worker is alive, also while a long job runs (torch releases the GIL)."""
+    while True:
+        try:
+            store.heartbeat(name)
+        except redis.RedisError:
+            log.warning("heartbeat failed: Redis unreachable")
+        time.sleep(HEARTBEAT_S)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList
 
 from shared.config import Settings
 from shared.task_specs import chat_messages, phi3_prompt
@@ -29,6 +30,16 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     inference_ms: float
+
+
+class StopWhen(StoppingCriteria):
+    """Ends generation for every row once a callback says so; checked after each decode step."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,12 +95,15 @@ class Engine:
         return encoded.to(self.device, dtype=self.dtype)
 
     @torch.inference_mode()
-    def generate(self, images: list[Image.Image], question: str, max_new_tokens: int) -> Generation:
-        """Greedy generation for one job."""
+    def generate(self, images: list[Image.Image], question: str, max_new_tokens: int,
+                 should_stop: Callable[[], bool] | None = None) -> Generation:
+        """Greedy generation for one job; `should_stop` is asked between decode steps (cancellation)."""
         started = time.perf_counter()
         inputs = self.inputs(images, question)
         prompt_len = inputs["input_ids"].shape[1]
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        criteria = StoppingCriteriaList([StopWhen(should_stop)] if should_stop else [])
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     stopping_criteria=criteria)
         new_tokens = output[0, prompt_len:]
         text = self.processor.decode(new_tokens, skip_special_tokens=True)
         return Generation(text, prompt_len, self._completion_length(new_tokens),

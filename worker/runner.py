@@ -12,11 +12,26 @@ from PIL import Image
 from shared.config import Settings
 from shared.errors import InferenceFailed, VisionqError, WorkerLost
 from shared.images import load_image
-from shared.jobs import Job, JobFailure, JobResult, Timings, TokenCounts, utcnow
+from shared.jobs import Job, JobFailure, JobResult, JobStatus, Timings, TokenCounts, utcnow
 from shared.store import JobStore
 from worker.engine import load_count
 
 log = logging.getLogger(__name__)
+
+
+class CancelWatch:
+    """Answers "was this job canceled?" between decode steps, reading Redis at most every `every_s`."""
+
+    def __init__(self, store: JobStore, job_id: str, every_s: float = 0.2):
+        self.store, self.job_id, self.every_s = store, job_id, every_s
+        self._last_check = time.monotonic()
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_check < self.every_s:
+            return False
+        self._last_check = now
+        return self.store.status(self.job_id) == JobStatus.CANCELED
 
 
 @dataclass
@@ -56,7 +71,7 @@ class JobRunner:
         images = self._load_images(job)
         images_ms = (time.perf_counter() - started) * 1000
         engine = self.engine()
-        generation = engine.generate(images, job.question, job.max_new_tokens)
+        generation = engine.generate(images, job.question, job.max_new_tokens, CancelWatch(self.store, job.id))
         result = JobResult(
             text=generation.text,
             model=engine.model_id,
@@ -65,7 +80,7 @@ class JobRunner:
                             inference_ms=round(generation.inference_ms, 3)),
         )
         if not self.store.mark_succeeded(job.id, result).applied:
-            log.info("job %s finished after it was ended elsewhere; result dropped", job.id)
+            log.info("job %s was ended elsewhere (canceled?) while it ran; result dropped", job.id)
 
     def _load_images(self, job: Job) -> list[Image.Image]:
         return [load_image(ref, self.settings) for ref in job.images]

@@ -10,8 +10,12 @@ import requests
 VALID_IMAGE = "bar_chart.png"
 
 
-def post(api_url, body=None, *, data=None, headers=None):
-    return requests.post(f"{api_url}/v1/jobs", json=body, data=data, headers=headers, timeout=10)
+@pytest.fixture
+def post(api_url, auth):
+    def send(body=None, *, data=None, headers=None):
+        return requests.post(f"{api_url}/v1/jobs", json=body, data=data, headers={**auth, **(headers or {})},
+                             timeout=10)
+    return send
 
 
 def assert_error(response, status, code):
@@ -43,43 +47,43 @@ def assert_error(response, status, code):
     ({"task": "describe", "images": ["data:image/png;base64,***"]}, "invalid_image_ref"),
     ([1, 2, 3], "invalid_request"),
 ])
-def test_invalid_bodies_are_rejected_with_a_code(api_url, body, code):
-    assert_error(post(api_url, body), 422, code)
+def test_invalid_bodies_are_rejected_with_a_code(post, body, code):
+    assert_error(post(body), 422, code)
 
 
-def test_malformed_json_is_400(api_url):
-    response = post(api_url, data='{"task": "describe", ', headers={"Content-Type": "application/json"})
+def test_malformed_json_is_400(post):
+    response = post(data='{"task": "describe", ', headers={"Content-Type": "application/json"})
     assert_error(response, 400, "invalid_json")
 
 
-def test_non_json_body_is_415(api_url):
-    assert_error(post(api_url, data="task=describe", headers={"Content-Type": "text/plain"}), 415,
+def test_non_json_body_is_415(post):
+    assert_error(post(data="task=describe", headers={"Content-Type": "text/plain"}), 415,
                  "unsupported_media_type")
 
 
-def test_body_over_the_bound_is_413(api_url):
+def test_body_over_the_bound_is_413(post):
     payload = base64.b64encode(b"\0" * (21 * 1024 * 1024)).decode()
     body = {"task": "describe", "images": [f"data:image/png;base64,{payload}"]}
-    assert_error(post(api_url, body), 413, "payload_too_large")
+    assert_error(post(body), 413, "payload_too_large")
 
 
-def test_inline_image_over_its_bound_is_refused(api_url):
+def test_inline_image_over_its_bound_is_refused(post):
     payload = base64.b64encode(b"\0" * (11 * 1024 * 1024)).decode()
-    assert_error(post(api_url, {"task": "describe", "images": [f"data:image/png;base64,{payload}"]}), 422,
+    assert_error(post({"task": "describe", "images": [f"data:image/png;base64,{payload}"]}), 422,
                  "image_too_large")
 
 
-def test_unknown_job_is_404(api_url):
-    assert_error(requests.get(f"{api_url}/v1/jobs/0123456789abcdef", timeout=5), 404, "not_found")
-    assert_error(requests.get(f"{api_url}/v1/jobs/nope?wait=1", timeout=5), 404, "not_found")
+def test_unknown_job_is_404(api_url, auth):
+    assert_error(requests.get(f"{api_url}/v1/jobs/0123456789abcdef", headers=auth, timeout=5), 404, "not_found")
+    assert_error(requests.get(f"{api_url}/v1/jobs/nope?wait=1", headers=auth, timeout=5), 404, "not_found")
 
 
 @pytest.mark.parametrize("wait", ["-1", "61", "soon", "nan", "inf"])
-def test_wait_out_of_range_is_400(api_url, wait):
-    response = requests.get(f"{api_url}/v1/jobs/nope", params={"wait": wait}, timeout=5)
+def test_wait_out_of_range_is_400(api_url, auth, wait):
+    response = requests.get(f"{api_url}/v1/jobs/nope", params={"wait": wait}, headers=auth, timeout=5)
     assert_error(response, 400, "invalid_parameter")
 
 
-def test_unknown_route_and_method_are_json_errors(api_url):
+def test_unknown_route_and_method_are_json_errors(api_url, auth):
     assert_error(requests.get(f"{api_url}/v2/things", timeout=5), 404, "not_found")
-    assert_error(requests.delete(f"{api_url}/v1/jobs", timeout=5), 405, "method_not_allowed")
+    assert_error(requests.delete(f"{api_url}/v1/jobs", headers=auth, timeout=5), 405, "method_not_allowed")

@@ -10,13 +10,8 @@ import requests
 import torch
 from PIL import Image
 
-from shared.client import Client, file_to_data_uri
+from shared.client import file_to_data_uri
 from shared.store import JobStore, connect
-
-
-@pytest.fixture(scope="session")
-def client(api_url) -> Client:
-    return Client(api_url, timeout_s=30)
 
 
 @pytest.fixture(scope="session")
@@ -81,9 +76,9 @@ def test_inline_data_uri_gives_the_same_result_as_the_file(client, image_root):
     assert inline["result"]["text"] == by_path["result"]["text"]
 
 
-def test_submit_answers_202_with_location_and_a_queued_job(api_url):
+def test_submit_answers_202_with_location_and_a_queued_job(api_url, auth):
     response = requests.post(f"{api_url}/v1/jobs", json={"task": "describe", "images": ["bar_chart.png"],
-                                                         "max_new_tokens": 4}, timeout=10)
+                                                         "max_new_tokens": 4}, headers=auth, timeout=10)
     assert response.status_code == 202
     job = response.json()
     assert response.headers["Location"] == f"/v1/jobs/{job['id']}"

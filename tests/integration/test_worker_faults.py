@@ -44,7 +44,7 @@ def kill_worker_mid_job(stack: Stack, store: JobStore, job_id: str, attempt: int
 
 def test_job_of_a_killed_worker_is_run_again_and_succeeds_once(fault_stack, settings):
     store = JobStore(connect(settings), settings.result_ttl_s)
-    client = Client(fault_stack.api_url)
+    client = Client(fault_stack.api_url, key=fault_stack.api_key)
     long_job = client.submit("describe", ["bar_chart.png"], max_new_tokens=1024)
     queued_behind = client.submit("ocr", ["book_cover.png"], max_new_tokens=8)
     kill_worker_mid_job(fault_stack, store, long_job["id"])
@@ -57,7 +57,7 @@ def test_job_of_a_killed_worker_is_run_again_and_succeeds_once(fault_stack, sett
 
 def test_job_that_keeps_killing_its_worker_fails_as_worker_lost(fault_stack, settings):
     store = JobStore(connect(settings), settings.result_ttl_s)
-    client = Client(fault_stack.api_url)
+    client = Client(fault_stack.api_url, key=fault_stack.api_key)
     job = client.submit("describe", ["street_night.png"], max_new_tokens=1024)
     kill_worker_mid_job(fault_stack, store, job["id"], attempt=1)
     kill_worker_mid_job(fault_stack, store, job["id"], attempt=2)  # the second run dies too

@@ -1,0 +1,60 @@
+"""Who is calling: the Bearer API key of every /v1 request, then its rate limit."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from datetime import UTC, datetime
+
+from flask import g, request
+
+from api.context import services
+from shared.errors import RateLimited, Unauthorized
+from shared.keys import ANONYMOUS_ID, ApiKey, hash_secret
+from shared.store import KeyStore
+
+ANONYMOUS = ApiKey(id=ANONYMOUS_ID, name="anonymous", created_at=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+class KeyCache:
+    """Key lookups remembered for a couple of seconds, so that a request does not always cost a Redis read."""
+
+    def __init__(self, keys: KeyStore, ttl_s: float):
+        self.keys, self.ttl_s = keys, ttl_s
+        self._entries: dict[str, tuple[float, ApiKey | None]] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, secret: str) -> ApiKey | None:
+        cache_key = hash_secret(secret)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(cache_key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        key = self.keys.lookup(secret)
+        with self._lock:
+            if len(self._entries) > 10_000:  # unknown secrets must not grow it without bound
+                self._entries.clear()
+            self._entries[cache_key] = (now + self.ttl_s, key)
+        return key
+
+
+def authenticate() -> None:
+    """Set g.key from the Authorization header (or the anonymous key when auth is off); apply the rate limit."""
+    svc = services()
+    g.key = caller_key() if svc.settings.auth_enabled else ANONYMOUS
+    rate, burst, _ = g.key.limits(svc.settings)
+    wait_s = svc.store.take_token(g.key.id, rate, burst)
+    if wait_s > 0:
+        raise RateLimited(headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+
+
+def caller_key() -> ApiKey:
+    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized()
+    key = services().key_cache.lookup(secret.strip())
+    if key is None:
+        raise Unauthorized("the API key is unknown or revoked")
+    return key

@@ -1,0 +1,73 @@
+"""The Lua scripts behind every multi-key change, so that each one is atomic in Redis.
+
+Key names are built in shared/store.py and passed in; scripts that derive an owner's keys from a job (the
+transition) get the prefix as an argument. visionq runs on one Redis (or a primary with replicas), not Cluster.
+"""
+
+# Compare-and-set of a job's status, so that two writers can never both win.
+# KEYS[1] job hash. ARGV: new status, allowed current statuses (space-separated), done channel, ttl seconds,
+# "1" when the new status is terminal, "1" to count an attempt, owner key prefix, then field/value pairs.
+# A terminal move also frees the owner's active-job slot and publishes on the done channel.
+# Returns {applied (0/1), status before the call ("" when the job does not exist), attempts}.
+TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {0, '', 0} end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local allowed = false
+for status in string.gmatch(ARGV[2], '%S+') do
+  if status == current then allowed = true end
+end
+if not allowed then return {0, current, attempts} end
+if ARGV[6] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[5] == '1' then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if owner then
+    local active = ARGV[7] .. owner .. ':active'
+    if tonumber(redis.call('DECR', active)) < 0 then redis.call('SET', active, 0) end
+  end
+  redis.call('PUBLISH', ARGV[3], ARGV[1])
+end
+return {1, current, attempts}
+"""
+
+# Create a job: idempotency check, the owner's active-job bound, the job hash, its queue message and the
+# owner's index, all or nothing.
+# KEYS: job hash, queue list, owner's job index (zset), owner's active counter, idempotency key ("" for none).
+# ARGV: job ttl, max active jobs, index score, job id, request hash, idempotency ttl, queue message,
+#       then the job hash's field/value pairs.
+# Returns {"created", ""}, {"existing", "<job id> <request hash>"} or {"queue_full", "<active>"}.
+CREATE_JOB = """
+if KEYS[5] ~= '' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then return {'existing', existing} end
+end
+local active = tonumber(redis.call('GET', KEYS[4]) or '0')
+if active >= tonumber(ARGV[2]) then return {'queue_full', tostring(active)} end
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+redis.call('LPUSH', KEYS[2], ARGV[7])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), ARGV[4])
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
+redis.call('INCR', KEYS[4])
+if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[4] .. ' ' .. ARGV[5], 'EX', tonumber(ARGV[6])) end
+return {'created', ''}
+"""
+
+# A token bucket per API key, on the server's clock so that every API process agrees.
+# KEYS[1] bucket hash. ARGV: tokens per second, burst. Returns "0" when allowed, else seconds to wait.
+TAKE_TOKEN = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(bucket[1]) or burst
+local at = tonumber(bucket[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+if tokens < 1 then return tostring((1 - tokens) / rate) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return '0'
+"""
