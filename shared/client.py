@@ -76,13 +76,14 @@ class Client:
         return job
 
     def _send(self, method: str, path: str, retries: int = 5, **kwargs) -> dict:
-        """One request; a 429 is retried after its Retry-After, a few times."""
+        """One request; a rate-limited one (429 with Retry-After) is retried after that delay, a few times.
+        A 429 without it (queue_full) is the caller's to handle."""
         kwargs.setdefault("timeout", self.timeout_s)
         for _ in range(retries):
             response = self.http.request(method, self.base_url + path, **kwargs)
-            if response.status_code != 429:
+            if response.status_code != 429 or "Retry-After" not in response.headers:
                 break
-            time.sleep(min(30.0, float(response.headers.get("Retry-After", "1"))))
+            time.sleep(min(30.0, float(response.headers["Retry-After"])))
         return self._answer(response)
 
     @staticmethod

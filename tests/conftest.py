@@ -51,6 +51,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "VISIONQ_QUEUE": settings.queue,
         "VISIONQ_API_WORKERS": "1",
         "VISIONQ_API_THREADS": "8",
+        "VISIONQ_KEY_CACHE_S": "0",  # a revoked key stops working at once
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
 
@@ -84,3 +85,18 @@ def client(stack):
 @pytest.fixture
 def store(settings) -> JobStore:
     return JobStore(connect(settings), settings.result_ttl_s)
+
+
+@pytest.fixture
+def make_client(stack, settings):
+    """A client with a fresh API key of its own (limits may be given)."""
+    from shared.client import Client
+    from shared.store import KeyStore
+
+    def make(**limits) -> Client:
+        secret, key = KeyStore(connect(settings)).create("test", **limits)
+        client = Client(stack.api_url, key=secret, timeout_s=30)
+        client.key_id = key.id
+        return client
+
+    return make
