@@ -127,3 +127,95 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     processor.save_pretrained(path)
     model.save_pretrained(path)
     return path
+
+
+# --- Phi-3-vision (the port in worker.models.phi3v) -----------------------------------------------------------
+
+PHI3V_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Phi-3-vision's own chat template (one message per turn, <|assistant|> opened by add_generation_prompt).
+PHI3V_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + '\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def build_phi3v_tokenizer():
+    """A byte-level BPE tokenizer with Phi-3's special tokens that, like Phi-3's Llama tokenizer, prepends <s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=PHI3V_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    bos_id = tokenizer.token_to_id("<s>")
+    # The processor tokenizes every text chunk between image tags separately, so each chunk starts with <s>,
+    # exactly what the real checkpoint's tokenizer does.
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        chat_template=PHI3V_CHAT_TEMPLATE,
+    )
+
+
+def build_phi3v_model(tokenizer, seed: int):
+    """A Phi3VForCausalLM with random weights: 2-layer CLIP tower (still 336 px / patch 14), 2-layer decoder."""
+    import torch
+
+    from worker.models.phi3v import Phi3VConfig, Phi3VForCausalLM
+
+    torch.manual_seed(seed)
+    hidden, heads = 64, 4
+    half_head = hidden // heads // 2  # longrope has one factor per rotary frequency
+    config = Phi3VConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_scaling={"type": "su", "short_factor": [1.0 + 0.1 * i for i in range(half_head)],
+                      "long_factor": [2.0 + 0.5 * i for i in range(half_head)]},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        img_processor={"image_dim_out": 32, "model_name": "openai/clip-vit-large-patch14-336",
+                       "name": "clip_vision_model", "num_img_tokens": 144},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "projection_dim": 32},
+    )
+    model = Phi3VForCausalLM(config).eval()
+    with torch.no_grad():
+        embedding = model.model.vision_embed_tokens
+        # The separators start at zero in the original; random values make them matter in tests.
+        embedding.glb_GN.normal_()
+        embedding.sub_GN.normal_()
+        # Random logits would emit control tokens and stop after a handful of tokens (see build_model).
+        for token in PHI3V_SPECIAL_TOKENS:
+            row = tokenizer.convert_tokens_to_ids(token)
+            model.lm_head.weight[row] *= 0.5 if row == tokenizer.eos_token_id else 0.0
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def build_tiny_phi3v(path: Path, seed: int = 0) -> Path:
+    """Write a tiny Phi-3-vision model and its processor to `path` (idempotent: an existing build is kept)."""
+    from worker.models.phi3v import Phi3VImageProcessor, Phi3VProcessor
+
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "processor_config.json").exists():
+        return path
+    processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=4), build_phi3v_tokenizer())
+    model = build_phi3v_model(processor.tokenizer, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(path)
+    model.save_pretrained(path)
+    return path
