@@ -89,10 +89,10 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    task: str
-    images: list[str]
-    question: str | None = None
-    max_new_tokens: int | None = None
+    task: str = Field(description="describe, ocr or compare")
+    images: list[str] = Field(description="data:image/...;base64, URIs or paths under the server's image root")
+    question: str | None = Field(default=None, description="overrides the task's default question")
+    max_new_tokens: int | None = Field(default=None, description="defaults to the server's setting")
 
 
 class Job(BaseModel):
@@ -136,3 +136,22 @@ class Job(BaseModel):
             if key in data:
                 data[key] = json.loads(data[key])
         return cls.model_validate(data)
+
+
+class JobPage(BaseModel):
+    """One page of GET /v1/jobs."""
+
+    jobs: list[Job]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, machine-readable")
+    message: str
+    details: list[dict] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    error: ErrorDetail

@@ -1,0 +1,115 @@
+"""GET /openapi.json: OpenAPI 3.1, built from the same pydantic models that validate and serialize requests.
+
+Pydantic 2 emits JSON Schema 2020-12, which OpenAPI 3.1 uses as is, so no framework sits between Flask and
+the models (spectree, flask-openapi3 or apiflask would each bring their own request parsing and error shapes,
+and the error contract here is ours, in api/errors.py).
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app
+from pydantic import BaseModel
+
+from api.context import services
+from shared.config import Settings
+from shared.jobs import ErrorBody, Job, JobPage, JobRequest, JobStatus
+
+bp = Blueprint("openapi", __name__)
+
+REF = "#/components/schemas/{model}"
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    app = current_app
+    if "openapi" not in app.extensions:  # built once per process
+        app.extensions["openapi"] = openapi(services().settings)
+    return app.extensions["openapi"]
+
+
+def schemas(requests: list[type[BaseModel]], answers: list[type[BaseModel]]) -> dict:
+    """Component schemas for the models and every model they use: requests as they are validated, answers
+    as they are serialized (so that fields never sent, such as a job's image refs, are not described)."""
+    found: dict = {}
+    for model, mode in [(m, "validation") for m in requests] + [(m, "serialization") for m in answers]:
+        schema = model.model_json_schema(ref_template=REF, mode=mode)
+        found.update(schema.pop("$defs", {}))
+        found[model.__name__] = schema
+    return found
+
+
+def ref(model: type[BaseModel]) -> dict:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def answer(description: str, model: type[BaseModel] | None = None, headers: dict | None = None) -> dict:
+    body = {"description": description}
+    if model is not None:
+        body["content"] = {"application/json": {"schema": ref(model)}}
+    if headers:
+        body["headers"] = headers
+    return body
+
+
+def errors(*statuses: int) -> dict:
+    texts = {400: "malformed request or parameter", 401: "missing or unknown API key", 404: "no such job",
+             409: "the job has already ended", 413: "body too large", 415: "body is not JSON",
+             422: "invalid request", 429: "rate limited or too many active jobs", 503: "store unavailable"}
+    return {str(s): answer(texts[s], ErrorBody) for s in statuses}
+
+
+def openapi(settings: Settings) -> dict:
+    """The whole document (bounds come from the settings, so it says what this server accepts)."""
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    location = {"Location": {"schema": {"type": "string"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "visionq", "version": "1", "description": "Vision-language jobs: describe, OCR, compare."},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/jobs": {
+                "post": {
+                    "summary": "Submit a job",
+                    "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                    "schema": {"type": "string", "maxLength": 256}}],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": ref(JobRequest)}}},
+                    "responses": {"202": answer("accepted (or the job an earlier identical request made)", Job,
+                                                location),
+                                  **errors(400, 401, 413, 415, 422, 429, 503)},
+                },
+                "get": {
+                    "summary": "List the caller's jobs, newest first",
+                    "parameters": list_parameters(settings),
+                    "responses": {"200": answer("a page of jobs", JobPage), **errors(400, 401, 429, 503)},
+                },
+            },
+            "/v1/jobs/{job_id}": {"get": {
+                "summary": "Read a job, optionally waiting for it to end",
+                "parameters": [job_id, {"name": "wait", "in": "query", "required": False,
+                                        "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait_s}}],
+                "responses": {"200": answer("the job", Job), **errors(400, 401, 404, 429, 503)},
+            }},
+            "/v1/jobs/{job_id}/cancel": {"post": {
+                "summary": "Cancel a queued or running job",
+                "parameters": [job_id],
+                "responses": {"200": answer("the canceled job", Job), **errors(401, 404, 409, 429, 503)},
+            }},
+            "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": answer("up")}}},
+            "/readyz": {"get": {"summary": "Readiness: Redis and a live worker", "security": [],
+                                "responses": {"200": answer("ready"), "503": answer("not ready, with the reason")}}},
+        },
+        "components": {
+            "schemas": schemas([JobRequest], [Job, JobPage, ErrorBody]),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def list_parameters(settings: Settings) -> list[dict]:
+    return [
+        {"name": "status", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": [s.value for s in JobStatus]}},
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": settings.list_max_limit, "default": 20}},
+        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},
+    ]
