@@ -101,9 +101,10 @@ def cmd_keys(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from worker.tiny_model import build_tiny_model
+    from worker.tiny_model import build_tiny_model, build_tiny_phi3v
 
-    print(build_tiny_model(Path(args.path), seed=args.seed))
+    build = {"llava": build_tiny_model, "phi3v": build_tiny_phi3v}[args.arch]
+    print(build(Path(args.path), seed=args.seed))
     return 0
 
 
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="build a tiny random-weight vision-language model")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--arch", choices=["llava", "phi3v"], default="llava",
+                      help="LLaVA (CLIP + Llama) or the native Phi-3-vision port")
     tiny.set_defaults(func=cmd_tiny_model)
     return parser
 
