@@ -75,10 +75,14 @@ def run(model, processor, batch: list[tuple[str, list[Image.Image]]], new_tokens
     model(**inputs, use_cache=False)
     prefill_s = synced() - started
     started = synced()
-    output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            return_dict_in_generate=True, output_scores=True)
     total_s = synced() - started
     decode_tps = len(batch) * (new_tokens - 1) / max(total_s - prefill_s, 1e-9)
-    return prefill_s, decode_tps, output[:, inputs["input_ids"].shape[1]:].tolist(), inputs["input_ids"].shape
+    top2 = torch.stack(output.scores, 1).float().topk(2, dim=-1).values  # (rows, steps, 2)
+    gaps = (top2[..., 0] - top2[..., 1]).tolist()
+    tokens = output.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+    return prefill_s, decode_tps, tokens, inputs["input_ids"].shape, gaps
 
 
 def agreement(batched: list[list[int]], sequential: list[list[int]]) -> list[int]:
@@ -99,6 +103,7 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/phi3v-real")
     parser.add_argument("--config", default=str(CONFIG), help="a smaller config.json for a CPU dry run")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()
     folder = Path(args.dir)
     device = torch.device(args.device)
@@ -107,7 +112,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     started = time.perf_counter()
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa")
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()  # as worker/engine.py does
     print(f"load (from_pretrained, safetensors -> cuda): {synced() - started:.1f} s, "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
@@ -119,16 +125,22 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     singles = [run(model, processor, [p], args.new_tokens) for p in batch]
     prefill1, tps1 = statistics.median(s[0] for s in singles), statistics.median(s[1] for s in singles)
-    prefill16, tps16, batched, shape = run(model, processor, batch, args.new_tokens)
+    prefill16, tps16, batched, shape, _ = run(model, processor, batch, args.new_tokens)
     same = agreement(batched, [s[2][0] for s in singles])
+    # Where a row first differs, how close were the two best logits when that prompt ran alone?
+    gaps_at_split = [singles[row][4][0][step] for row, step in enumerate(same) if step < args.new_tokens]
     print(f"num_crops={args.num_crops}, batch input_ids {list(shape)} (left-padded), {args.new_tokens} new tokens")
     print(f"batch 1 : prefill {prefill1 * 1000:.0f} ms (median of 16 prompts), decode {tps1:.1f} tokens/s")
     print(f"batch 16: prefill {prefill16 * 1000:.0f} ms, decode {tps16:.1f} tokens/s "
           f"({tps16 / tps1:.1f}x batch 1)")
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    print(f"batched vs sequential greedy, leading tokens equal per row: min {min(same)}, "
+    print(f"batched vs sequential greedy ({args.dtype}), leading tokens equal per row: min {min(same)}, "
           f"median {statistics.median(same)}, rows fully equal {sum(s == args.new_tokens for s in same)}/16")
+    all_gaps = [gap for single in singles for gap in single[4][0]]
+    if gaps_at_split:
+        print(f"top-1/top-2 logit gap where rows split: max {max(gaps_at_split):.3f}; over all sequential steps: "
+              f"median {statistics.median(all_gaps):.3f}")
 
 
 if __name__ == "__main__":
