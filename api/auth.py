@@ -12,7 +12,7 @@ from flask import g, request
 from api.context import services
 from shared.errors import RateLimited, Unauthorized
 from shared.keys import ANONYMOUS_ID, ApiKey, hash_secret
-from shared.store import KeyStore
+from shared.store import Charge, KeyStore
 
 ANONYMOUS = ApiKey(id=ANONYMOUS_ID, name="anonymous", created_at=datetime(2026, 1, 1, tzinfo=UTC))
 
@@ -41,11 +41,21 @@ class KeyCache:
 
 
 def authenticate() -> None:
-    """Set g.key from the Authorization header (or the anonymous key when auth is off); apply the rate limit."""
+    """Set g.key from the Authorization header (or the anonymous key when auth is off), and g.charge: what
+    each view takes from the key's token bucket, in the same round trip as its own work where it can."""
     svc = services()
     g.key = caller_key() if svc.settings.auth_enabled else ANONYMOUS
     rate, burst, _ = g.key.limits(svc.settings)
-    wait_s = svc.store.take_token(g.key.id, rate, burst)
+    g.charge = Charge(g.key.id, rate, burst)
+
+
+def charge_now() -> None:
+    """Take this request from the bucket on its own (views with no Redis work to share the trip with)."""
+    check_rate(services().store.take_token(g.charge))
+
+
+def check_rate(wait_s: float) -> None:
+    """Refuse the request when the bucket said to wait."""
     if wait_s > 0:
         raise RateLimited(headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
 

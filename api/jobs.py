@@ -6,10 +6,10 @@ import base64
 import hashlib
 import math
 
-from flask import Blueprint, g, request
+from flask import Blueprint, Response, g, request
 from pydantic import ValidationError
 
-from api.auth import authenticate
+from api.auth import authenticate, charge_now, check_rate
 from api.context import services
 from shared.config import Settings
 from shared.errors import (
@@ -24,6 +24,7 @@ from shared.errors import (
     QueueFull,
     UnknownTask,
     UnsupportedMediaType,
+    VisionqError,
     WrongImageCount,
 )
 from shared.images import validate_ref
@@ -38,22 +39,28 @@ bp.before_request(authenticate)
 def submit_job():
     """Accept a job: 202 with the queued job and its Location; a repeated Idempotency-Key gives the same job."""
     svc = services()
-    request_body = parse_request()
-    job = build_job(request_body, svc.settings).model_copy(update={"owner": g.key.id})
+    try:
+        request_body = parse_request()
+        job = build_job(request_body, svc.settings).model_copy(update={"owner": g.key.id})
+    except VisionqError:
+        charge_now()  # a rejected request still counts against the key's rate
+        raise
     idempotency = request.headers.get("Idempotency-Key")
     created = svc.store.create(job, svc.settings.queue, max_active=g.key.limits(svc.settings)[2],
-                               idempotency=idempotency, request_hash=request_hash(request_body))
+                               idempotency=idempotency, request_hash=request_hash(request_body), charge=g.charge)
+    check_rate(created.retry_after_s)
     if created.outcome == "queue_full":
         raise QueueFull()
     if created.outcome == "existing":
         return replay(created.job_id, created.same_request)
-    return job.public(), 202, {"Location": f"/v1/jobs/{job.id}"}
+    return job_response(job, 202, {"Location": f"/v1/jobs/{job.id}"})
 
 
 @bp.get("")
 def list_jobs():
     """The caller's jobs, newest first: ?status=&limit=&cursor=."""
     svc = services()
+    charge_now()
     status, limit, before = list_parameters(svc.settings)
     jobs, next_before = svc.store.list_jobs(g.key.id, status, limit, before)
     return {"jobs": [job.public() for job in jobs],
@@ -65,26 +72,33 @@ def get_job(job_id: str):
     """The job as it stands, or once it ends when ?wait=<seconds> is given."""
     svc = services()
     wait = wait_seconds(svc.settings)
-    job = owned(svc.store.get(job_id))  # before any wait: another key's job must answer at once, as unknown
+    wait_s, job = svc.store.charged_get(job_id, g.charge)
+    check_rate(wait_s)
+    job = owned(job)  # before any wait: another key's job must answer at once, as unknown
     if wait and not job.status.is_terminal():
         job = svc.store.wait(job_id, wait) or job
-    return job.public()
+    return job_response(job)
 
 
 @bp.post("/<job_id>/cancel")
 def cancel_job(job_id: str):
     """Cancel a queued or running job; a running one stops at its next decode step."""
     svc = services()
+    charge_now()
     owned(svc.store.get(job_id))
     transition = svc.store.mark_canceled(job_id, JobFailure(code="canceled", message="canceled by the client"))
     if not transition.applied:
         if transition.previous is None:
             raise NotFound(NOT_FOUND_MESSAGE)
         raise AlreadyFinished(f"the job has already {transition.previous.value}")
-    return svc.store.get(job_id).public()
+    return job_response(svc.store.get(job_id))
 
 
 NOT_FOUND_MESSAGE = "no job with this id (it may have expired)"
+
+
+def job_response(job: Job, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(job.public_json(), status=status, headers=headers, mimetype="application/json")
 
 
 def owned(job: Job | None) -> Job:
@@ -100,7 +114,7 @@ def replay(job_id: str, same_request: bool):
     job = services().store.get(job_id)
     if job is None:
         raise NotFound("the job this Idempotency-Key created has expired")
-    return job.public(), 202, {"Location": f"/v1/jobs/{job.id}", "Idempotent-Replayed": "true"}
+    return job_response(job, 202, {"Location": f"/v1/jobs/{job.id}", "Idempotent-Replayed": "true"})
 
 
 def request_hash(body: JobRequest) -> str:

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     model: str = DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa
     trust_remote_code: bool = False
 
     # Bounds on what a request may ask for.

@@ -12,6 +12,7 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -86,11 +87,16 @@ def _decode_data_uri(ref: str, settings: Settings) -> bytes:
 
 
 def _local_path(ref: str, settings: Settings) -> Path:
-    root = settings.image_root.resolve()
+    root = _resolved(settings.image_root)
     path = (root / ref).resolve()
     if not path.is_relative_to(root):
         raise InvalidImageRef("image path is outside the image root")
     return path
+
+
+@lru_cache(maxsize=8)
+def _resolved(root: Path) -> Path:
+    return root.resolve()
 
 
 def _read_file(path: Path, settings: Settings) -> bytes:

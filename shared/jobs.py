@@ -118,6 +118,10 @@ class Job(BaseModel):
         """The JSON-ready view that GET /v1/jobs/<id> returns."""
         return self.model_dump(mode="json", exclude_none=True)
 
+    def public_json(self) -> str:
+        """The same view, serialized (by pydantic's serializer: the hot path of polling)."""
+        return self.model_dump_json(exclude_none=True)
+
     def to_hash(self) -> dict[str, str]:
         """The flat fields of the job's Redis hash."""
         fields = self.model_dump(mode="json", exclude={"result", "error", "images"}, exclude_none=True)

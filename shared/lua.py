@@ -4,6 +4,26 @@ Key names are built in shared/store.py and passed in; scripts that derive an own
 transition) get the prefix as an argument. visionq runs on one Redis (or a primary with replicas), not Cluster.
 """
 
+# A token bucket per API key, on the server's clock so that every API process agrees. Returns "0" when a
+# request may go ahead, else the seconds until one may.
+_TOKEN_BUCKET = """
+local function take_token(bucket_key, rate, burst)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+  local bucket = redis.call('HMGET', bucket_key, 'tokens', 'at')
+  local tokens = tonumber(bucket[1]) or burst
+  local at = tonumber(bucket[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+  if tokens < 1 then return tostring((1 - tokens) / rate) end
+  redis.call('HSET', bucket_key, 'tokens', tostring(tokens - 1), 'at', tostring(now))
+  redis.call('EXPIRE', bucket_key, math.ceil(burst / rate) + 1)
+  return '0'
+end
+"""
+
+# KEYS[1] bucket hash. ARGV: tokens per second, burst.
+TAKE_TOKEN = _TOKEN_BUCKET + "return take_token(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
+
 # Compare-and-set of a job's status, so that two writers can never both win.
 # KEYS[1] job hash. ARGV: new status, allowed current statuses (space-separated), done channel, ttl seconds,
 # "1" when the new status is terminal, "1" to count an attempt, owner key prefix, then field/value pairs.
@@ -33,20 +53,24 @@ end
 return {1, current, attempts}
 """
 
-# Create a job: idempotency check, the owner's active-job bound, the job hash, its queue message and the
-# owner's index, all or nothing.
-# KEYS: job hash, queue list, owner's job index (zset), owner's active counter, idempotency key ("" for none).
+# Create a job: the rate limit, idempotency check, the owner's active-job bound, the job hash, its queue
+# message and the owner's index, all or nothing, in one round trip.
+# KEYS: job hash, queue list, owner's job index (zset), owner's active counter, idempotency key ("" for none),
+#       the owner's token bucket.
 # ARGV: job ttl, max active jobs, index score, job id, request hash, idempotency ttl, queue message,
-#       then the job hash's field/value pairs.
-# Returns {"created", ""}, {"existing", "<job id> <request hash>"} or {"queue_full", "<active>"}.
-CREATE_JOB = """
+#       tokens per second, burst, then the job hash's field/value pairs.
+# Returns {"created", ""}, {"existing", "<job id> <request hash>"}, {"queue_full", "<active>"} or
+# {"rate_limited", "<seconds to wait>"}.
+CREATE_JOB = _TOKEN_BUCKET + """
+local wait = take_token(KEYS[6], tonumber(ARGV[8]), tonumber(ARGV[9]))
+if wait ~= '0' then return {'rate_limited', wait} end
 if KEYS[5] ~= '' then
   local existing = redis.call('GET', KEYS[5])
   if existing then return {'existing', existing} end
 end
 local active = tonumber(redis.call('GET', KEYS[4]) or '0')
 if active >= tonumber(ARGV[2]) then return {'queue_full', tostring(active)} end
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 redis.call('LPUSH', KEYS[2], ARGV[7])
 redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), ARGV[4])
@@ -56,18 +80,4 @@ if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[4] .. ' ' .. ARGV[5], 'EX'
 return {'created', ''}
 """
 
-# A token bucket per API key, on the server's clock so that every API process agrees.
-# KEYS[1] bucket hash. ARGV: tokens per second, burst. Returns "0" when allowed, else seconds to wait.
-TAKE_TOKEN = """
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(bucket[1]) or burst
-local at = tonumber(bucket[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-if tokens < 1 then return tostring((1 - tokens) / rate) end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
-return '0'
-"""
+

@@ -71,12 +71,26 @@ def connect(settings: Settings) -> redis.Redis:
 
 
 @dataclass(frozen=True)
+class Charge:
+    """One request to take from an owner's token bucket."""
+
+    owner: str
+    rate_per_s: float
+    burst: int
+
+
+UNLIMITED = Charge("", 1e9, 10**9)
+
+
+@dataclass(frozen=True)
 class Created:
-    """The outcome of JobStore.create: "created", "existing" (an idempotent repeat) or "queue_full"."""
+    """The outcome of JobStore.create: "created", "existing" (an idempotent repeat), "queue_full" or
+    "rate_limited"."""
 
     outcome: str
     job_id: str
-    same_request: bool  # for "existing": whether the earlier request had the same body
+    same_request: bool = True  # for "existing": whether the earlier request had the same body
+    retry_after_s: float = 0.0  # for "rate_limited"
 
 
 @dataclass(frozen=True)
@@ -102,25 +116,37 @@ class JobStore:
         self.completions = CompletionListener(client, JOB_DONE_PATTERN, job_id_from_done_channel)
 
     def create(self, job: Job, queue: str, *, max_active: int = 2**62, idempotency: str | None = None,
-               request_hash: str = "") -> Created:
-        """Store a new job and queue it, all or nothing; or find the job an earlier request with the same
-        idempotency key made; or refuse when the owner already has `max_active` jobs queued or running."""
+               request_hash: str = "", charge: Charge = UNLIMITED) -> Created:
+        """Take the request from the owner's bucket, then store a new job and queue it, all or nothing; or find
+        the job an earlier request with the same idempotency key made; or refuse when the owner already has
+        `max_active` jobs queued or running. One round trip."""
         owner = job.owner or ""
         keys = [job_key(job.id), queue, owner_jobs_key(owner), owner_active_key(owner),
-                idempotency_key(owner, idempotency) if idempotency else ""]
+                idempotency_key(owner, idempotency) if idempotency else "", rate_key(charge.owner)]
         fields = [item for pair in job.to_hash().items() for item in pair]
         args = [self.ttl_s, max_active, job.created_at.timestamp(), job.id, request_hash, self.idempotency_ttl_s,
-                run_job_message(job.id, queue), *fields]
+                run_job_message(job.id, queue), charge.rate_per_s, charge.burst, *fields]
         outcome, detail = self._create(keys=keys, args=args)
         if outcome == "existing":
             job_id, earlier_hash = detail.split(" ", 1)
             return Created("existing", job_id, earlier_hash == request_hash)
-        return Created(outcome, job.id if outcome == "created" else "", True)
+        if outcome == "rate_limited":
+            return Created(outcome, "", retry_after_s=float(detail))
+        return Created(outcome, job.id if outcome == "created" else "")
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when it does not exist or has expired."""
         raw = self.redis.hgetall(job_key(job_id))
         return Job.from_hash(raw) if raw else None
+
+    def charged_get(self, job_id: str, charge: Charge) -> tuple[float, Job | None]:
+        """Take the request from the owner's bucket and read the job, in one round trip: (seconds to wait
+        before a request may go ahead, 0 when this one may; the job)."""
+        pipe = self.redis.pipeline(transaction=False)
+        self._take_token(keys=[rate_key(charge.owner)], args=[charge.rate_per_s, charge.burst], client=pipe)
+        pipe.hgetall(job_key(job_id))
+        wait_s, raw = pipe.execute()
+        return float(wait_s), (Job.from_hash(raw) if raw else None)
 
     def status(self, job_id: str) -> JobStatus | None:
         """Only the job's status (one small read: the worker asks it between decode steps)."""
@@ -157,9 +183,9 @@ class JobStore:
             pipe.hgetall(job_key(job_id))
         return [Job.from_hash(raw) if raw else None for raw in pipe.execute()]
 
-    def take_token(self, owner: str, rate_per_s: float, burst: int) -> float:
+    def take_token(self, charge: Charge) -> float:
         """Spend one request from the owner's bucket: 0 when allowed, else the seconds until one is free."""
-        return float(self._take_token(keys=[rate_key(owner)], args=[rate_per_s, burst]))
+        return float(self._take_token(keys=[rate_key(charge.owner)], args=[charge.rate_per_s, charge.burst]))
 
     def mark_running(self, job_id: str, worker: str) -> Transition:
         """Queued (or redelivered while running) -> running; counts an attempt."""

@@ -188,6 +188,22 @@ def test_rate_limit_answers_429_with_retry_after(make_client):
     assert int(statuses[2].headers["Retry-After"]) >= 1
 
 
+def test_every_endpoint_is_rate_limited(make_client):
+    client = make_client(rate_per_s=0.01, burst=1)
+    job = client.submit("describe", IMAGE, max_new_tokens=1)  # spends the only token
+    calls = {
+        "submit": lambda: client.http.post(f"{client.base_url}/v1/jobs", json={"task": "describe", "images": IMAGE}),
+        "invalid submit": lambda: client.http.post(f"{client.base_url}/v1/jobs", json={"task": "nope"}),
+        "get": lambda: client.http.get(f"{client.base_url}/v1/jobs/{job['id']}"),
+        "list": lambda: client.http.get(f"{client.base_url}/v1/jobs"),
+        "cancel": lambda: client.http.post(f"{client.base_url}/v1/jobs/{job['id']}/cancel"),
+    }
+    for name, call in calls.items():
+        response = call()
+        assert response.status_code == 429, name
+        assert response.json()["error"]["code"] == "rate_limited" and int(response.headers["Retry-After"]) >= 1
+
+
 def test_jobs_queued_per_key_are_bounded(make_client):
     client = make_client(max_active_jobs=1)
     first = client.submit("describe", IMAGE, max_new_tokens=1024)

@@ -30,8 +30,9 @@ def phi3v_stack(settings, phi3v_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phi3v_reference(phi3v_path):
-    import worker.models.phi3v  # noqa: F401
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import worker.models.phi3v  # noqa: F401
     from worker.engine import resolve_device, resolve_dtype
 
     torch.set_num_threads(1)

@@ -27,3 +27,12 @@ def test_environment_overrides(monkeypatch):
 def test_redelivery_timeout_must_outlast_the_longest_job():
     with pytest.raises(ValidationError):
         Settings(job_timeout_s=600, visibility_timeout_s=600)
+
+
+def test_attention_auto_is_sdpa_without_flash_attn_or_cuda():
+    import torch
+
+    from worker.engine import resolve_attention
+
+    assert resolve_attention("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_attention("eager", torch.device("cpu")) == "eager"

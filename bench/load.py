@@ -1,0 +1,152 @@
+"""API load: accepted jobs/s and polls/s of visionq under gunicorn, against minimal baselines in the same run.
+
+    python -m bench.load [--seconds 10] [--connections 32]
+
+Needs wrk (Debian: apt-get install wrk). Everything runs on loopback on this machine: an embedded Redis,
+gunicorn (the settings `visionq api` uses), and wrk as the client. visionq runs with auth, rate limiting and
+isolation on: every request carries a Bearer key, passes the key lookup and the Redis token bucket, and polls
+read a job owned by that key (the key's limits are set high so that the bucket allows the whole run).
+No worker runs: submit measures acceptance (jobs pile up in the queue), poll reads a finished job.
+Baselines: a Flask POST doing HSET+LPUSH, a Flask POST doing Celery send_task, a Flask GET doing one Redis GET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+from shared.config import Settings
+from shared.embedded_redis import EmbeddedRedis, free_port
+from shared.jobs import Job, JobResult, JobStatus, Timings, TokenCounts, new_job_id, utcnow
+from shared.launcher import api_command
+from shared.store import JobStore, KeyStore, connect
+
+WRK_SCRIPT = """
+wrk.method = "{method}"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+{auth}
+"""
+
+
+def gunicorn(app: str, port: int, env: dict, settings: Settings) -> subprocess.Popen:
+    command = api_command(settings, port)
+    command[command.index("api.wsgi:app")] = app
+    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+            return process
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise RuntimeError(f"{app} did not start")
+
+
+def wrk(url: str, method: str, body: dict | None, key: str | None, seconds: int, connections: int,
+        folder: Path) -> dict:
+    script = folder / "wrk.lua"
+    auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
+    script.write_text(WRK_SCRIPT.format(method=method, body=json.dumps(json.dumps(body)) if body else "nil",
+                                        auth=auth))
+    output = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+                             url], capture_output=True, text=True, check=True).stdout
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+            "p50_ms": latency(output, "50%"), "p99_ms": latency(output, "99%"),
+            "errors": int(non_2xx.group(1)) if non_2xx else 0}
+
+
+def latency(output: str, label: str) -> float:
+    value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", output).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def measure(name: str, app: str, path: str, method: str, body, key, env, settings, args, folder) -> dict:
+    port = free_port()
+    process = gunicorn(app, port, env, settings)
+    try:
+        wrk(f"http://127.0.0.1:{port}{path}", method, body, key, 2, args.connections, folder)  # warm-up
+        result = wrk(f"http://127.0.0.1:{port}{path}", method, body, key, args.seconds, args.connections, folder)
+    finally:
+        process.terminate()
+        process.wait()
+    print(f"{name:<46} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
+          f"  non-2xx {result['errors']}")
+    return result
+
+
+def finished_job(store: JobStore, owner: str) -> str:
+    """A succeeded job owned by `owner`, for the poll measurement."""
+    job = Job(id=new_job_id(), status=JobStatus.QUEUED, task="describe", images=["pixel.png"], image_count=1,
+              question="Describe this image in detail.", max_new_tokens=64, created_at=utcnow(), owner=owner)
+    store.create(job, "bench-unconsumed")
+    store.mark_running(job.id, "bench")
+    store.mark_succeeded(job.id, JobResult(text="a red square", model="bench", tokens=TokenCounts(prompt=1,
+                         completion=1), timings=Timings(queue_ms=0, images_ms=0, inference_ms=0)))
+    return job.id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (Debian: apt-get install wrk)")
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as server:
+        folder = Path(tmp)
+        (folder / "images").mkdir()
+        Image.new("RGB", (8, 8), "red").save(folder / "images" / "pixel.png")
+        settings = Settings(redis_url=server.url, image_root=folder / "images", queue="bench-visionq")
+        secret, key = KeyStore(connect(settings)).create("bench", rate_per_s=1e9, burst=10**9,
+                                                         max_active_jobs=10**9)
+        env = {"VISIONQ_REDIS_URL": server.url, "BENCH_REDIS_URL": server.url, "VISIONQ_AUTH_ENABLED": "true",
+               "VISIONQ_IMAGE_ROOT": str(folder / "images"), "VISIONQ_QUEUE": "bench-visionq"}
+        body = {"task": "describe", "images": ["pixel.png"], "max_new_tokens": 64}
+        print(f"wrk -t2 -c{args.connections} -d{args.seconds}s, gunicorn {settings.api_workers} workers x "
+              f"{settings.api_threads} threads (gthread), {os.cpu_count()} cores, loopback")
+
+        job_id = finished_job(JobStore(connect(settings), settings.result_ttl_s), key.id)
+        baseline = "bench.baseline_apps:app"
+        cases = {  # name: (app, path, method, body, key, BENCH_APP)
+            "baseline: Flask POST, HSET+LPUSH": (baseline, "/submit", "POST", {}, None, "hset_lpush"),
+            "baseline: Flask POST, Celery send_task": (baseline, "/submit", "POST", {}, None, "send_task"),
+            "baseline: Flask GET, one Redis GET": (baseline, "/poll", "GET", None, None, "redis_get"),
+            "visionq POST /v1/jobs (auth, rate limit, quota)": ("api.wsgi:app", "/v1/jobs", "POST", body, secret, ""),
+            "visionq GET /v1/jobs/<id> (finished job)": ("api.wsgi:app", f"/v1/jobs/{job_id}", "GET", None, secret,
+                                                         ""),
+        }
+        rounds: dict[str, list[dict]] = {name: [] for name in cases}
+        for round_number in range(args.rounds):  # interleaved, so that a noisy moment hits every case alike
+            print(f"round {round_number + 1}/{args.rounds}")
+            for name, (app, path, method, payload, auth, bench_app) in cases.items():
+                rounds[name].append(measure(name, app, path, method, payload, auth,
+                                            {**env, "BENCH_APP": bench_app}, settings, args, folder))
+    print(f"median of {args.rounds} rounds:")
+    medians = {name: {k: statistics.median(r[k] for r in results) for k in results[0]}
+               for name, results in rounds.items()}
+    for name, result in medians.items():
+        print(f"{name:<48} {result['rps']:8.0f} req/s  p99 {result['p99_ms']:6.2f} ms")
+    hset, celery, get, submit, poll = medians.values()
+    print(f"submit: {submit['rps'] / hset['rps']:.2f}x HSET+LPUSH, {submit['rps'] / celery['rps']:.2f}x send_task "
+          f"(goal >= 1,200 jobs/s, p99 <= 50 ms); poll: {poll['rps'] / get['rps']:.2f}x the Redis GET handler "
+          f"(goal >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
