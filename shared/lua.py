@@ -24,6 +24,14 @@ end
 # KEYS[1] bucket hash. ARGV: tokens per second, burst.
 TAKE_TOKEN = _TOKEN_BUCKET + "return take_token(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
 
+# The read behind every poll: the rate limit, then the job hash (flat field/value list), in one round trip.
+# KEYS: bucket hash, job hash. ARGV: tokens per second, burst. Returns {wait, fields} (fields empty when refused).
+CHARGED_GET = _TOKEN_BUCKET + """
+local wait = take_token(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if wait ~= '0' then return {wait, {}} end
+return {wait, redis.call('HGETALL', KEYS[2])}
+"""
+
 # Compare-and-set of a job's status, so that two writers can never both win.
 # KEYS[1] job hash. ARGV: new status, allowed current statuses (space-separated), done channel, ttl seconds,
 # "1" when the new status is terminal, "1" to count an attempt, owner key prefix, then field/value pairs.

@@ -112,6 +112,7 @@ class JobStore:
         self._transition = client.register_script(lua.TRANSITION)
         self._create = client.register_script(lua.CREATE_JOB)
         self._take_token = client.register_script(lua.TAKE_TOKEN)
+        self._charged_get = client.register_script(lua.CHARGED_GET)
         # Its thread starts on the first wait, so workers, which never wait, never run one.
         self.completions = CompletionListener(client, JOB_DONE_PATTERN, job_id_from_done_channel)
 
@@ -142,10 +143,9 @@ class JobStore:
     def charged_get(self, job_id: str, charge: Charge) -> tuple[float, Job | None]:
         """Take the request from the owner's bucket and read the job, in one round trip: (seconds to wait
         before a request may go ahead, 0 when this one may; the job)."""
-        pipe = self.redis.pipeline(transaction=False)
-        self._take_token(keys=[rate_key(charge.owner)], args=[charge.rate_per_s, charge.burst], client=pipe)
-        pipe.hgetall(job_key(job_id))
-        wait_s, raw = pipe.execute()
+        wait_s, flat = self._charged_get(keys=[rate_key(charge.owner), job_key(job_id)],
+                                         args=[charge.rate_per_s, charge.burst])
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
         return float(wait_s), (Job.from_hash(raw) if raw else None)
 
     def status(self, job_id: str) -> JobStatus | None:
