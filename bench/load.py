@@ -143,10 +143,15 @@ def main() -> None:
     for name, result in medians.items():
         print(f"{name:<48} {result['rps']:8.0f} req/s  p99 {result['p99_ms']:6.2f} ms")
     hset, celery, get, submit, poll = medians.values()
-    print(f"submit: {submit['rps'] / hset['rps']:.2f}x HSET+LPUSH, {submit['rps'] / celery['rps']:.2f}x send_task "
-          f"(goal >= 1,200 jobs/s, p99 <= 50 ms); poll: {poll['rps'] / get['rps']:.2f}x the Redis GET handler "
-          f"(goal >= 0.8x)")
-
+    names = list(rounds)
+    per_round = [{name: rounds[name][i]["rps"] for name in names} for i in range(args.rounds)]
+    poll_ratios = [r[names[4]] / r[names[2]] for r in per_round]
+    submit_ratios = [r[names[3]] / r[names[1]] for r in per_round]
+    print(f"submit: {submit['rps']:.0f} jobs/s, p99 {submit['p99_ms']:.1f} ms (goal >= 1,200 jobs/s, p99 <= 50 ms); "
+          f"{submit['rps'] / hset['rps']:.2f}x HSET+LPUSH, {submit['rps'] / celery['rps']:.2f}x send_task "
+          f"(per round: {', '.join(f'{r:.2f}' for r in submit_ratios)})")
+    print(f"poll: {poll['rps'] / get['rps']:.2f}x the Redis GET handler, medians; per round: "
+          f"{', '.join(f'{r:.2f}' for r in poll_ratios)} (goal >= 0.8x)")
 
 if __name__ == "__main__":
     main()

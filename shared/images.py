@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -34,13 +35,14 @@ class ImageRef:
     path: Path | None = None
 
 
-def parse_ref(ref: str, settings: Settings) -> ImageRef:
-    """Parse and bound a reference without reading any file; raises InvalidImageRef or ImageTooLarge."""
+def parse_ref(ref: str, settings: Settings, follow_links: bool = False) -> ImageRef:
+    """Parse and bound a reference without reading any file; raises InvalidImageRef or ImageTooLarge.
+    `follow_links` also resolves symbolic links before the containment check (the worker, about to read)."""
     if ref.startswith("data:"):
         return ImageRef(data=_decode_data_uri(ref, settings))
     if SCHEME.match(ref):
         raise InvalidImageRef(f"unsupported image reference scheme: {ref.split(':', 1)[0]!r}")
-    return ImageRef(path=_local_path(ref, settings))
+    return ImageRef(path=_local_path(ref, settings, follow_links))
 
 
 def validate_ref(ref: str, settings: Settings) -> None:
@@ -50,7 +52,7 @@ def validate_ref(ref: str, settings: Settings) -> None:
 
 def load_image(ref: str, settings: Settings) -> Image.Image:
     """Fetch and decode one image as RGB; raises an ImageError subclass with a stable code."""
-    parsed = parse_ref(ref, settings)
+    parsed = parse_ref(ref, settings, follow_links=True)
     data = parsed.data if parsed.data is not None else _read_file(parsed.path, settings)
     return decode_image(data, settings)
 
@@ -86,9 +88,11 @@ def _decode_data_uri(ref: str, settings: Settings) -> bytes:
         raise InvalidImageRef("data URI payload is not valid base64") from exc
 
 
-def _local_path(ref: str, settings: Settings) -> Path:
+def _local_path(ref: str, settings: Settings, follow_links: bool) -> Path:
     root = _resolved(settings.image_root)
-    path = (root / ref).resolve()
+    # The API checks the path as written (no file system calls on the hot path: `..` cannot escape); the worker
+    # resolves links too, so that a link inside the root cannot point a job outside it.
+    path = (root / ref).resolve() if follow_links else Path(os.path.normpath(root / ref))
     if not path.is_relative_to(root):
         raise InvalidImageRef("image path is outside the image root")
     return path

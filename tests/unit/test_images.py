@@ -79,3 +79,11 @@ def test_truncated_image_is_unreadable(local):
     Image.new("RGB", (64, 64), "red").save(buffer, format="JPEG")
     with pytest.raises(ImageUnreadable):
         load_image(data_uri(buffer.getvalue()[:200], "jpeg"), local)
+
+
+def test_a_link_inside_the_root_cannot_lead_outside_it(local, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside") / "secret.png"
+    outside.write_bytes(png_bytes())
+    (local.image_root / "link.png").symlink_to(outside)
+    with pytest.raises(InvalidImageRef):
+        load_image("link.png", local)
