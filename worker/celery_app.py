@@ -33,8 +33,15 @@ store = JobStore(connect(settings), settings.result_ttl_s)
 def load_model(sender=None, **_kwargs) -> None:
     """Load the model once for this process, publish what was loaded, and start beating."""
     name = sender or f"worker@{socket.gethostname()}"
-    engine = get_engine(settings)
+    try:
+        engine = get_engine(settings)
+    except Exception:
+        # Celery would log this and serve anyway, failing every job; a worker without its model must not start.
+        log.exception("could not load %s; the worker stops", settings.model)
+        logging.shutdown()
+        os._exit(3)
     store.record_worker(name, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
+                        attention=engine.model.config._attn_implementation,
                         loads=load_count(), pid=os.getpid())
     threading.Thread(target=beat_forever, args=(name,), name="visionq-heartbeat", daemon=True).start()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from collections.abc import Callable
@@ -57,6 +58,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_attention(name: str, device: torch.device) -> str:
+    """`auto` is FlashAttention 2 on CUDA when the flash-attn package is installed, else PyTorch's SDPA."""
+    if name != "auto":
+        return name
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
+
+
 def load_count() -> int:
     """How many models this process has loaded."""
     return _loads
@@ -75,7 +84,8 @@ class Engine:
         self.config = AutoConfig.from_pretrained(self.model_id, trust_remote_code=remote)
         self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=remote)
         self.model = AutoModelForImageTextToText.from_pretrained(
-            self.model_id, dtype=self.dtype, attn_implementation=settings.attn_implementation,
+            self.model_id, dtype=self.dtype, attn_implementation=resolve_attention(settings.attn_implementation,
+                                                                                   self.device),
             trust_remote_code=remote,
         ).to(self.device).eval()
         _loads += 1

@@ -65,3 +65,12 @@ def test_job_that_keeps_killing_its_worker_fails_as_worker_lost(fault_stack, set
     assert finished["status"] == "failed"
     assert finished["error"]["code"] == "worker_lost"
     assert finished["attempts"] == 3
+
+
+def test_a_worker_whose_model_cannot_load_exits_instead_of_serving(settings, tmp_path):
+    broken = settings.model_copy(update={"queue": "visionq-broken", "model": str(tmp_path / "no-such-model")})
+    env = {**settings_env(broken), "VISIONQ_QUEUE": "visionq-broken"}
+    stack = Stack(broken, env=env, log_dir=tmp_path, api=False)
+    with pytest.raises(RuntimeError, match="worker exited with 3"):
+        stack.start(timeout_s=60)
+    stack.stop()
