@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+from shared.task_specs import phi3_prompt
 from worker.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 from worker.tiny_model import build_phi3v_tokenizer
 
@@ -42,8 +43,7 @@ def prompts(count: int) -> list[tuple[str, list[Image.Image]]]:
     out = []
     for i in range(count):
         question, sizes = list(QUESTIONS.values())[i % 3]
-        tags = "".join(f"<|image_{k}|>\n" for k in range(1, len(sizes) + 1))
-        out.append((f"<|user|>\n{tags}{question}<|end|>\n<|assistant|>\n",
+        out.append((phi3_prompt(len(sizes), question),
                     [image(w, h, seed=i * 7 + k) for k, (w, h) in enumerate(sizes)]))
     return out
 

@@ -104,10 +104,17 @@ def build_model(tokenizer, seed: int):
         vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(config).eval()
+    return finish_random_model(model, tokenizer, SPECIAL_TOKENS)
+
+
+def finish_random_model(model, tokenizer, special_tokens: list[str]):
+    """Make a random model's greedy outputs useful, and its generation config name the tokenizer's ids."""
+    import torch
+
     with torch.no_grad():
         # Random logits would emit control tokens (<image>, <pad>, ...) and stop after a handful of tokens;
         # silencing those rows and damping EOS gives outputs of useful length that still end on EOS sometimes.
-        for token in SPECIAL_TOKENS:
+        for token in special_tokens:
             row = tokenizer.convert_tokens_to_ids(token)
             model.lm_head.weight[row] *= 0.5 if row == tokenizer.eos_token_id else 0.0
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -118,11 +125,15 @@ def build_model(tokenizer, seed: int):
 
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
     """Write a tiny LLaVA model and its processor to `path` (idempotent: an existing build is kept)."""
-    path = Path(path)
+    return save_once(Path(path), build_processor, lambda processor: build_model(processor.tokenizer, seed))
+
+
+def save_once(path: Path, make_processor, make_model) -> Path:
+    """Build and save a processor and its model, unless `path` already holds both."""
     if (path / "config.json").exists() and (path / "processor_config.json").exists():
         return path
-    processor = build_processor()
-    model = build_model(processor.tokenizer, seed)
+    processor = make_processor()
+    model = make_model(processor)
     path.mkdir(parents=True, exist_ok=True)
     processor.save_pretrained(path)
     model.save_pretrained(path)
@@ -196,26 +207,12 @@ def build_phi3v_model(tokenizer, seed: int):
         # The separators start at zero in the original; random values make them matter in tests.
         embedding.glb_GN.normal_()
         embedding.sub_GN.normal_()
-        # Random logits would emit control tokens and stop after a handful of tokens (see build_model).
-        for token in PHI3V_SPECIAL_TOKENS:
-            row = tokenizer.convert_tokens_to_ids(token)
-            model.lm_head.weight[row] *= 0.5 if row == tokenizer.eos_token_id else 0.0
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model
+    return finish_random_model(model, tokenizer, PHI3V_SPECIAL_TOKENS)
 
 
 def build_tiny_phi3v(path: Path, seed: int = 0) -> Path:
     """Write a tiny Phi-3-vision model and its processor to `path` (idempotent: an existing build is kept)."""
     from worker.models.phi3v import Phi3VImageProcessor, Phi3VProcessor
 
-    path = Path(path)
-    if (path / "config.json").exists() and (path / "processor_config.json").exists():
-        return path
-    processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=4), build_phi3v_tokenizer())
-    model = build_phi3v_model(processor.tokenizer, seed)
-    path.mkdir(parents=True, exist_ok=True)
-    processor.save_pretrained(path)
-    model.save_pretrained(path)
-    return path
+    return save_once(Path(path), lambda: Phi3VProcessor(Phi3VImageProcessor(num_crops=4), build_phi3v_tokenizer()),
+                     lambda processor: build_phi3v_model(processor.tokenizer, seed))

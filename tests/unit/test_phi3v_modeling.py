@@ -6,14 +6,14 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
+from shared.task_specs import phi3_prompt
+from tests.images import random_image
 from worker.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 from worker.models.phi3v.modeling_phi3_v import merge_2x2
 from worker.tiny_model import build_tiny_phi3v
@@ -54,14 +54,8 @@ def checkpoint_config() -> Phi3VConfig:
     return Phi3VConfig.from_dict(json.loads(json.dumps(CHECKPOINT_CONFIG)))
 
 
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    pixels = np.random.RandomState(seed).randint(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
 def prompt(question: str, num_images: int) -> str:
-    tags = "".join(f"<|image_{i}|>\n" for i in range(1, num_images + 1))
-    return f"<|user|>\n{tags}{question}<|end|>\n<|assistant|>\n"
+    return phi3_prompt(num_images, question)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from shared.task_specs import phi3_prompt
+from tests.images import random_image
 from worker.models.phi3v import Phi3VImageProcessor, Phi3VProcessor
 
 # preprocessor_config.json of microsoft/Phi-3-vision-128k-instruct, verbatim.
@@ -44,14 +45,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    pixels = np.random.RandomState(seed).randint(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
 def prompt(question: str, num_images: int) -> str:
-    tags = "".join(f"<|image_{i}|>\n" for i in range(1, num_images + 1))
-    return f"<|user|>\n{tags}{question}<|end|>\n<|assistant|>\n"
+    return phi3_prompt(num_images, question)
 
 
 @pytest.fixture
