@@ -37,18 +37,25 @@ IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer trained in memory on a few sentences, wrapped for transformers."""
+def train_bpe(special_tokens: list[str]):
+    """A byte-level BPE tokenizer (the `tokenizers` library's) trained in memory on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=600, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return tokenizer
+
+
+def build_tokenizer():
+    """The tiny LLaVA's tokenizer, wrapped for transformers."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = train_bpe(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token="<unk>",
@@ -154,16 +161,10 @@ PHI3V_CHAT_TEMPLATE = (
 
 def build_phi3v_tokenizer():
     """A byte-level BPE tokenizer with Phi-3's special tokens that, like Phi-3's Llama tokenizer, prepends <s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=PHI3V_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tokenizer = train_bpe(PHI3V_SPECIAL_TOKENS)
     bos_id = tokenizer.token_to_id("<s>")
     # The processor tokenizes every text chunk between image tags separately, so each chunk starts with <s>,
     # exactly what the real checkpoint's tokenizer does.
