@@ -4,28 +4,27 @@ Key names are built in shared/store.py and passed in; scripts that derive an own
 transition) get the prefix as an argument. visionq runs on one Redis (or a primary with replicas), not Cluster.
 """
 
-# A token bucket per API key, on the server's clock so that every API process agrees. Returns "0" when a
-# request may go ahead, else the seconds until one may.
+# A token bucket per API key, as GCRA: the bucket is one number, the theoretical arrival time of the next
+# request, so a request costs one GET and one SET (with its expiry) on the server's clock, which every API process
+# shares. Returns "0" when a request may go ahead, else the seconds until one may.
 _TOKEN_BUCKET = """
 local function take_token(bucket_key, rate, burst)
   local clock = redis.call('TIME')
   local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-  local bucket = redis.call('HMGET', bucket_key, 'tokens', 'at')
-  local tokens = tonumber(bucket[1]) or burst
-  local at = tonumber(bucket[2]) or now
-  tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-  if tokens < 1 then return tostring((1 - tokens) / rate) end
-  redis.call('HSET', bucket_key, 'tokens', tostring(tokens - 1), 'at', tostring(now))
-  redis.call('EXPIRE', bucket_key, math.ceil(burst / rate) + 1)
+  local interval = 1 / rate
+  local tat = math.max(tonumber(redis.call('GET', bucket_key) or now), now)
+  local allowed_at = tat + interval - burst * interval
+  if allowed_at > now then return tostring(allowed_at - now) end
+  redis.call('SET', bucket_key, tostring(tat + interval), 'PX', math.ceil((tat + interval - now) * 1000) + 1)
   return '0'
 end
 """
 
-# KEYS[1] bucket hash. ARGV: tokens per second, burst.
+# KEYS[1] bucket key. ARGV: tokens per second, burst.
 TAKE_TOKEN = _TOKEN_BUCKET + "return take_token(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
 
 # The read behind every poll: the rate limit, then the job hash (flat field/value list), in one round trip.
-# KEYS: bucket hash, job hash. ARGV: tokens per second, burst. Returns {wait, fields} (fields empty when refused).
+# KEYS: bucket key, job hash. ARGV: tokens per second, burst. Returns {wait, fields} (fields empty when refused).
 CHARGED_GET = _TOKEN_BUCKET + """
 local wait = take_token(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
 if wait ~= '0' then return {wait, {}} end
@@ -64,7 +63,7 @@ return {1, current, attempts}
 # Create a job: the rate limit, idempotency check, the owner's active-job bound, the job hash, its queue
 # message and the owner's index, all or nothing, in one round trip.
 # KEYS: job hash, queue list, owner's job index (zset), owner's active counter, idempotency key ("" for none),
-#       the owner's token bucket.
+#       the owner's token bucket key.
 # ARGV: job ttl, max active jobs, index score, job id, request hash, idempotency ttl, queue message,
 #       tokens per second, burst, then the job hash's field/value pairs.
 # Returns {"created", ""}, {"existing", "<job id> <request hash>"}, {"queue_full", "<active>"} or

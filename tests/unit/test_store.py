@@ -71,3 +71,14 @@ def test_create_queues_the_job_in_the_same_transaction(store):
     store.create(job, "create-test")
     assert store.redis.llen("create-test") == before + 1
     assert job.id in store.redis.lindex("create-test", 0)
+
+
+def test_token_bucket_allows_the_burst_then_says_how_long_to_wait(store):
+    from shared.store import Charge
+
+    charge = Charge(f"bucket-{time.time_ns()}", rate_per_s=10, burst=3)
+    assert [store.take_token(charge) for _ in range(3)] == [0, 0, 0]
+    wait = store.take_token(charge)
+    assert 0 < wait <= 0.1 + 0.01  # one token comes back every 1/rate seconds
+    time.sleep(wait + 0.01)
+    assert store.take_token(charge) == 0
