@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask, current_app
 
+from api.job_cache import FinishedJobs
 from shared.config import Settings
 from shared.store import JobStore, KeyStore, connect
 
@@ -19,6 +20,7 @@ class Services:
     settings: Settings
     store: JobStore
     key_cache: KeyCache
+    finished: FinishedJobs
 
 
 def init_app(app: Flask, settings: Settings) -> None:
@@ -27,7 +29,8 @@ def init_app(app: Flask, settings: Settings) -> None:
 
     client = connect(settings)
     store = JobStore(client, settings.result_ttl_s, settings.idempotency_ttl_s)
-    app.extensions["visionq"] = Services(settings, store, KeyCache(KeyStore(client), settings.key_cache_s))
+    app.extensions["visionq"] = Services(settings, store, KeyCache(KeyStore(client), settings.key_cache_s),
+                                         FinishedJobs(settings.result_ttl_s))
 
 
 def services() -> Services:

@@ -72,11 +72,18 @@ def get_job(job_id: str):
     """The job as it stands, or once it ends when ?wait=<seconds> is given."""
     svc = services()
     wait = wait_seconds(svc.settings)
+    cached = svc.finished.get(job_id)
+    if cached is not None:  # ended: the poll costs only its rate-limit check
+        charge_now()
+        if cached.owner != g.key.id:
+            raise NotFound(NOT_FOUND_MESSAGE)
+        return Response(cached.body, mimetype="application/json")
     wait_s, job = svc.store.charged_get(job_id, g.charge)
     check_rate(wait_s)
     job = owned(job)  # before any wait: another key's job must answer at once, as unknown
     if wait and not job.status.is_terminal():
         job = svc.store.wait(job_id, wait) or job
+    svc.finished.remember(job)
     return job_response(job)
 
 
