@@ -221,12 +221,10 @@ class JobStore:
     def wait(self, job_id: str, timeout_s: float) -> Job | None:
         """The job once it is terminal, or as it stands when `timeout_s` runs out; woken by Redis pub/sub."""
         deadline = time.monotonic() + timeout_s
-        job = self.get(job_id)
-        if job is None or job.status.is_terminal():
-            return job  # the common poll of a finished job costs one read
+        # Register before reading, so that an end between the read and the wait still wakes us; one read in all.
         event = self.completions.register(job_id)
         try:
-            job = self.get(job_id)  # again, now that an end can no longer slip by unseen
+            job = self.get(job_id)
             while job is not None and not job.status.is_terminal():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not event.wait(remaining):
