@@ -54,6 +54,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # Batching and decoding in the GPU worker.
+    max_batch: int = Field(default=64, ge=1)  # jobs decoded together; the worker runs 2x this many task threads
+    batch_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill: a lone job's extra delay
+    cuda_graphs: bool = True  # capture the decode step per (rows, length) bucket on CUDA
+    kv_cache_fraction: float = Field(default=0.8, gt=0, le=1)  # of the GPU memory left after loading the weights
+    cpu_kv_cache_mb: int = Field(default=2048, gt=0)
+    prefill_tokens: int = Field(default=16384, gt=0)  # padded prompt tokens per prefill forward
+
     # API keys, quotas and listing.
     auth_enabled: bool = True
     rate_per_s: float = Field(default=200.0, gt=0)  # per key, unless the key says otherwise

@@ -1,4 +1,4 @@
-"""Start visionq's processes for local runs and tests: embedded Redis, the API under gunicorn, a solo worker."""
+"""Start visionq's processes for local runs and tests: embedded Redis, the API under gunicorn, a GPU worker."""
 
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ def api_command(settings: Settings, port: int | None = None) -> list[str]:
 
 
 def worker_command(settings: Settings, name: str) -> list[str]:
-    """One Celery worker process, prefork disabled: it owns the model and (on a GPU host) one GPU."""
+    """One Celery worker process, prefork disabled: it owns the model and (on a GPU host) one GPU. Its threads
+    prepare jobs for the GPU thread: max_batch of them wait on the running batch while as many load the next."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "-P", "solo", "-c", "1", "-Q", settings.queue, "-n", name, "--loglevel", settings.log_level, "--without-gossip",
-        "--without-mingle",
+        "-P", "threads", "-c", str(2 * settings.max_batch), "-Q", settings.queue, "-n", name,
+        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
     ]
 
 

@@ -153,6 +153,16 @@ class JobStore:
         value = self.redis.hget(job_key(job_id), "status")
         return JobStatus(value) if value else None
 
+    def canceled_among(self, job_ids: list[str]) -> set[str]:
+        """Which of these jobs are canceled: one round trip for a whole batch (the GPU thread asks it)."""
+        if not job_ids:
+            return set()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(job_key(job_id), "status")
+            statuses = pipe.execute()
+        return {job_id for job_id, status in zip(job_ids, statuses, strict=True) if status == JobStatus.CANCELED}
+
     def list_jobs(self, owner: str, status: JobStatus | None, limit: int, before: float | None,
                   scan_limit: int = 1000) -> tuple[list[Job], float | None]:
         """The owner's jobs, newest first, created before `before` (a timestamp), optionally of one status.
@@ -246,6 +256,14 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(worker_key(name), "jobs", 1)
         pipe.hset(worker_key(name), "loads", loads)
+        pipe.execute()
+
+    def count_worker_batch(self, name: str, rows: int) -> None:
+        """One more batch of `rows` jobs decoded together; keeps the count, the rows and the largest batch."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(worker_key(name), "batches", 1)
+        pipe.hincrby(worker_key(name), "batched_jobs", rows)
+        pipe.eval(lua.MAX_FIELD, 1, worker_key(name), "largest_batch", rows)
         pipe.execute()
 
     def worker_info(self, name: str) -> dict[str, object]:

@@ -1,6 +1,7 @@
-"""The worker's Celery app: `celery -A worker.celery_app worker -P solo` (one process per GPU).
+"""The worker's Celery app: `celery -A worker.celery_app worker -P threads -c 2xMAX_BATCH` (one process per GPU).
 
-The model is loaded when the worker process starts (worker_process_init fires under -P solo too), never per job.
+The model is loaded once, when the worker starts (worker_init fires in the worker's one process), together with
+the GPU thread that batches the jobs the task threads prepare (worker/batcher.py).
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import threading
 import time
 
 import redis
-from celery.signals import worker_process_init
+import torch
+from celery.signals import worker_init
 
 from shared.config import get_settings
 from shared.queue import make_celery
 from shared.store import JobStore, connect
+from worker.batcher import Batcher
+from worker.decoding import BatchStats
 from worker.engine import get_engine, load_count
+from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +32,14 @@ settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
 store = JobStore(connect(settings), settings.result_ttl_s)
+runner: JobRunner | None = None  # set once the model is loaded
 
 
-@worker_process_init.connect
+@worker_init.connect
 def load_model(sender=None, **_kwargs) -> None:
-    """Load the model once for this process, publish what was loaded, and start beating."""
-    name = sender or f"worker@{socket.gethostname()}"
+    """Load the model once for this process, start the GPU thread, publish what was loaded, and start beating."""
+    global runner
+    name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
     try:
         engine = get_engine(settings)
     except Exception:
@@ -40,14 +47,32 @@ def load_model(sender=None, **_kwargs) -> None:
         log.exception("could not load %s; the worker stops", settings.model)
         logging.shutdown()
         os._exit(3)
+    batcher = Batcher(engine.decoder, settings.max_batch, settings.batch_wait_ms / 1000, store.canceled_among,
+                      on_batch=batch_recorder(name, engine.device))
+    runner = JobRunner(settings, store, engine, batcher, name)
     store.record_worker(name, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
-                        attention=engine.model.config._attn_implementation,
-                        loads=load_count(), pid=os.getpid())
+                        attention=engine.model.config._attn_implementation, graphs=engine.decoder.use_graphs,
+                        max_batch=settings.max_batch, loads=load_count(), pid=os.getpid())
     threading.Thread(target=beat_forever, args=(name,), name="visionq-heartbeat", daemon=True).start()
 
 
+def batch_recorder(name: str, device: torch.device):
+    """After each batch: count it in the worker's record, with the GPU's peak memory so far."""
+    def record(stats: BatchStats) -> None:
+        log.debug("batch of %d rows (cache %d x %d, graphed %s): prefill %.3f s, %d steps in %.3f s",
+                  stats.rows, stats.cache_rows, stats.cache_length, stats.graphed, stats.prefill_s, stats.steps,
+                  stats.decode_s)
+        try:
+            store.count_worker_batch(name, stats.rows)
+            if device.type == "cuda":
+                store.record_worker(name, gpu_peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2))
+        except redis.RedisError:
+            log.warning("could not record a batch: Redis unreachable")
+    return record
+
+
 def beat_forever(name: str) -> None:
-    """Tell Redis this worker is alive, also while a long job runs (torch releases the GIL)."""
+    """Tell Redis this worker is alive, also while a long batch runs (torch releases the GIL)."""
     while True:
         try:
             store.heartbeat(name)

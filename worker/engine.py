@@ -5,16 +5,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import worker.models.phi3v  # noqa: F401  (registers the native Phi-3-vision port with the Auto classes)
 from shared.config import Settings
 from shared.task_specs import chat_messages, phi3_prompt
+from worker.decoding import Completion, Decoder, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,6 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     inference_ms: float
-
-
-class StopWhen(StoppingCriteria):
-    """Ends generation for every row once a callback says so; checked after each decode step."""
-
-    def __init__(self, should_stop: Callable[[], bool]):
-        self.should_stop = should_stop
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,7 +62,7 @@ def load_count() -> int:
 
 
 class Engine:
-    """Builds prompts, runs the processor and greedy `generate`, and decodes the new tokens."""
+    """Builds prompts, runs the processor, owns the model and its batched greedy decoder, decodes tokens."""
 
     def __init__(self, settings: Settings):
         global _loads
@@ -88,6 +78,10 @@ class Engine:
                                                                                    self.device),
             trust_remote_code=remote,
         ).to(self.device).eval()
+        pad = self.processor.tokenizer.pad_token_id
+        self.decoder = Decoder(self.model, _eos_ids(self.model), pad if pad is not None else 0,
+                               use_graphs=settings.cuda_graphs, kv_budget_bytes=_kv_budget(settings, self.device),
+                               prefill_tokens=settings.prefill_tokens)
         _loads += 1
         log.info("loaded %s on %s (%s) in %.1f s", self.model_id, self.device, self.dtype,
                  time.perf_counter() - started)
@@ -100,33 +94,37 @@ class Engine:
             chat_messages(n_images, question), add_generation_prompt=True, tokenize=False
         )
 
-    def inputs(self, images: list[Image.Image], question: str):
-        """The processor's tensors for one prompt, on the model's device and dtype."""
+    def prepare(self, images: list[Image.Image], question: str, max_new_tokens: int) -> Prompt:
+        """The processor's tensors for one prompt, on the CPU: task threads run this while the GPU is busy."""
         encoded = self.processor(text=self.prompt(len(images), question), images=images, return_tensors="pt")
-        return encoded.to(self.device, dtype=self.dtype)
+        return Prompt(dict(encoded), max_new_tokens)
 
-    @torch.inference_mode()
-    def generate(self, images: list[Image.Image], question: str, max_new_tokens: int,
-                 should_stop: Callable[[], bool] | None = None) -> Generation:
-        """Greedy generation for one job; `should_stop` is asked between decode steps (cancellation)."""
+    def text(self, tokens: list[int]) -> str:
+        return self.processor.decode(tokens, skip_special_tokens=True)
+
+    def generate(self, images: list[Image.Image], question: str, max_new_tokens: int) -> Generation:
+        """Greedy generation for one job, alone (the worker batches jobs through worker.batcher instead)."""
         started = time.perf_counter()
-        inputs = self.inputs(images, question)
-        prompt_len = inputs["input_ids"].shape[1]
-        criteria = StoppingCriteriaList([StopWhen(should_stop)] if should_stop else [])
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     stopping_criteria=criteria)
-        new_tokens = output[0, prompt_len:]
-        text = self.processor.decode(new_tokens, skip_special_tokens=True)
-        return Generation(text, prompt_len, self._completion_length(new_tokens),
-                          (time.perf_counter() - started) * 1000)
+        done: list[Completion] = []
+        self.decoder.generate([self.prepare(images, question, max_new_tokens)], lambda _row, c: done.append(c))
+        return self.generation(done[0], (time.perf_counter() - started) * 1000)
 
-    def _completion_length(self, new_tokens: torch.Tensor) -> int:
-        """Generated tokens up to and including the first end-of-sequence token."""
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos] if eos is not None else [],
-                               device=new_tokens.device)
-        hits = torch.isin(new_tokens, eos_ids).nonzero()
-        return int(hits[0, 0]) + 1 if len(hits) else int(new_tokens.numel())
+    def generation(self, completion: Completion, inference_ms: float) -> Generation:
+        return Generation(self.text(completion.tokens), completion.prompt_tokens, len(completion.tokens),
+                          inference_ms)
+
+
+def _kv_budget(settings: Settings, device: torch.device) -> int:
+    """Bytes for KV caches: a share of the GPU memory left once the weights are in, or a fixed amount on the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * settings.kv_cache_fraction)
+    return settings.cpu_kv_cache_mb * 1024 * 1024
+
+
+def _eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return eos if isinstance(eos, list) else [] if eos is None else [eos]
 
 
 _engine: Engine | None = None

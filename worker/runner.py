@@ -1,10 +1,10 @@
-"""What the worker does with one job: load it, mark it running, fetch images, generate, store the outcome."""
+"""What a task thread does with one job: mark it running, load its images, run the processor, wait for the GPU
+thread to decode it (with others), store the outcome."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image
@@ -12,26 +12,12 @@ from PIL import Image
 from shared.config import Settings
 from shared.errors import InferenceFailed, VisionqError, WorkerLost
 from shared.images import load_image
-from shared.jobs import Job, JobFailure, JobResult, JobStatus, Timings, TokenCounts, utcnow
+from shared.jobs import Job, JobFailure, JobResult, Timings, TokenCounts, utcnow
 from shared.store import JobStore
-from worker.engine import load_count
+from worker.batcher import Batcher
+from worker.engine import Engine, load_count
 
 log = logging.getLogger(__name__)
-
-
-class CancelWatch:
-    """Answers "was this job canceled?" between decode steps, reading Redis at most every `every_s`."""
-
-    def __init__(self, store: JobStore, job_id: str, every_s: float = 0.2):
-        self.store, self.job_id, self.every_s = store, job_id, every_s
-        self._last_check = time.monotonic()
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_check < self.every_s:
-            return False
-        self._last_check = now
-        return self.store.status(self.job_id) == JobStatus.CANCELED
 
 
 @dataclass
@@ -40,7 +26,8 @@ class JobRunner:
 
     settings: Settings
     store: JobStore
-    engine: Callable  # () -> Engine, so that the model is only touched when a job needs it
+    engine: Engine
+    batcher: Batcher
     worker_name: str
 
     def run(self, job_id: str) -> None:
@@ -69,12 +56,18 @@ class JobRunner:
         started = time.perf_counter()
         queue_ms = (utcnow() - job.created_at).total_seconds() * 1000
         images = self._load_images(job)
+        prompt = self.engine.prepare(images, job.question, job.max_new_tokens)
         images_ms = (time.perf_counter() - started) * 1000
-        engine = self.engine()
-        generation = engine.generate(images, job.question, job.max_new_tokens, CancelWatch(self.store, job.id))
+        # Not job_timeout_s: it sizes the redelivery timeout and is no hard limit. By visibility_timeout_s the
+        # message has gone to another worker anyway, so a thread stuck this long is only released.
+        completion = self.batcher.submit(job.id, prompt).result(timeout=self.settings.visibility_timeout_s)
+        if completion.canceled:
+            log.info("job %s was canceled while it ran", job.id)
+            return
+        generation = self.engine.generation(completion, (time.perf_counter() - started) * 1000 - images_ms)
         result = JobResult(
             text=generation.text,
-            model=engine.model_id,
+            model=self.engine.model_id,
             tokens=TokenCounts(prompt=generation.prompt_tokens, completion=generation.completion_tokens),
             timings=Timings(queue_ms=round(queue_ms, 3), images_ms=round(images_ms, 3),
                             inference_ms=round(generation.inference_ms, 3)),

@@ -1,4 +1,4 @@
-"""A worker killed mid-job: the job is redelivered and ends in exactly one terminal state, never two."""
+"""A worker killed mid-batch: its unfinished jobs are redelivered and each ends in exactly one terminal state."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from shared.launcher import Stack
 from shared.store import JobStore, connect
 from tests.conftest import settings_env
 
-# Jobs long enough to kill mid-run on the tiny model; abandoned ones are redelivered after 3 s.
-FAULT_ENV = {"VISIONQ_JOB_TIMEOUT_S": "2", "VISIONQ_VISIBILITY_TIMEOUT_S": "3", "VISIONQ_RESTORE_INTERVAL_S": "1",
-             "VISIONQ_MAX_ATTEMPTS": "2", "VISIONQ_QUEUE": "visionq-faults"}
+# Jobs long enough to kill mid-run on the tiny model, short enough to end before their message is redelivered;
+# abandoned ones are redelivered after 6 s.
+FAULT_ENV = {"VISIONQ_JOB_TIMEOUT_S": "5", "VISIONQ_VISIBILITY_TIMEOUT_S": "6", "VISIONQ_RESTORE_INTERVAL_S": "1",
+             "VISIONQ_MAX_ATTEMPTS": "2", "VISIONQ_QUEUE": "visionq-faults",
+             "VISIONQ_MAX_NEW_TOKENS_LIMIT": "1200"}
+LONG = 1200  # tokens: a second or two on the tiny model, unless a row meets its end-of-sequence token first
 
 
 @pytest.fixture(scope="module")
@@ -34,31 +37,47 @@ def wait_for_attempt(store: JobStore, job_id: str, attempt: int, timeout_s: floa
         time.sleep(0.02)
 
 
-def kill_worker_mid_job(stack: Stack, store: JobStore, job_id: str, attempt: int = 1) -> None:
-    wait_for_attempt(store, job_id, attempt)
+def kill_worker_mid_job(stack: Stack, store: JobStore, job_id: str | None = None, attempt: int = 1) -> None:
+    if job_id:
+        wait_for_attempt(store, job_id, attempt)
     stack.stop_process("worker", signal.SIGKILL)
-    assert store.get(job_id).status.value == "running"
+    if job_id:
+        assert store.get(job_id).status.value == "running"
     stack.start_worker()
     stack.wait_for_worker(stack.worker_name, timeout_s=60)
 
 
-def test_job_of_a_killed_worker_is_run_again_and_succeeds_once(fault_stack, settings):
+def test_worker_killed_mid_batch_leaves_each_unfinished_job_to_run_again_once(fault_stack, settings):
     store = JobStore(connect(settings), settings.result_ttl_s)
     client = Client(fault_stack.api_url, key=fault_stack.api_key)
-    long_job = client.submit("describe", ["bar_chart.png"], max_new_tokens=1024)
-    queued_behind = client.submit("ocr", ["book_cover.png"], max_new_tokens=8)
-    kill_worker_mid_job(fault_stack, store, long_job["id"])
-    finished = client.wait(long_job["id"], timeout_s=120)
-    assert finished["status"] == "succeeded"
-    assert finished["attempts"] == 2
-    behind = client.wait(queued_behind["id"], timeout_s=60)
-    assert behind["status"] == "succeeded" and behind["attempts"] == 1
+    long_jobs = [client.submit("describe", ["bar_chart.png"], question=f"Describe part {i}.", max_new_tokens=LONG)
+                 for i in range(6)]
+    short_jobs = [client.submit("ocr", ["book_cover.png"], max_new_tokens=4) for _ in range(2)]
+    # The short rows end first and are stored and acknowledged while their batch still decodes the long ones.
+    short_done = [client.wait(job["id"], timeout_s=30) for job in short_jobs]
+    for job in long_jobs:
+        wait_for_attempt(store, job["id"], 1)
+    fault_stack.stop_process("worker", signal.SIGKILL)
+    # Rows end at their own end-of-sequence token too: those that were still running are the interrupted ones.
+    interrupted = {job["id"] for job in long_jobs if store.status(job["id"]).value == "running"}
+    assert interrupted, "every long row had ended before the kill"
+    kill_worker_mid_job(fault_stack, store)  # the worker is down already: this restarts it
+    for job in long_jobs:
+        finished = client.wait(job["id"], timeout_s=120)
+        assert finished["status"] == "succeeded", finished
+        assert finished["attempts"] == (2 if job["id"] in interrupted else 1)  # interrupted runs again, once
+    for job in short_done:
+        assert job["status"] == "succeeded"
+        again = client.get(job["id"])
+        assert again["attempts"] == 1 and again["finished_at"] == job["finished_at"]  # never run a second time
+    info = store.worker_info(fault_stack.worker_name)
+    assert info["largest_batch"] >= 2, info  # the killed batch held more than one job
 
 
 def test_job_that_keeps_killing_its_worker_fails_as_worker_lost(fault_stack, settings):
     store = JobStore(connect(settings), settings.result_ttl_s)
     client = Client(fault_stack.api_url, key=fault_stack.api_key)
-    job = client.submit("describe", ["street_night.png"], max_new_tokens=1024)
+    job = client.submit("describe", ["street_night.png"], max_new_tokens=LONG)
     kill_worker_mid_job(fault_stack, store, job["id"], attempt=1)
     kill_worker_mid_job(fault_stack, store, job["id"], attempt=2)  # the second run dies too
     finished = client.wait(job["id"], timeout_s=60)

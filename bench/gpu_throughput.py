@@ -1,0 +1,248 @@
+"""GPU throughput of visionq against the seed loop and plain batched `generate`, measured in the same run.
+
+    python -m bench.gpu_throughput --num-crops 4 [--jobs 256] [--caps 1,16,64,128] [--gpus 0]
+
+Workload: Phi-3-vision of the real shape with random weights (tests/data/phi3_vision_128k_config.json: Phi-3-mini
+decoder, hidden 3072, 32 layers; CLIP ViT-L/14-336), bf16, SDPA, describe jobs on one 336x336 image, greedy,
+128 new tokens forced (the saved generation config has no end-of-sequence token, so every job does the same
+work). Baselines, in this process: the seed loop (one `generate` per job, dynamic cache) and plain batched
+`generate` (one call per batch). visionq: the real path, through HTTP API (gunicorn) -> Redis -> GPU worker(s) ->
+Redis, with `--jobs` queued at once, at each batch cap (VISIONQ_MAX_BATCH); then the latency of one job alone on
+an idle worker. jobs/s counts from the first submit to the last job stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from bench.phi3v_gpu import CONFIG, build_and_save, image, synced
+from shared.client import Client
+from shared.config import Settings
+from shared.embedded_redis import free_port
+from shared.jobs import JobStatus
+from shared.launcher import Stack
+from shared.store import JobStore
+from shared.task_specs import phi3_prompt
+
+QUESTION = "Describe this image in detail."
+
+
+def build_model(folder: Path, num_crops: int) -> None:
+    """Random real-shape weights, the Phi-3-V processor at `num_crops`, and no end-of-sequence token."""
+    from transformers import GenerationConfig
+
+    from worker.models.phi3v import Phi3VImageProcessor, Phi3VProcessor
+    from worker.tiny_model import build_phi3v_tokenizer
+
+    print(f"build + save_pretrained: {build_and_save(folder, CONFIG, 'cuda'):.1f} s", flush=True)
+    Phi3VProcessor(Phi3VImageProcessor(num_crops=num_crops), build_phi3v_tokenizer()).save_pretrained(folder)
+    config = GenerationConfig.from_pretrained(folder)
+    config.eos_token_id = None
+    config.save_pretrained(folder)
+
+
+def baselines(folder: Path, jobs: int, seed_jobs: int, batches: list[int], new_tokens: int) -> float:
+    """The seed loop and plain batched generate; returns the seed loop's jobs/s (the ratios' denominator)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.to("cuda").eval()
+    text = phi3_prompt(1, QUESTION)
+    images = [image(336, 336, seed=i) for i in range(max(batches + [seed_jobs]))]
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+
+    def generate(count: int, model=model) -> float:
+        inputs = processor(text=[text] * count if count > 1 else text, images=images[:count], return_tensors="pt")
+        inputs = inputs.to("cuda", torch.bfloat16)
+        started = synced()
+        with torch.inference_mode():
+            out = model.generate(**inputs, **kwargs)
+        assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
+        return synced() - started
+
+    generate(1)  # warm-up
+    seed_s = [generate(1) for _ in range(seed_jobs)]
+    seed_rate = seed_jobs / sum(seed_s)
+    print(f"seed loop (one generate per job, {seed_jobs} jobs): {seed_rate:.2f} jobs/s, "
+          f"{statistics.median(seed_s):.2f} s a job", flush=True)
+    for batch in batches:
+        seconds = generate(batch)
+        print(f"plain batched generate, batch {batch}: {batch / seconds:.2f} jobs/s "
+              f"({batch / seconds / seed_rate:.1f}x seed loop)", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return seed_rate
+
+
+class GpuSampler:
+    """nvidia-smi every 0.2 s: mean utilisation and peak memory of the given GPUs while a run lasts."""
+
+    def __init__(self, gpus: str):
+        self.gpus, self.util, self.memory, self.running = gpus, [], [], True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc):
+        self.running = False
+        self.thread.join()
+
+    def _sample(self) -> None:
+        while self.running:
+            try:
+                out = subprocess.run(["nvidia-smi", "-i", self.gpus, "--query-gpu=utilization.gpu,memory.used",
+                                      "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+                for line in out.stdout.strip().splitlines():
+                    util, memory = (float(x) for x in line.split(","))
+                    self.util.append(util)
+                    self.memory.append(memory)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                return
+            time.sleep(0.2)
+
+    def summary(self) -> str:
+        if not self.util:
+            return "GPU util n/a"
+        return f"GPU util mean {statistics.mean(self.util):.0f}%, memory peak {max(self.memory) / 1024:.1f} GiB"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_jobs(client: Client, store: JobStore, count: int, new_tokens: int, images: list[str]) -> dict:
+    """Queue `count` jobs at once and wait for all; jobs/s, latency percentiles, and how many ran twice."""
+    started = time.perf_counter()
+    ids = [client.submit("describe", [images[i % len(images)]], max_new_tokens=new_tokens)["id"]
+           for i in range(count)]
+    submitted = time.perf_counter() - started
+    pending = set(ids)
+    while pending:
+        time.sleep(0.02)
+        pending = {job_id for job_id in pending if not store.status(job_id).is_terminal()}
+    elapsed = time.perf_counter() - started
+    jobs = [store.get(job_id) for job_id in ids]
+    bad = [job for job in jobs if job.status != JobStatus.SUCCEEDED or job.result.tokens.completion != new_tokens]
+    latencies = [(job.finished_at - job.created_at).total_seconds() for job in jobs]
+    return {"jobs_s": count / elapsed, "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95),
+            "elapsed": elapsed, "submit_s": submitted, "bad": len(bad), "twice": sum(job.attempts > 1 for job in jobs),
+            "first_bad": bad[0].model_dump(mode="json") if bad else None}
+
+
+def start_workers(stack: Stack, gpus: list[str], cap: int) -> list[str]:
+    """One worker process per GPU, pinned with CUDA_VISIBLE_DEVICES, as the launcher runs them."""
+    from shared.launcher import worker_command
+
+    names = []
+    for gpu in gpus:
+        name = f"gpu{gpu}@bench"
+        env = {**stack.extra_env, "CUDA_VISIBLE_DEVICES": gpu, "VISIONQ_MAX_BATCH": str(cap)}
+        settings = stack.settings.model_copy(update={"max_batch": cap})
+        log = open(stack.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        stack.processes[name] = subprocess.Popen(worker_command(settings, name), stdout=log, stderr=subprocess.STDOUT,
+                                                 env={**os.environ, **env, "VISIONQ_REDIS_URL": stack.redis_url})
+        names.append(name)
+    for name in names:
+        deadline = time.monotonic() + 300
+        while not JobStore(stack.redis_client(), 60).worker_info(name).get("loads"):
+            if stack.processes[name].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; see {stack.log_dir / (name + '.log')}")
+            time.sleep(0.2)
+    return names
+
+
+def stop_workers(stack: Stack, names: list[str]) -> None:
+    for name in names:
+        stack.stop_process(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-crops", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=256)
+    parser.add_argument("--caps", default="1,16,64,128")
+    parser.add_argument("--gpus", default="0", help="comma-separated; one worker per GPU (a row per prefix: 1, 2, ...)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--seed-jobs", type=int, default=2)
+    parser.add_argument("--generate-batches", default="16,64")
+    parser.add_argument("--dir", default="")
+    parser.add_argument("--model", default="", help="an existing model folder (e.g. a tiny one for a CPU dry run)")
+    args = parser.parse_args()
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="visionq-bench-"))
+    model_dir, image_dir = Path(args.model) if args.model else work / "model", work / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(16):
+        image(336, 336, seed=1000 + i).save(image_dir / f"img{i}.png")
+        images.append(f"img{i}.png")
+    device = f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    print(f"device: {device}, torch {torch.__version__}, "
+          f"workload: Phi-3-vision real shape, random bf16 weights, SDPA, describe on one 336x336 image, "
+          f"num_crops={args.num_crops}, {args.new_tokens} new tokens forced, greedy", flush=True)
+    if not (model_dir / "config.json").exists():
+        build_model(model_dir, args.num_crops)
+    batches = [int(b) for b in args.generate_batches.split(",") if b]
+    seed_rate = baselines(model_dir, args.jobs, args.seed_jobs, batches, args.new_tokens) if args.seed_jobs else None
+
+    settings = Settings(model=str(model_dir), image_root=image_dir, data_dir=work / "data", queue="bench",
+                        api_port=free_port(), max_new_tokens_limit=max(1024, args.new_tokens))
+    env = {"VISIONQ_MODEL": str(model_dir), "VISIONQ_IMAGE_ROOT": str(image_dir), "VISIONQ_QUEUE": "bench",
+           "VISIONQ_DATA_DIR": str(work / "data"), "VISIONQ_RATE_PER_S": "100000", "VISIONQ_RATE_BURST": "100000"}
+    gpus = args.gpus.split(",")
+    with Stack(settings, env=env, api_port=settings.api_port, log_dir=work / "logs", worker=False) as stack:
+        client = Client(stack.api_url, key=stack.api_key, timeout_s=120)
+        store = JobStore(stack.redis_client(), 3600)
+        for cap in [int(c) for c in args.caps.split(",")]:
+            for count in range(1, len(gpus) + 1):
+                names = start_workers(stack, gpus[:count], cap)
+                jobs = max(16, min(args.jobs, 4 * cap)) * count
+                run_jobs(client, store, min(jobs, cap * count), args.new_tokens, images)  # capture this cap's graphs
+                with GpuSampler(",".join(gpus[:count])) as sampler:
+                    result = run_jobs(client, store, jobs, args.new_tokens, images)
+                infos = [store.worker_info(name) for name in names]
+                ratio = f", {result['jobs_s'] / seed_rate:.0f}x seed loop" if seed_rate else ""
+                print(f"visionq cap {cap:>3}, {count} GPU worker(s), {jobs} jobs: "
+                      f"{result['jobs_s']:.2f} jobs/s{ratio}; "
+                      f"latency p50 {result['p50']:.2f} s, p95 {result['p95']:.2f} s; {sampler.summary()}; "
+                      f"largest batch {max(int(i.get('largest_batch', 0)) for i in infos)}, "
+                      f"worker peak {max(float(i.get('gpu_peak_gib', 0)) for i in infos):.1f} GiB; "
+                      f"submit {result['submit_s']:.2f} s; not succeeded with {args.new_tokens} tokens: "
+                      f"{result['bad']}, ran twice: {result['twice']}", flush=True)
+                if result["first_bad"]:
+                    print("  first bad job:", json.dumps(result["first_bad"])[:400])
+                if count == 1 and cap == max(int(c) for c in args.caps.split(",")):
+                    idle_latency(client, images, args.new_tokens)
+                stop_workers(stack, names)
+
+
+def idle_latency(client: Client, images: list[str], new_tokens: int) -> None:
+    """One job at a time on an idle worker, client-side from submit to result (?wait)."""
+    seconds = []
+    for i in range(4):
+        started = time.perf_counter()
+        job = client.submit("describe", [images[i]], max_new_tokens=new_tokens)
+        done = client.wait(job["id"], timeout_s=60)
+        assert done["status"] == "succeeded", done
+        seconds.append(time.perf_counter() - started)
+    print(f"idle single job, {new_tokens} tokens, submit to result: first {seconds[0]:.2f} s (captures the batch-1 "
+          f"graph), then {', '.join(f'{s:.2f}' for s in seconds[1:])} s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The batched decoder against transformers' own greedy `generate`, one prompt at a time, on both tiny models.
+
+On the CPU (fp32) every row of a batch must equal its unbatched `generate` token for token: left padding, the
+static cache, the 4-D mask and per-row positions change nothing. The CUDA tests (they skip without a GPU) check
+the captured graphs: fp32 graphed batches equal unbatched `generate` on every token; in bf16 a graph replay equals
+the same batch run eagerly on every token, while batched and unbatched bf16 runs are only compared on the first
+token (differently shaped bf16 matmuls round differently, which flips near-ties of random weights' flat logits).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import worker.models.phi3v  # noqa: F401  (Auto registration)
+from shared.task_specs import phi3_prompt
+from tests.images import random_image
+from worker.decoding import Decoder, Prompt, collate, length_bucket, row_bucket
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs and bf16 kernels")
+QUESTIONS = ["Describe this image in detail.", "What is the difference between these images?",
+             "Extract all the text in this image, in reading order, with every line and every number on it."]
+
+
+@pytest.fixture(scope="module", params=["llava", "phi3v"])
+def tiny(request, tmp_path_factory):
+    from worker.tiny_model import build_tiny_model, build_tiny_phi3v
+
+    build = build_tiny_model if request.param == "llava" else build_tiny_phi3v
+    path = build(tmp_path_factory.mktemp(request.param) / "model")
+    return request.param, path, AutoProcessor.from_pretrained(path)
+
+
+def prompt_text(arch: str, n_images: int, question: str) -> str:
+    if arch == "phi3v":
+        return phi3_prompt(n_images, question)
+    return "<|user|>\n" + "<image>\n" * n_images + question + "<|end|>\n<|assistant|>\n"
+
+
+def jobs(arch: str, count: int = 5) -> list[tuple[str, list[Image.Image], int]]:
+    """Prompts of different lengths, one or two images each, and different max_new_tokens."""
+    out = []
+    for i in range(count):
+        n_images = 2 if i % 3 == 1 else 1
+        images = [random_image(40 + 8 * i + k, 48, seed=10 * i + k) for k in range(n_images)]
+        out.append((prompt_text(arch, n_images, QUESTIONS[i % 3]), images, 6 + 4 * i))
+    return out
+
+
+def load(path, device: str, dtype: torch.dtype):
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def unbatched(model, processor, job) -> list[int]:
+    text, images, max_new = job
+    inputs = processor(text=text, images=images, return_tensors="pt").to(model.device, dtype=model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def decoder_for(model, processor, use_graphs: bool) -> Decoder:
+    eos = model.generation_config.eos_token_id
+    return Decoder(model, [eos], processor.tokenizer.pad_token_id, use_graphs=use_graphs, kv_budget_bytes=1 << 30)
+
+
+def batched(decoder: Decoder, processor, batch, canceled=lambda: set()) -> dict[int, list[int]]:
+    prompts = [Prompt(dict(processor(text=t, images=im, return_tensors="pt")), m) for t, im, m in batch]
+    done: dict[int, list[int]] = {}
+    decoder.generate(prompts, lambda row, completion: done.__setitem__(row, completion.tokens), canceled)
+    return done
+
+
+def test_every_row_of_a_batch_equals_its_unbatched_generate(tiny):
+    arch, path, processor = tiny
+    torch.manual_seed(0)
+    model = load(path, "cpu", torch.float32)
+    batch = jobs(arch)
+    got = batched(decoder_for(model, processor, use_graphs=False), processor, batch)
+    assert sorted(got) == list(range(len(batch)))
+    for row, job in enumerate(batch):
+        assert got[row] == unbatched(model, processor, job), f"row {row}"
+        assert len(got[row]) <= job[2]
+
+
+def test_a_reused_slot_gives_the_same_tokens_as_a_fresh_one(tiny):
+    arch, path, processor = tiny
+    model = load(path, "cpu", torch.float32)
+    decoder = decoder_for(model, processor, use_graphs=False)
+    batch = jobs(arch, 3)
+    first = batched(decoder, processor, batch)
+    assert len(decoder.slots) == 1
+    assert batched(decoder, processor, batch) == first  # the slot's buffers were reset, not carried over
+
+
+def test_a_canceled_row_ends_early_and_the_others_go_on(tiny):
+    arch, path, processor = tiny
+    model = load(path, "cpu", torch.float32)
+    batch = [(text, images, 40) for text, images, _ in jobs(arch, 3)]
+    calls = []
+
+    def cancel_row_one() -> set[int]:
+        calls.append(1)
+        return {1} if len(calls) >= 2 else set()
+
+    got = batched(decoder_for(model, processor, use_graphs=False), processor, batch, cancel_row_one)
+    assert len(got[1]) < 40
+    for row in (0, 2):
+        assert got[row] == unbatched(model, processor, batch[row])
+
+
+def test_collate_left_pads_tokens_and_stacks_images():
+    one = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+           "pixel_values": torch.ones(1, 2, 3)}
+    two = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+           "pixel_values": torch.ones(2, 3, 3)}
+    batch = collate([one, two], 3, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["pixel_values"].shape == (3, 3, 3)
+    assert batch["pixel_values"][0, 2].abs().sum() == 0  # the shorter image tensor is zero-padded
+
+
+def test_buckets_round_up():
+    assert [row_bucket(n) for n in (1, 3, 17, 100)] == [1, 4, 24, 128]
+    assert [length_bucket(n) for n in (1, 64, 65)] == [64, 64, 128]
+
+
+@CUDA
+def test_cuda_graphed_batches_equal_unbatched_generate_in_fp32(tiny):
+    arch, path, processor = tiny
+    model = load(path, "cuda", torch.float32)
+    decoder = decoder_for(model, processor, use_graphs=True)
+    batch = jobs(arch)
+    got = batched(decoder, processor, batch)
+    assert all(slot.graph is not None for slot in decoder.slots.values())
+    for row, job in enumerate(batch):
+        assert got[row] == unbatched(model, processor, job), f"row {row}"
+
+
+@CUDA
+def test_cuda_graph_replay_equals_eager_steps_in_bf16(tiny):
+    arch, path, processor = tiny
+    model = load(path, "cuda", torch.bfloat16)
+    batch = jobs(arch)
+    graphed_decoder = decoder_for(model, processor, use_graphs=True)
+    graphed = batched(graphed_decoder, processor, batch)
+    assert all(slot.graph is not None for slot in graphed_decoder.slots.values())
+    assert graphed == batched(decoder_for(model, processor, use_graphs=False), processor, batch)
+    firsts = [unbatched(model, processor, job)[0] for job in batch]
+    assert [graphed[row][0] for row in range(len(batch))] == firsts

@@ -1,0 +1,120 @@
+"""Micro-batching: task threads hand prepared prompts to one GPU thread, which decodes them in batches.
+
+Celery runs the worker with a threads pool of 2 x max_batch: each task thread loads its job's images and runs the
+processor (CPU work that overlaps the GPU), then waits here for its own completion. The GPU thread takes whatever
+is waiting, up to `max_batch` rows (and what fits the KV budget), waiting at most `batch_wait_ms` for more, and
+resolves each job's future as soon as that row ends. A message is acknowledged only when its task returns, after
+the result is stored, so a worker killed mid-batch leaves every unfinished job to be redelivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from worker.decoding import BatchStats, Completion, Decoder, Prompt
+
+log = logging.getLogger(__name__)
+
+CANCEL_POLL_S = 0.2
+
+
+@dataclass
+class Ticket:
+    """One job waiting for the GPU."""
+
+    job_id: str
+    prompt: Prompt
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Owns the decoder; everything that touches the GPU happens on its one thread."""
+
+    def __init__(self, decoder: Decoder, max_batch: int, wait_s: float,
+                 canceled: Callable[[list[str]], set[str]] = lambda ids: set(),
+                 on_batch: Callable[[BatchStats], None] = lambda stats: None):
+        self.decoder, self.max_batch, self.wait_s = decoder, max_batch, wait_s
+        self.canceled, self.on_batch = canceled, on_batch
+        self.waiting: queue.Queue[Ticket] = queue.Queue()
+        self.held: Ticket | None = None  # a ticket that did not fit the last batch goes first in the next
+        self.thread = threading.Thread(target=self._loop, name="visionq-gpu", daemon=True)
+        self.thread.start()
+
+    def submit(self, job_id: str, prompt: Prompt) -> Future:
+        """Queue one prompt; the future gets its Completion (or the exception that ended its batch)."""
+        ticket = Ticket(job_id, prompt)
+        self.waiting.put(ticket)
+        return ticket.future
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._collect()
+            try:
+                self._run(batch)
+            except BaseException:  # the GPU thread must outlive any batch
+                log.exception("batch of %d failed outside its jobs", len(batch))
+
+    def _collect(self) -> list[Ticket]:
+        """Block for one ticket, then take more until max_batch, the KV budget or the wait runs out."""
+        first, self.held = self.held or self.waiting.get(), None
+        batch, deadline = [first], time.monotonic() + self.wait_s
+        longest = first.prompt.length + first.prompt.max_new_tokens
+        while len(batch) < self.max_batch:
+            try:
+                ticket = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            need = max(longest, ticket.prompt.length + ticket.prompt.max_new_tokens)
+            if len(batch) + 1 > self.decoder.max_rows(need):
+                self.held = ticket
+                break
+            batch.append(ticket)
+            longest = need
+        return batch
+
+    def _run(self, batch: list[Ticket]) -> None:
+        try:
+            stats = self.decoder.generate([t.prompt for t in batch], self._resolver(batch), self._canceled_rows(batch))
+        except Exception as exc:
+            if len(batch) == 1:
+                _fail(batch[0], exc)
+                return
+            # One bad prompt must not fail its neighbours: run them one by one to find it.
+            log.warning("batch of %d failed (%s); running its jobs alone", len(batch), exc)
+            for ticket in batch:
+                if not ticket.future.done():
+                    self._run([ticket])
+            return
+        stats.extra["oldest_wait_s"] = time.monotonic() - min(t.queued_at for t in batch)
+        self.on_batch(stats)
+
+    @staticmethod
+    def _resolver(batch: list[Ticket]) -> Callable[[int, Completion], None]:
+        def resolve(row: int, completion: Completion) -> None:
+            if not batch[row].future.done():
+                batch[row].future.set_result(completion)
+        return resolve
+
+    def _canceled_rows(self, batch: list[Ticket]) -> Callable[[], set[int]]:
+        """Rows whose job was canceled, asking the store at most every CANCEL_POLL_S."""
+        last = [time.monotonic()]
+
+        def canceled() -> set[int]:
+            if time.monotonic() - last[0] < CANCEL_POLL_S:
+                return set()
+            last[0] = time.monotonic()
+            ids = self.canceled([t.job_id for t in batch if not t.future.done()])
+            return {row for row, t in enumerate(batch) if t.job_id in ids}
+        return canceled
+
+
+def _fail(ticket: Ticket, exc: BaseException) -> None:
+    if not ticket.future.done():
+        ticket.future.set_exception(exc)

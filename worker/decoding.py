@@ -1,0 +1,356 @@
+"""Greedy decoding of many prompts at once: a batched prefill, then a decode loop over a preallocated KV cache.
+
+The decode step has fixed shapes and keeps all of its state in tensors (the next token, each row's position, the
+write slot, the attention mask), so on CUDA it is captured once per (rows, length) bucket in a CUDA graph and
+replayed: an eager Phi-3 step is bound by kernel launches (~45 ms), a replay is not. On the CPU the same step runs
+eagerly, so the tests exercise everything but the capture.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+log = logging.getLogger(__name__)
+
+LENGTH_STEP = 64  # cache lengths are rounded up to this, so that nearby prompt lengths share one graph
+ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+SYNC_EVERY = 8  # decode steps between looks at the produced tokens (end of sequence, cancellation)
+
+
+def _cache_keyword() -> str:
+    """transformers 5.x renames the forward's `past_key_values` to `cache`; pass whichever this version takes."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+CACHE_KW = _cache_keyword()
+
+
+@dataclass
+class Prompt:
+    """One job's processor output (batch of one, on the CPU) and how many tokens it may generate."""
+
+    inputs: dict[str, torch.Tensor]
+    max_new_tokens: int
+
+    @property
+    def length(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+
+@dataclass
+class Completion:
+    """What one row produced: its new tokens, up to and including an end-of-sequence token."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    canceled: bool = False
+
+
+@dataclass
+class BatchStats:
+    rows: int
+    cache_rows: int
+    cache_length: int
+    graphed: bool
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class StaticKV:
+    """A preallocated KV cache, one [rows, heads, length, head_dim] pair per layer.
+
+    It quacks like transformers' Cache for a decode step: attention layers call `update`, which writes the new
+    token's keys and values at `position` (a device tensor, so a captured graph advances it) and returns the
+    whole buffers; the 4-D attention mask we pass hides the slots that are padding or not written yet.
+    """
+
+    def __init__(self, like: DynamicCache, rows: int, length: int):
+        self.keys = [torch.zeros(**_with_rows_length(layer.keys, rows, length)) for layer in like.layers]
+        self.values = [torch.zeros(**_with_rows_length(layer.values, rows, length)) for layer in like.layers]
+        self.position = torch.zeros((), dtype=torch.long, device=self.keys[0].device)
+        self.rows, self.length = rows, length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
+        slot = self.position.view(1)
+        self.keys[layer_idx].index_copy_(2, slot, key_states)
+        self.values[layer_idx].index_copy_(2, slot, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor:
+        return self.position
+
+    def load_prefill(self, first_row: int, prefill: DynamicCache) -> None:
+        """Copy a prefill's keys and values (rows first_row.., slots 0..L-1) into the buffers."""
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
+            source = prefill.layers[layer]
+            rows, length = source.keys.shape[0], source.keys.shape[2]
+            keys[first_row:first_row + rows, :, :length].copy_(source.keys)
+            values[first_row:first_row + rows, :, :length].copy_(source.values)
+
+
+def _with_rows_length(like: torch.Tensor, rows: int, length: int) -> dict:
+    heads, dim = like.shape[1], like.shape[3]
+    return {"size": (rows, heads, length, dim), "dtype": like.dtype, "device": like.device}
+
+
+class DecodeSlot:
+    """The buffers of one (rows, length) bucket and its decode step, captured in a CUDA graph when possible."""
+
+    def __init__(self, model, kv: StaticKV, steps: int):
+        self.model, self.kv = model, kv
+        self.embed = model.get_input_embeddings()
+        device = kv.position.device
+        self.tokens = torch.zeros((kv.rows, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((kv.rows, 1), dtype=torch.long, device=device)
+        self.mask = torch.zeros((kv.rows, 1, 1, kv.length), dtype=torch.bool, device=device)
+        self.step_index = torch.zeros((), dtype=torch.long, device=device)
+        self.history = torch.zeros((kv.rows, steps), dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def step(self) -> None:
+        """One decode step for every row, all state in place: the graph replays exactly this."""
+        self.mask.index_fill_(3, self.kv.position.view(1), True)
+        out = self.model(inputs_embeds=self.embed(self.tokens), attention_mask=self.mask, position_ids=self.positions,
+                         use_cache=True, logits_to_keep=1, **{CACHE_KW: self.kv})
+        next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.tokens.copy_(next_tokens)
+        self.step_index.add_(1)
+        self.history.index_copy_(1, self.step_index.view(1), next_tokens)
+        self.kv.position.add_(1)
+        self.positions.add_(1)
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
+
+    def capture(self, pool=None) -> None:
+        """Warm up on a side stream, then record one step; the state it scribbles on is reset per batch."""
+        self.mask[:, :, :, 0] = True
+        with _static_rope(self.model):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.step()
+        self.graph = graph
+
+    def reset(self, prompt_length: int) -> None:
+        self.kv.position.fill_(prompt_length)
+        self.step_index.zero_()
+        self.mask.zero_()
+        self.mask[:, :, :, 0] = True  # rows that are padding attend to something, so no row is all -inf
+        self.tokens.zero_()
+        self.positions.zero_()
+
+
+class _static_rope:
+    """Within the block, rotary embeddings skip transformers' dynamic frequency update (long-RoPE, dynamic NTK):
+    it compares a tensor in Python, which a CUDA graph cannot capture. Graphs are only used for lengths where the
+    frequencies the update would pick cannot change (see `Decoder.graphable`)."""
+
+    def __init__(self, model):
+        self.modules = [m for m in model.modules() if hasattr(type(m).forward, "__wrapped__")
+                        and "rotary" in type(m).__name__.lower()]
+
+    def __enter__(self):
+        for module in self.modules:
+            # Under both decorators (no_grad, dynamic_rope_update); the decode runs in inference mode anyway.
+            module.forward = types.MethodType(inspect.unwrap(type(module).forward), module)
+
+    def __exit__(self, *_exc):
+        for module in self.modules:
+            del module.forward
+
+
+def row_bucket(rows: int) -> int:
+    return next((bucket for bucket in ROW_BUCKETS if bucket >= rows), rows)
+
+
+def length_bucket(length: int) -> int:
+    return -(-length // LENGTH_STEP) * LENGTH_STEP
+
+
+class Decoder:
+    """Runs batches of prompts through one model: prefill in chunks, then the decode loop on a cached slot."""
+
+    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, *, use_graphs: bool, kv_budget_bytes: int,
+                 prefill_tokens: int = 16384):
+        self.model, self.pad_id = model, pad_id
+        self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.kv_budget_bytes = kv_budget_bytes
+        self.prefill_tokens = prefill_tokens
+        self.slots: OrderedDict[tuple[int, int], DecodeSlot] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.kv_bytes_per_token: int | None = None  # learnt from the first prefill
+
+    def max_rows(self, length: int) -> int:
+        """How many rows of this total length fit in the KV budget (unknown until the first prefill)."""
+        if self.kv_bytes_per_token is None:
+            return ROW_BUCKETS[-1]
+        return max(1, self.kv_budget_bytes // (self.kv_bytes_per_token * length_bucket(length)))
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt], on_done: Callable[[int, Completion], None],
+                 canceled: Callable[[], set[int]] = lambda: set()) -> BatchStats:
+        """Greedy-decode every prompt; `on_done(i, completion)` fires as each row ends (the rest go on)."""
+        prompt_length = max(p.length for p in prompts)
+        steps = max(p.max_new_tokens for p in prompts)
+        length = length_bucket(prompt_length + steps)
+        started = time.perf_counter()
+        slot, first = self._prefill(prompts, prompt_length, length, steps)
+        stats = BatchStats(len(prompts), slot.kv.rows, length, slot.graph is not None,
+                           prefill_s=time.perf_counter() - started)
+        stats.steps = self._decode(slot, prompts, first, on_done, canceled)
+        stats.decode_s = time.perf_counter() - started - stats.prefill_s
+        return stats
+
+    def _prefill(self, prompts, prompt_length: int, length: int, steps: int) -> tuple[DecodeSlot, torch.Tensor]:
+        slot = None
+        first = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        for start, chunk in self._chunks(prompts, prompt_length):
+            inputs = collate([p.inputs for p in chunk], prompt_length, self.pad_id)
+            inputs = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)
+                      for k, v in inputs.items()}
+            mask = inputs["attention_mask"]
+            cache = DynamicCache()
+            out = self.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
+                             logits_to_keep=1, **{CACHE_KW: cache})
+            if slot is None:
+                slot = self._slot(cache, len(prompts), length, steps)
+                slot.reset(prompt_length)
+            slot.kv.load_prefill(start, cache)
+            rows = slice(start, start + len(chunk))
+            slot.mask[rows, 0, 0, :prompt_length] = mask.bool()
+            slot.positions[rows, 0] = mask.sum(-1)
+            first[rows] = out.logits[:, -1].argmax(-1)
+            del cache, out
+        slot.tokens[:len(prompts), 0] = first
+        slot.history[:len(prompts), 0] = first
+        return slot, first
+
+    def _chunks(self, prompts, prompt_length: int):
+        """Rows in groups of at most `prefill_tokens` padded tokens: bounds the prefill's activations."""
+        rows = max(1, self.prefill_tokens // prompt_length)
+        for start in range(0, len(prompts), rows):
+            yield start, prompts[start:start + rows]
+
+    def _decode(self, slot: DecodeSlot, prompts, first, on_done, canceled) -> int:
+        eos = self.eos_ids.to(self.device)
+        open_rows = set(range(len(prompts)))
+        limit = max(p.max_new_tokens for p in prompts)
+        produced = 1  # the prefill gave each row its first token
+        while True:
+            if produced % SYNC_EVERY == 0 or produced >= limit:
+                self._settle(slot, prompts, produced, open_rows, eos, on_done, canceled())
+            if not open_rows or produced >= limit:
+                return produced - 1
+            slot.run()
+            produced += 1
+
+    def _settle(self, slot, prompts, produced: int, open_rows: set[int], eos, on_done, canceled: set[int]) -> None:
+        """Hand back every row that has ended: end-of-sequence, its own max_new_tokens, or canceled."""
+        history = slot.history[:len(prompts), :produced]
+        hits = torch.isin(history, eos) if eos.numel() else torch.zeros_like(history, dtype=torch.bool)
+        first_eos = torch.where(hits.any(-1), hits.int().argmax(-1), produced).tolist()
+        history = history.tolist()
+        for row in sorted(open_rows):
+            ends = min(first_eos[row] + 1, prompts[row].max_new_tokens)
+            if row in canceled or ends <= produced:
+                open_rows.discard(row)
+                on_done(row, Completion(history[row][:ends], prompts[row].length, canceled=row in canceled))
+
+    def _slot(self, prefill: DynamicCache, rows: int, length: int, steps: int) -> DecodeSlot:
+        key = (row_bucket(rows), length)
+        if key in self.slots:
+            self.slots.move_to_end(key)
+            return self.slots[key]
+        self._make_room(prefill, *key)
+        slot = DecodeSlot(self.model, StaticKV(prefill, *key), length)
+        if self.use_graphs and self.graphable(length):
+            try:
+                slot.capture(self.pool)
+            except RuntimeError:
+                log.exception("could not capture the decode step of %s in a CUDA graph; it runs eagerly", key)
+                slot.graph = None
+        self.slots[key] = slot
+        return slot
+
+    def _make_room(self, prefill: DynamicCache, rows: int, length: int) -> None:
+        """Evict least recently used slots until one of this size fits the KV budget (the batcher sizes batches
+        with `max_rows`, so a lone slot always fits)."""
+        layer = prefill.layers[0]
+        per_token = 2 * len(prefill.layers) * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
+        self.kv_bytes_per_token = per_token
+        need = per_token * rows * length
+        while self.slots and sum(s.kv.nbytes for s in self.slots.values()) + need > self.kv_budget_bytes:
+            self.slots.popitem(last=False)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def graphable(self, length: int) -> bool:
+        """Long-RoPE picks its frequencies from the longest position: a graph fixes them, so its lengths must stay
+        on the side of the threshold that the prefill chose (we keep graphs to the short side)."""
+        config = self.model.config.get_text_config()
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        if rope.get("rope_type", "default") in ("default", "linear", "llama3"):
+            return True
+        original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+        return length <= original
+
+
+def collate(inputs: Sequence[dict[str, torch.Tensor]], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad the token-aligned tensors of single prompts to `length` and concatenate the rest (images)."""
+    batch: dict[str, torch.Tensor] = {}
+    for key in inputs[0]:
+        parts = [one[key] for one in inputs]
+        if key in ("input_ids", "attention_mask"):
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.cat([_left_pad(part, length, fill) for part in parts])
+        else:
+            batch[key] = torch.cat(_pad_to_same(parts))
+    return batch
+
+
+def _left_pad(part: torch.Tensor, length: int, fill: int) -> torch.Tensor:
+    pad = length - part.shape[1]
+    return torch.cat([part.new_full((part.shape[0], pad), fill), part], dim=1) if pad else part
+
+
+def _pad_to_same(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero-pad every dimension but the first to the largest (Phi-3-V's crop counts, for one)."""
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    out = []
+    for part in parts:
+        padding = []
+        for d in reversed(range(1, part.dim())):
+            padding += [0, shape[d - 1] - part.shape[d]]
+        out.append(torch.nn.functional.pad(part, padding) if any(padding) else part)
+    return out
+
+
