@@ -224,6 +224,12 @@ def main() -> None:
                       f"worker peak {max(float(i.get('gpu_peak_gib', 0)) for i in infos):.1f} GiB; "
                       f"submit {result['submit_s']:.2f} s; not succeeded with {args.new_tokens} tokens: "
                       f"{result['bad']}, ran twice: {result['twice']}", flush=True)
+                batches = sum(int(i.get("batches", 0)) for i in infos)
+                print(f"  per batch: {sum(int(i.get('batched_jobs', 0)) for i in infos) / max(batches, 1):.1f} rows, "
+                      f"prefill {sum(float(i.get('prefill_s', 0)) for i in infos) / max(batches, 1):.2f} s, "
+                      f"decode {sum(float(i.get('decode_s', 0)) for i in infos) / max(batches, 1):.2f} s, "
+                      f"idle before it {sum(float(i.get('idle_s', 0)) for i in infos) / max(batches, 1):.2f} s "
+                      f"({batches} batches, warm-up included)", flush=True)
                 if result["first_bad"]:
                     print("  first bad job:", json.dumps(result["first_bad"])[:400])
                 if count == 1 and cap == max(int(c) for c in args.caps.split(",")):

@@ -66,8 +66,10 @@ API_KEY_IDS = f"{PREFIX}:apikeys"  # hash: key id -> secret hash
 
 
 def connect(settings: Settings) -> redis.Redis:
-    """The Redis client every visionq process uses (strings in, strings out)."""
-    return redis.Redis.from_url(settings.broker_url, decode_responses=True, health_check_interval=30)
+    """The Redis client every visionq process uses (strings in, strings out). A GPU worker runs 2 x max_batch task
+    threads, each holding a connection now and then: redis-py's default pool stops at 100."""
+    return redis.Redis.from_url(settings.broker_url, decode_responses=True, health_check_interval=30,
+                                max_connections=max(100, 2 * settings.max_batch + 32))
 
 
 @dataclass(frozen=True)
@@ -247,9 +249,14 @@ class JobStore:
 
     # --- workers -----------------------------------------------------------------------------------------
 
-    def record_worker(self, name: str, **fields: object) -> None:
-        """Publish a worker's facts (model, loads, pid, ...) for operators and tests."""
-        self.redis.hset(worker_key(name), mapping={k: json.dumps(v) for k, v in fields.items()})
+    def record_worker(self, name: str, fresh: bool = False, **fields: object) -> None:
+        """Publish a worker's facts (model, loads, pid, ...) for operators and tests; `fresh` drops those of an
+        earlier process of the same name."""
+        with self.redis.pipeline() as pipe:
+            if fresh:
+                pipe.delete(worker_key(name))
+            pipe.hset(worker_key(name), mapping={k: json.dumps(v) for k, v in fields.items()})
+            pipe.execute()
 
     def count_worker_job(self, name: str, loads: int) -> None:
         """One more job handled by this worker, and how many models its process has loaded so far."""
@@ -258,12 +265,14 @@ class JobStore:
         pipe.hset(worker_key(name), "loads", loads)
         pipe.execute()
 
-    def count_worker_batch(self, name: str, rows: int) -> None:
-        """One more batch of `rows` jobs decoded together; keeps the count, the rows and the largest batch."""
+    def count_worker_batch(self, name: str, stats) -> None:
+        """One more batch decoded (worker.decoding.BatchStats): counts, rows, the largest batch, GPU seconds."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(worker_key(name), "batches", 1)
-        pipe.hincrby(worker_key(name), "batched_jobs", rows)
-        pipe.eval(lua.MAX_FIELD, 1, worker_key(name), "largest_batch", rows)
+        pipe.hincrby(worker_key(name), "batched_jobs", stats.rows)
+        pipe.eval(lua.MAX_FIELD, 1, worker_key(name), "largest_batch", stats.rows)
+        for field in ("prefill_s", "decode_s", "idle_s"):
+            pipe.hincrbyfloat(worker_key(name), field, getattr(stats, field))
         pipe.execute()
 
     def worker_info(self, name: str) -> dict[str, object]:

@@ -2,7 +2,8 @@
 
 Celery runs the worker with a threads pool of 2 x max_batch: each task thread loads its job's images and runs the
 processor (CPU work that overlaps the GPU), then waits here for its own completion. The GPU thread takes whatever
-is waiting, up to `max_batch` rows (and what fits the KV budget), waiting at most `batch_wait_ms` for more, and
+is waiting, up to `max_batch` rows (and what fits the KV budget), waiting at most `batch_wait_ms` for more (longer,
+up to `batch_fill_ms`, only while other task threads are still preparing tickets), and
 resolves each job's future as soon as that row ends. A message is acknowledged only when its task returns, after
 the result is stored, so a worker killed mid-batch leaves every unfinished job to be redelivered.
 """
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from worker.decoding import BatchStats, Completion, Decoder, Prompt
@@ -37,15 +39,31 @@ class Ticket:
 class Batcher:
     """Owns the decoder; everything that touches the GPU happens on its one thread."""
 
-    def __init__(self, decoder: Decoder, max_batch: int, wait_s: float,
+    def __init__(self, decoder: Decoder, max_batch: int, wait_s: float, fill_wait_s: float = 0.0,
                  canceled: Callable[[list[str]], set[str]] = lambda ids: set(),
                  on_batch: Callable[[BatchStats], None] = lambda stats: None):
         self.decoder, self.max_batch, self.wait_s = decoder, max_batch, wait_s
+        self.fill_wait_s = max(wait_s, fill_wait_s)
         self.canceled, self.on_batch = canceled, on_batch
         self.waiting: queue.Queue[Ticket] = queue.Queue()
         self.held: Ticket | None = None  # a ticket that did not fit the last batch goes first in the next
+        self.preparing = 0  # task threads loading images for a ticket right now (see `expect`)
+        self.lock = threading.Lock()
+        self.idle_since = time.monotonic()
         self.thread = threading.Thread(target=self._loop, name="visionq-gpu", daemon=True)
         self.thread.start()
+
+    @contextmanager
+    def expect(self):
+        """Held by a task thread while it prepares a ticket: a batch that is filling up waits for such tickets
+        (at most `wait_s`), so a burst of jobs makes one full batch rather than a small one and then the rest."""
+        with self.lock:
+            self.preparing += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.preparing -= 1
 
     def submit(self, job_id: str, prompt: Prompt) -> Future:
         """Queue one prompt; the future gets its Completion (or the exception that ended its batch)."""
@@ -56,20 +74,26 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             batch = self._collect()
+            idle_s, self.idle_since = time.monotonic() - self.idle_since, time.monotonic()
             try:
-                self._run(batch)
+                self._run(batch, idle_s)
             except BaseException:  # the GPU thread must outlive any batch
                 log.exception("batch of %d failed outside its jobs", len(batch))
+            self.idle_since = time.monotonic()
 
     def _collect(self) -> list[Ticket]:
         """Block for one ticket, then take more until max_batch, the KV budget or the wait runs out."""
         first, self.held = self.held or self.waiting.get(), None
         batch, deadline = [first], time.monotonic() + self.wait_s
+        fill_deadline = time.monotonic() + self.fill_wait_s
         longest = first.prompt.length + first.prompt.max_new_tokens
         while len(batch) < self.max_batch:
             try:
                 ticket = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
+                if self.preparing and time.monotonic() < fill_deadline:
+                    deadline = min(time.monotonic() + 0.005, fill_deadline)
+                    continue
                 break
             need = max(longest, ticket.prompt.length + ticket.prompt.max_new_tokens)
             if len(batch) + 1 > self.decoder.max_rows(need):
@@ -79,7 +103,7 @@ class Batcher:
             longest = need
         return batch
 
-    def _run(self, batch: list[Ticket]) -> None:
+    def _run(self, batch: list[Ticket], idle_s: float = 0.0) -> None:
         try:
             stats = self.decoder.generate([t.prompt for t in batch], self._resolver(batch), self._canceled_rows(batch))
         except Exception as exc:
@@ -92,7 +116,7 @@ class Batcher:
                 if not ticket.future.done():
                     self._run([ticket])
             return
-        stats.extra["oldest_wait_s"] = time.monotonic() - min(t.queued_at for t in batch)
+        stats.idle_s = idle_s
         self.on_batch(stats)
 
     @staticmethod

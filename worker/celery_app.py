@@ -47,10 +47,10 @@ def load_model(sender=None, **_kwargs) -> None:
         log.exception("could not load %s; the worker stops", settings.model)
         logging.shutdown()
         os._exit(3)
-    batcher = Batcher(engine.decoder, settings.max_batch, settings.batch_wait_ms / 1000, store.canceled_among,
-                      on_batch=batch_recorder(name, engine.device))
+    batcher = Batcher(engine.decoder, settings.max_batch, settings.batch_wait_ms / 1000,
+                      settings.batch_fill_ms / 1000, store.canceled_among, on_batch=batch_recorder(name, engine.device))
     runner = JobRunner(settings, store, engine, batcher, name)
-    store.record_worker(name, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
+    store.record_worker(name, fresh=True, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
                         attention=engine.model.config._attn_implementation, graphs=engine.decoder.use_graphs,
                         max_batch=settings.max_batch, loads=load_count(), pid=os.getpid())
     threading.Thread(target=beat_forever, args=(name,), name="visionq-heartbeat", daemon=True).start()
@@ -63,7 +63,7 @@ def batch_recorder(name: str, device: torch.device):
                   stats.rows, stats.cache_rows, stats.cache_length, stats.graphed, stats.prefill_s, stats.steps,
                   stats.decode_s)
         try:
-            store.count_worker_batch(name, stats.rows)
+            store.count_worker_batch(name, stats)
             if device.type == "cuda":
                 store.record_worker(name, gpu_peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2))
         except redis.RedisError:

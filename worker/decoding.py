@@ -14,7 +14,7 @@ import time
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -66,7 +66,7 @@ class BatchStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0
-    extra: dict = field(default_factory=dict)
+    idle_s: float = 0.0  # the GPU thread's wait for this batch's first ticket
 
 
 class StaticKV:

@@ -97,7 +97,9 @@ class Engine:
     def prepare(self, images: list[Image.Image], question: str, max_new_tokens: int) -> Prompt:
         """The processor's tensors for one prompt, on the CPU: task threads run this while the GPU is busy."""
         encoded = self.processor(text=self.prompt(len(images), question), images=images, return_tensors="pt")
-        return Prompt(dict(encoded), max_new_tokens)
+        # Pixels in the model's dtype already: half the bytes for the GPU thread to batch and copy (same rounding).
+        inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in encoded.items()}
+        return Prompt(inputs, max_new_tokens)
 
     def text(self, tokens: list[int]) -> str:
         return self.processor.decode(tokens, skip_special_tokens=True)

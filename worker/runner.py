@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import redis
 from PIL import Image
 
 from shared.config import Settings
@@ -46,6 +47,8 @@ class JobRunner:
             self._execute(job)
         except VisionqError as exc:
             self._fail(job_id, exc)
+        except redis.ConnectionError:
+            raise  # not the job's fault: the task requeues it
         except Exception:
             log.exception("job %s failed in inference", job_id)
             self._fail(job_id, InferenceFailed())
@@ -55,12 +58,14 @@ class JobRunner:
     def _execute(self, job: Job) -> None:
         started = time.perf_counter()
         queue_ms = (utcnow() - job.created_at).total_seconds() * 1000
-        images = self._load_images(job)
-        prompt = self.engine.prepare(images, job.question, job.max_new_tokens)
-        images_ms = (time.perf_counter() - started) * 1000
+        with self.batcher.expect():  # submitted inside: the GPU thread sees either a preparer or a ticket
+            images = self._load_images(job)
+            prompt = self.engine.prepare(images, job.question, job.max_new_tokens)
+            images_ms = (time.perf_counter() - started) * 1000
+            future = self.batcher.submit(job.id, prompt)
         # Not job_timeout_s: it sizes the redelivery timeout and is no hard limit. By visibility_timeout_s the
         # message has gone to another worker anyway, so a thread stuck this long is only released.
-        completion = self.batcher.submit(job.id, prompt).result(timeout=self.settings.visibility_timeout_s)
+        completion = future.result(timeout=self.settings.visibility_timeout_s)
         if completion.canceled:
             log.info("job %s was canceled while it ran", job.id)
             return
