@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=64, ge=1)  # jobs decoded together; the worker runs 2x this many task threads
     batch_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill: a lone job's extra delay
     batch_fill_ms: float = Field(default=200.0, ge=0)  # longer, but only for jobs the worker is already preparing
+    prepare_threads: int = Field(default=4, ge=1)  # task threads loading images and running the processor at once
     cuda_graphs: bool = True  # capture the decode step per (rows, length) bucket on CUDA
     kv_cache_fraction: float = Field(default=0.8, gt=0, le=1)  # of the GPU memory left after loading the weights
     cpu_kv_cache_mb: int = Field(default=2048, gt=0)

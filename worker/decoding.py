@@ -142,7 +142,7 @@ class DecodeSlot:
         else:
             self.step()
 
-    def capture(self, pool=None) -> None:
+    def capture(self) -> None:
         """Warm up on a side stream, then record one step; the state it scribbles on is reset per batch."""
         self.mask[:, :, :, 0] = True
         with _static_rope(self.model):
@@ -153,7 +153,9 @@ class DecodeSlot:
                     self.step()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # A private memory pool per graph: graphs come and go with their slots, and a pool shared with a
+            # freed graph cannot be captured into again.
+            with torch.cuda.graph(graph):
                 self.step()
         self.graph = graph
 
@@ -206,7 +208,6 @@ class Decoder:
         self.kv_budget_bytes = kv_budget_bytes
         self.prefill_tokens = prefill_tokens
         self.slots: OrderedDict[tuple[int, int], DecodeSlot] = OrderedDict()
-        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.kv_bytes_per_token: int | None = None  # learnt from the first prefill
 
     def max_rows(self, length: int) -> int:
@@ -294,7 +295,7 @@ class Decoder:
         slot = DecodeSlot(self.model, StaticKV(prefill, *key), length)
         if self.use_graphs and self.graphable(length):
             try:
-                slot.capture(self.pool)
+                slot.capture()
             except RuntimeError:
                 log.exception("could not capture the decode step of %s in a CUDA graph; it runs eagerly", key)
                 slot.graph = None

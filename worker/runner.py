@@ -4,8 +4,9 @@ thread to decode it (with others), store the outcome."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from PIL import Image
@@ -30,6 +31,9 @@ class JobRunner:
     engine: Engine
     batcher: Batcher
     worker_name: str
+    # Few task threads prepare at once: with all 2 x max_batch of them competing for the GIL, the GPU thread
+    # would wait for it between kernel launches of the (eager) prefill.
+    preparing: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(4))
 
     def run(self, job_id: str) -> None:
         """Run one job; a job that is gone, finished or canceled is skipped."""
@@ -59,8 +63,9 @@ class JobRunner:
         started = time.perf_counter()
         queue_ms = (utcnow() - job.created_at).total_seconds() * 1000
         with self.batcher.expect():  # submitted inside: the GPU thread sees either a preparer or a ticket
-            images = self._load_images(job)
-            prompt = self.engine.prepare(images, job.question, job.max_new_tokens)
+            with self.preparing:
+                images = self._load_images(job)
+                prompt = self.engine.prepare(images, job.question, job.max_new_tokens)
             images_ms = (time.perf_counter() - started) * 1000
             future = self.batcher.submit(job.id, prompt)
         # Not job_timeout_s: it sizes the redelivery timeout and is no hard limit. By visibility_timeout_s the
