@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     batch_fill_ms: float = Field(default=200.0, ge=0)  # longer, but only for jobs the worker is already preparing
     prepare_threads: int = Field(default=4, ge=1)  # task threads loading images and running the processor at once
     cuda_graphs: bool = True  # capture the decode step per (rows, length) bucket on CUDA
-    kv_cache_fraction: float = Field(default=0.8, gt=0, le=1)  # of the GPU memory left after loading the weights
+    # Of the GPU memory left after loading the weights; the rest holds a prefill chunk's activations and cache.
+    kv_cache_fraction: float = Field(default=0.65, gt=0, le=1)
     cpu_kv_cache_mb: int = Field(default=2048, gt=0)
     prefill_tokens: int = Field(default=16384, gt=0)  # padded prompt tokens per prefill forward
 

@@ -19,6 +19,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
+
 from worker.decoding import BatchStats, Completion, Decoder, Prompt
 
 log = logging.getLogger(__name__)
@@ -107,14 +109,18 @@ class Batcher:
         try:
             stats = self.decoder.generate([t.prompt for t in batch], self._resolver(batch), self._canceled_rows(batch))
         except Exception as exc:
-            if len(batch) == 1:
-                _fail(batch[0], exc)
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                self.decoder.out_of_memory(len(batch))
+            open_tickets = [t for t in batch if not t.future.done()]
+            if len(open_tickets) == 1:
+                _fail(open_tickets[0], exc)
                 return
-            # One bad prompt must not fail its neighbours: run them one by one to find it.
-            log.warning("batch of %d failed (%s); running its jobs alone", len(batch), exc)
-            for ticket in batch:
-                if not ticket.future.done():
-                    self._run([ticket])
+            # One bad prompt must not fail its neighbours, nor one batch too big for memory all of its jobs:
+            # halve it until the halves run or the bad job is alone.
+            log.warning("batch of %d failed (%s: %s); running it in halves", len(open_tickets), type(exc).__name__, exc)
+            half = len(open_tickets) // 2
+            self._run(open_tickets[:half])
+            self._run(open_tickets[half:])
             return
         stats.idle_s = idle_s
         self.on_batch(stats)

@@ -314,6 +314,15 @@ class Decoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def out_of_memory(self, rows: int) -> None:
+        """A batch of `rows` did not fit: drop every slot and lower the KV budget below what that batch asked."""
+        asked = max((slot.kv.nbytes for slot in self.slots.values()), default=self.kv_budget_bytes)
+        self.slots.clear()
+        self.kv_budget_bytes = int(min(self.kv_budget_bytes, asked) * 0.8)
+        log.warning("out of GPU memory with %d rows; KV budget lowered to %.1f GiB", rows, self.kv_budget_bytes / 2**30)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def graphable(self, length: int) -> bool:
         """Long-RoPE picks its frequencies from the longest position: a graph fixes them, so its lengths must stay
         on the side of the threshold that the prefill chose (we keep graphs to the short side)."""

@@ -1,0 +1,75 @@
+"""The GPU thread's batching, on the tiny model: batches fill up to the cap, and a bad job fails alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from tests.images import random_image
+from worker.batcher import Batcher
+from worker.decoding import Decoder, Prompt
+
+TEXT = "<|user|>\n<image>\nDescribe this image in detail.<|end|>\n<|assistant|>\n"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    processor = AutoProcessor.from_pretrained(tiny_model_path)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    return processor, model
+
+
+def decoder(model, processor) -> Decoder:
+    return Decoder(model, [model.generation_config.eos_token_id], processor.tokenizer.pad_token_id,
+                   use_graphs=False, kv_budget_bytes=1 << 30)
+
+
+def prompt(processor, seed: int, max_new_tokens: int = 8) -> Prompt:
+    inputs = processor(text=TEXT, images=[random_image(40, 40, seed)], return_tensors="pt")
+    return Prompt(dict(inputs), max_new_tokens)
+
+
+def alone(model, processor, one: Prompt) -> list[int]:
+    done = []
+    decoder(model, processor).generate([one], lambda _row, completion: done.append(completion.tokens))
+    return done[0]
+
+
+def test_a_burst_is_decoded_in_batches_up_to_the_cap(tiny):
+    processor, model = tiny
+    sizes = []
+    gate = threading.Event()
+    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=0.5,
+                      on_batch=lambda stats: (sizes.append(stats.rows), gate.set()))
+    prompts = [prompt(processor, seed) for seed in range(6)]
+    futures = [batcher.submit(f"job{i}", p) for i, p in enumerate(prompts)]
+    results = [future.result(timeout=60).tokens for future in futures]
+    assert sorted(sizes, reverse=True)[0] == 4 and sum(sizes) == 6
+    assert results == [alone(model, processor, p) for p in prompts]
+
+
+def test_a_job_that_breaks_its_batch_fails_alone(tiny):
+    processor, model = tiny
+    batcher = Batcher(decoder(model, processor), max_batch=8, wait_s=0.5)
+    good = [prompt(processor, seed) for seed in range(3)]
+    bad = prompt(processor, 99)
+    bad.inputs["input_ids"] = bad.inputs["input_ids"].clone()
+    bad.inputs["input_ids"][0, -1] = 10**6  # no such token: the embedding lookup raises
+    futures = [batcher.submit("good0", good[0]), batcher.submit("bad", bad),
+               batcher.submit("good1", good[1]), batcher.submit("good2", good[2])]
+    with pytest.raises(IndexError):
+        futures[1].result(timeout=60)
+    assert [futures[i].result(timeout=60).tokens for i in (0, 2, 3)] == [alone(model, processor, p) for p in good]
+
+
+def test_canceled_jobs_end_early_with_a_canceled_completion(tiny):
+    processor, model = tiny
+    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=0.2, canceled=lambda ids: {"cancel-me"} & set(ids))
+    long_one = prompt(processor, 1, max_new_tokens=400)
+    assert len(alone(model, processor, long_one)) == 400  # it meets no end-of-sequence token: only a cancel ends it
+    future = batcher.submit("cancel-me", long_one)
+    completion = future.result(timeout=60)
+    assert completion.canceled and len(completion.tokens) < 400
