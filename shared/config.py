@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
@@ -68,6 +69,29 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_workers: int = 2
     api_threads: int = 16
+
+    # Outbound URLs (SSRF guard): shared/netguard.py. Lists are JSON in the environment, e.g.
+    # VISIONQ_URL_ALLOWED_NETWORKS='["127.0.0.0/8"]'.
+    allow_http: bool = False  # plain http:// URLs (https only by default)
+    url_allowed_networks: list[str] = []  # CIDRs exempt from the non-global-address rule
+    url_allow_hosts: list[str] = []  # non-empty: only these hosts (and their subdomains)
+    url_deny_hosts: list[str] = []  # never these hosts (and their subdomains)
+    url_connect_timeout_s: float = Field(default=5.0, gt=0)
+    url_read_timeout_s: float = Field(default=10.0, gt=0)  # between two reads of one response
+    url_total_timeout_s: float = Field(default=30.0, gt=0)  # one whole fetch, redirects included
+    url_max_redirects: int = Field(default=3, ge=0)
+
+    @field_validator("url_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # a ValueError here stops a bad configuration at start-up
+        return value
+
+    @field_validator("url_allow_hosts", "url_deny_hosts")
+    @classmethod
+    def _hosts_lower(cls, value: list[str]) -> list[str]:
+        return [host.strip().lower().rstrip(".") for host in value if host.strip()]
 
     @model_validator(mode="after")
     def _redelivery_outlasts_jobs(self) -> Settings:

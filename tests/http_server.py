@@ -1,0 +1,98 @@
+"""A real HTTP server on 127.0.0.1 for the tests of outbound fetches: it serves what a test registers at a path
+(bytes with a content type, redirects, slow or endless bodies)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Route:
+    """What one path answers."""
+
+    body: bytes = b""
+    content_type: str = "image/png"
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    chunk: int = 0  # >0: send the body in chunks of this size, without a Content-Length
+    delay_s: float = 0.0  # before each chunk
+    repeat: int = 1  # the body is sent this many times (an endless-looking body from a small one)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: LocalHttpServer
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.server.hits.append(self.path)
+        route = self.server.routes.get(self.path.split("?", 1)[0])
+        if route is None:
+            route = Route(b"no such path", "text/plain", 404)
+        self.send_response(route.status)
+        self.send_header("Content-Type", route.content_type)
+        for name, value in route.headers.items():
+            self.send_header(name, value)
+        try:
+            self._send_body(route)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading (a bound was hit): what these tests provoke
+
+    def _send_body(self, route: Route) -> None:
+        if not route.chunk:
+            self.send_header("Content-Length", str(len(route.body) * route.repeat))
+            self.end_headers()
+            for _ in range(route.repeat):
+                self.wfile.write(route.body)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for _ in range(route.repeat):
+            for start in range(0, len(route.body), route.chunk):
+                time.sleep(route.delay_s)
+                piece = route.body[start:start + route.chunk]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        pass
+
+
+class LocalHttpServer(ThreadingHTTPServer):
+    """Started in a thread on a free port of 127.0.0.1; `url(path)` is where a route is served."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.routes: dict[str, Route] = {}
+        self.hits: list[str] = []
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def __enter__(self) -> LocalHttpServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def add(self, path: str, route: Route) -> str:
+        """Serve `route` at `path`; returns its URL."""
+        self.routes[path] = route
+        return self.url(path)
+
+    def redirect(self, path: str, location: str, status: int = 302) -> str:
+        """Answer `path` with a redirect to `location`; returns its URL."""
+        return self.add(path, Route(b"", "text/plain", status, {"Location": location}))
