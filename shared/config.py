@@ -81,6 +81,18 @@ class Settings(BaseSettings):
     url_total_timeout_s: float = Field(default=30.0, gt=0)  # one whole fetch, redirects included
     url_max_redirects: int = Field(default=3, ge=0)
 
+    # Image references (issue 5): https fetches, s3://, uploads, decoding bounds. max_image_bytes and
+    # max_image_pixels above bound each image; these bound a job and the sources.
+    max_image_side: int = Field(default=16_384, gt=0)  # longest side, in pixels
+    max_job_image_bytes: int = Field(default=40 * 1024 * 1024, gt=0)  # all images of one job together
+    max_job_image_pixels: int = Field(default=80_000_000, gt=0)
+    image_fetch_threads: int = Field(default=4, ge=1)  # images of one job fetched at once
+    s3_endpoint_url: str = ""  # empty: AWS; else MinIO, R2, ... (credentials: boto3's standard chain)
+    s3_region: str = ""  # empty: boto3's default (AWS_DEFAULT_REGION, ~/.aws/config)
+    s3_allowed_buckets: list[str] = []  # buckets every key may read (["*"]: any); keys add their own
+    upload_ttl_s: int = Field(default=3600, gt=0)
+    uploads_s3_uri: str = ""  # s3://bucket/prefix: upload bytes go there, their owner and expiry stay in Redis
+
     @field_validator("url_allowed_networks")
     @classmethod
     def _networks_parse(cls, value: list[str]) -> list[str]:

@@ -104,7 +104,7 @@ def make_client(stack, settings):
 
 @pytest.fixture(scope="session")
 def http_server():
-    """A real HTTP server on 127.0.0.1 (tests/http_server.py) that tests register routes on."""
+    """A real HTTP server on 127.0.0.5 (tests/http_server.py) that tests register routes on."""
     from tests.http_server import LocalHttpServer
 
     with LocalHttpServer() as server:

@@ -17,6 +17,7 @@ from celery.signals import worker_process_init
 from shared.config import get_settings
 from shared.queue import make_celery
 from shared.store import JobStore, connect
+from shared.uploads import UploadStore
 from worker.engine import get_engine, load_count
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
 store = JobStore(connect(settings), settings.result_ttl_s)
+uploads = UploadStore(settings)
 
 
 @worker_process_init.connect

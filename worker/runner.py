@@ -11,9 +11,10 @@ from PIL import Image
 
 from shared.config import Settings
 from shared.errors import InferenceFailed, VisionqError, WorkerLost
-from shared.images import load_image
+from shared.images import Access, load_images
 from shared.jobs import Job, JobFailure, JobResult, JobStatus, Timings, TokenCounts, utcnow
-from shared.store import JobStore
+from shared.store import JobStore, KeyStore
+from shared.uploads import UploadStore
 from worker.engine import load_count
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class JobRunner:
     store: JobStore
     engine: Callable  # () -> Engine, so that the model is only touched when a job needs it
     worker_name: str
+    uploads: UploadStore | None = None  # where upload:// refs are read (None: such jobs fail as invalid)
 
     def run(self, job_id: str) -> None:
         """Run one job; a job that is gone, finished or canceled is skipped."""
@@ -83,7 +85,13 @@ class JobRunner:
             log.info("job %s was ended elsewhere (canceled?) while it ran; result dropped", job.id)
 
     def _load_images(self, job: Job) -> list[Image.Image]:
-        return [load_image(ref, self.settings) for ref in job.images]
+        return load_images(job.images, self.settings, self._access(job))
+
+    def _access(self, job: Job) -> Access:
+        """What the job's refs may reach, as its owner's key says now (a bucket removed since submit is refused)."""
+        needs_key = job.owner and any(ref[:5].lower() == "s3://" for ref in job.images)
+        key = KeyStore(self.store.redis).get(job.owner) if needs_key else None
+        return Access(job.owner, frozenset(key.s3_buckets) if key else frozenset(), self.uploads)
 
     def _fail(self, job_id: str, exc: VisionqError) -> None:
         self.store.mark_failed(job_id, JobFailure(code=exc.code, message=exc.message))
