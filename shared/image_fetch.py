@@ -21,10 +21,9 @@ from shared.errors import (
     ImageUnsupportedFormat,
     InvalidImageRef,
 )
-from shared.netguard import ForbiddenAddress, UrlRefused, guarded_client
+from shared.netguard import ForbiddenAddress, HostNotFound, UrlRefused, guarded_client
 from shared.s3 import S3Location, error_code, s3_client
 
-CHUNK = 64 * 1024
 S3_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
 
@@ -82,6 +81,8 @@ def fetch_url(url: str, settings: Settings, budget: Budget) -> bytes:
             return read_body(response, settings.max_image_bytes, deadline, budget)
     except ForbiddenAddress as exc:
         raise ImageForbiddenAddress(str(exc)) from None
+    except HostNotFound as exc:
+        raise ImageFetchFailed(str(exc)) from None
     except UrlRefused as exc:
         raise InvalidImageRef(str(exc)) from None
     except httpx.TooManyRedirects:
@@ -116,7 +117,7 @@ def read_body(response: httpx.Response, max_bytes: int, deadline: float, budget:
     """The body, counted while it streams: stops as soon as it passes `max_bytes` or the deadline."""
     parts: list[bytes] = []
     size = 0
-    for chunk in response.iter_raw(CHUNK):
+    for chunk in response.iter_raw():  # as the network delivers it (a chunk_size would buffer up to that size)
         size += len(chunk)
         if size > max_bytes:
             raise ImageTooLarge(f"the image is larger than the bound of {max_bytes} bytes")
