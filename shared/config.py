@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -92,6 +93,14 @@ class Settings(BaseSettings):
     s3_allowed_buckets: list[str] = []  # buckets every key may read (["*"]: any); keys add their own
     upload_ttl_s: int = Field(default=3600, gt=0)
     uploads_s3_uri: str = ""  # s3://bucket/prefix: upload bytes go there, their owner and expiry stay in Redis
+    results_s3_uri: str = ""  # s3://bucket/prefix: the worker also writes each succeeded job there, as <id>.json
+
+    @field_validator("uploads_s3_uri", "results_s3_uri")
+    @classmethod
+    def _s3_prefix(cls, value: str) -> str:
+        if value and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", value):
+            raise ValueError("must be empty or s3://bucket[/prefix]")
+        return value
 
     @field_validator("url_allowed_networks")
     @classmethod

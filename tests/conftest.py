@@ -36,6 +36,7 @@ def image_root(tmp_path_factory) -> Path:
     return root
 
 
+RESULTS_BUCKET = "visionq-results"  # the stack's worker archives every succeeded job there
 # boto3's standard credential chain reads these; moto accepts any. Set for this process and the stack's children.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -49,7 +50,11 @@ def s3_server() -> str:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    yield f"http://127.0.0.1:{port}"
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=RESULTS_BUCKET)
+    yield endpoint
     server.stop()
 
 
@@ -60,7 +65,8 @@ def settings(redis_server, tiny_model_path, image_root, s3_server, tmp_path_fact
     # Image URLs: http, and the test HTTP server's own loopback address (tests/http_server.py), are allowed.
     return Settings(redis_url=redis_server.url, model=str(tiny_model_path), image_root=image_root,
                     data_dir=tmp_path_factory.mktemp("data"), queue="visionq-test", allow_http=True,
-                    url_allowed_networks=[NETWORK], s3_endpoint_url=s3_server)
+                    url_allowed_networks=[NETWORK], s3_endpoint_url=s3_server,
+                    results_s3_uri=f"s3://{RESULTS_BUCKET}/runs")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -77,6 +83,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "VISIONQ_ALLOW_HTTP": str(settings.allow_http).lower(),
         "VISIONQ_URL_ALLOWED_NETWORKS": json.dumps(settings.url_allowed_networks),
         "VISIONQ_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "VISIONQ_RESULTS_S3_URI": settings.results_s3_uri,
         **S3_ENV,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }

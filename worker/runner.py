@@ -7,14 +7,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 from PIL import Image
 
 from shared.config import Settings
-from shared.errors import InferenceFailed, VisionqError, WorkerLost
+from shared.errors import ImageUnreadable, InferenceFailed, VisionqError, WorkerLost
 from shared.images import Access, load_images
 from shared.jobs import Job, JobFailure, JobResult, JobStatus, Timings, TokenCounts, utcnow
 from shared.store import JobStore, KeyStore
 from shared.uploads import UploadStore
+from worker.archive import archive_result
 from worker.engine import load_count
 
 log = logging.getLogger(__name__)
@@ -83,9 +85,17 @@ class JobRunner:
         )
         if not self.store.mark_succeeded(job.id, result).applied:
             log.info("job %s was ended elsewhere (canceled?) while it ran; result dropped", job.id)
+        elif self.settings.results_s3_uri:
+            archive_result(self.store.get(job.id) or job, self.settings)
 
     def _load_images(self, job: Job) -> list[Image.Image]:
-        return load_images(job.images, self.settings, self._access(job))
+        try:
+            return load_images(job.images, self.settings, self._access(job))
+        except (VisionqError, redis.RedisError):
+            raise  # a job failure with its code; or the store is down, and the task requeues the job
+        except Exception:  # a decoder's surprise must not pass for a model failure
+            log.exception("job %s: an image could not be loaded", job.id)
+            raise ImageUnreadable("an image of the job could not be read") from None
 
     def _access(self, job: Job) -> Access:
         """What the job's refs may reach, as its owner's key says now (a bucket removed since submit is refused)."""

@@ -8,15 +8,19 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import boto3
 import pytest
 import requests
 
 from shared.client import ApiError
+from shared.jobs import Job, JobStatus, utcnow
+from shared.s3 import parse_s3_uri
 from shared.store import KeyStore, connect
 from tests.http_server import Route
 from tests.images import encode, png, random_image
+from worker.archive import archive_result
 
 GRANTED_BUCKET = "e2e-granted"
 
@@ -129,6 +133,29 @@ def test_keys_create_takes_s3_buckets(settings, stack):
     listed = subprocess.run([sys.executable, "-m", "shared.cli", "keys", "list"], env=env, capture_output=True,
                             text=True, check=True, timeout=60).stdout
     assert any(json.loads(line)["s3_buckets"] == ["photos-a", "photos-b"] for line in listed.splitlines())
+
+
+def test_succeeded_jobs_are_archived_in_s3(client, settings, s3_server):
+    job = client.submit("describe", ["bar_chart.png"], max_new_tokens=4)
+    assert client.wait(job["id"], 60)["status"] == "succeeded"
+    location = parse_s3_uri(f"{settings.results_s3_uri}/{job['id']}.json")
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    deadline = time.monotonic() + 10
+    while True:  # the worker archives just after it stores the result: poll, with a deadline
+        try:
+            archived = json.loads(s3.get_object(Bucket=location.bucket, Key=location.key)["Body"].read())
+            break
+        except s3.exceptions.NoSuchKey:
+            assert time.monotonic() < deadline, "the result was not archived"
+            time.sleep(0.05)
+    assert archived == client.get(job["id"])
+
+
+def test_a_failing_archive_never_touches_the_job(settings, s3_server, caplog):
+    job = Job(id="0" * 32, status=JobStatus.SUCCEEDED, task="describe", image_count=1, question="q",
+              max_new_tokens=1, created_at=utcnow())
+    archive_result(job, settings.model_copy(update={"results_s3_uri": "s3://no-such-bucket-here/x"}))
+    assert "not archived" in caplog.text
 
 
 def test_uploads_need_a_key(api_url):
