@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     s3_region: str = ""  # empty: boto3's default (AWS_DEFAULT_REGION, ~/.aws/config)
     s3_allowed_buckets: list[str] = []  # buckets every key may read (["*"]: any); keys add their own
     upload_ttl_s: int = Field(default=3600, gt=0)
+    max_upload_bytes_per_key: int = Field(default=1024**3, gt=0)  # bytes one key may have stored at once
     uploads_s3_uri: str = ""  # s3://bucket/prefix: upload bytes go there, their owner and expiry stay in Redis
     results_s3_uri: str = ""  # s3://bucket/prefix: the worker also writes each succeeded job there, as <id>.json
 

@@ -154,6 +154,12 @@ class ImageUnreadable(ImageError):
 # Image references (issue 5): https, s3://, uploads, hardened decoding.
 
 
+class UploadQuotaExceeded(VisionqError):
+    """This API key has stored as many upload bytes as it may; retry when earlier uploads have expired."""
+
+    code, http_status = "upload_quota_exceeded", 429
+
+
 class ImageFetchFailed(ImageError):
     """An image of the job could not be fetched (timeout, connection error, or an error from its server)."""
 

@@ -70,6 +70,11 @@ def upload_key(upload_id: str) -> str:
     return f"{PREFIX}:upload:{upload_id}"
 
 
+def upload_bytes_key(owner: str, window: int) -> str:
+    """Bytes an owner uploaded in one window of upload_ttl_s seconds (shared/uploads.py's quota)."""
+    return f"{PREFIX}:upload-bytes:{owner}:{window}"
+
+
 def connect(settings: Settings, decode_responses: bool = True) -> redis.Redis:
     """The Redis client every visionq process uses (strings in, strings out; bytes for uploads)."""
     return redis.Redis.from_url(settings.broker_url, decode_responses=decode_responses, health_check_interval=30)

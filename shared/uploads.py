@@ -8,16 +8,17 @@ once the Redis record expires, nothing refers to them).
 from __future__ import annotations
 
 import secrets
+import time
 from datetime import datetime, timedelta
 
 import redis
 from pydantic import BaseModel, Field
 
 from shared.config import Settings
-from shared.errors import ImageFetchFailed, ImageNotFound
+from shared.errors import ImageFetchFailed, ImageNotFound, UploadQuotaExceeded
 from shared.jobs import utcnow
 from shared.s3 import parse_s3_uri, s3_client
-from shared.store import connect, upload_key
+from shared.store import connect, upload_bytes_key, upload_key
 
 SCHEME = "upload://"
 NOT_FOUND = "no such upload for this API key (it may have expired)"
@@ -45,7 +46,9 @@ class UploadStore:
         self.redis = client or connect(settings, decode_responses=False)  # the bytes are not text
 
     def put(self, owner: str, data: bytes) -> Upload:
-        """Store the bytes for `owner`; returns the ref to use in jobs."""
+        """Store the bytes for `owner`; returns the ref to use in jobs. UploadQuotaExceeded when the owner has
+        stored settings.max_upload_bytes_per_key within the last upload_ttl_s."""
+        self._charge_quota(owner, len(data))
         upload_id = secrets.token_urlsafe(18)
         fields: dict[str, str | bytes | int] = {"owner": owner, "size": len(data)}
         if self.settings.uploads_s3_uri:
@@ -58,6 +61,21 @@ class UploadStore:
         pipe.execute()
         expires_at = utcnow() + timedelta(seconds=self.settings.upload_ttl_s)
         return Upload(ref=SCHEME + upload_id, size=len(data), expires_at=expires_at)
+
+    def _charge_quota(self, owner: str, size: int) -> None:
+        # An upload alive now was made in this window of upload_ttl_s or the one before: their sum bounds what the
+        # owner has stored (from above: a bound, not an exact count).
+        ttl = self.settings.upload_ttl_s
+        window = int(time.time() // ttl)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.incrby(upload_bytes_key(owner, window), size)
+        pipe.expire(upload_bytes_key(owner, window), 2 * ttl)
+        pipe.get(upload_bytes_key(owner, window - 1))
+        current, _, previous = pipe.execute()
+        if current + int(previous or 0) > self.settings.max_upload_bytes_per_key:
+            self.redis.decrby(upload_bytes_key(owner, window), size)
+            raise UploadQuotaExceeded(f"this key has uploaded {self.settings.max_upload_bytes_per_key} bytes "
+                                      f"within {ttl} s; retry when earlier uploads have expired")
 
     def size_for(self, upload_id: str, owner: str | None) -> int:
         """The upload's size if it exists and `owner` made it; another key's upload is reported as missing."""

@@ -7,7 +7,7 @@ import boto3
 import pytest
 
 from shared.config import Settings
-from shared.errors import ImageNotFound
+from shared.errors import ImageNotFound, UploadQuotaExceeded
 from shared.store import upload_key
 from shared.uploads import UploadStore, upload_id_of
 
@@ -48,3 +48,12 @@ def test_the_record_expires_and_the_bytes_live_where_configured(uploads, s3_serv
         assert body == b"abc"
     else:
         assert in_redis == b"abc"
+
+
+def test_a_key_stores_at_most_its_quota(redis_server):
+    small = UploadStore(Settings(redis_url=redis_server.url, max_upload_bytes_per_key=1000))
+    small.put("quota-owner", b"x" * 600)
+    with pytest.raises(UploadQuotaExceeded):
+        small.put("quota-owner", b"x" * 500)
+    small.put("quota-owner", b"x" * 400)  # the refused upload was not counted
+    small.put("another-owner", b"x" * 1000)  # quotas are per key
