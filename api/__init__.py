@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from shared.config import Settings, get_settings
+from shared.image_decode import configure_pillow
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -13,6 +14,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.context import init_app
 
     settings = settings or get_settings()
+    configure_pillow(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False

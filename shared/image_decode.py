@@ -25,12 +25,16 @@ OPEN_FORMATS = tuple(f for f in ALLOWED_FORMATS if f != "MPO")
 WIDE_INTEGER_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
+def configure_pillow(settings: Settings) -> None:
+    """Give Pillow's own bomb check (process-wide) the settings' bound; called once as a process starts. The
+    header check below applies the settings in any case; this makes Pillow agree with it."""
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+
+
 def open_image(data: bytes, settings: Settings) -> Image.Image:
     """Read only the header: the format and the size, checked against the allowlist and the bounds."""
     if not data:
         raise ImageUnreadable("the image is empty (0 bytes)")
-    # Pillow's own bomb check reads this process-wide bound; every job of a process has the same settings.
-    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -15,6 +15,7 @@ import redis
 from celery.signals import worker_process_init
 
 from shared.config import get_settings
+from shared.image_decode import configure_pillow
 from shared.queue import make_celery
 from shared.store import JobStore, connect
 from shared.uploads import UploadStore
@@ -29,6 +30,7 @@ app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
 store = JobStore(connect(settings), settings.result_ttl_s)
 uploads = UploadStore(settings)
+configure_pillow(settings)
 
 
 @worker_process_init.connect
