@@ -6,6 +6,7 @@ address (url_allowed_networks=["127.0.0.5/32"]), so a redirect from it to 127.0.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,9 +78,12 @@ class LocalHttpServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, host: str = HOST):
+    def __init__(self, host: str = HOST, tls: ssl.SSLContext | None = None):
         super().__init__((host, 0), _Handler)
         self.host = host
+        self.scheme = "https" if tls else "http"
+        if tls:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.routes: dict[str, Route] = {}
         self.hits: list[str] = []
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -97,7 +101,7 @@ class LocalHttpServer(ThreadingHTTPServer):
         return self.server_address[1]
 
     def url(self, path: str, host: str | None = None) -> str:
-        return f"http://{host or self.host}:{self.port}{path}"
+        return f"{self.scheme}://{host or self.host}:{self.port}{path}"
 
     def add(self, path: str, route: Route) -> str:
         """Serve `route` at `path`; returns its URL."""

@@ -8,7 +8,8 @@ import pytest
 
 from shared.config import Settings
 from shared.netguard import ForbiddenAddress, HostNotFound, UrlRefused, check_url, guarded_client
-from tests.http_server import NETWORK, Route
+from tests.http_server import NETWORK, LocalHttpServer, Route
+from tests.tls import make_tls
 
 DEFAULT = Settings()
 HTTP = Settings(allow_http=True)  # http allowed, so that only the address rule refuses the local server
@@ -168,3 +169,37 @@ def test_one_forbidden_address_among_several_refuses_the_host(http_server):
 
     with guarded_client(SERVER_OK, resolve=resolve) as client, pytest.raises(ForbiddenAddress, match="10.0.0.7"):
         client.get(http_server.url("/guard/ok.txt", host="mixed.test"))
+
+
+# --- TLS on the checked address ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An https server on 127.0.0.5 whose certificate names images.test, and a client context trusting its CA."""
+    server_context, client_context = make_tls(tmp_path_factory.mktemp("tls"), "images.test")
+    with LocalHttpServer(tls=server_context) as server:
+        server.add("/tls/ok.txt", Route(b"over tls", "text/plain"))
+        yield server, client_context
+
+
+def to_server(host: str, port: int) -> list[str]:
+    return ["127.0.0.5"]  # every name is the test server here: DNS stands in for what the internet would say
+
+
+def test_tls_connects_to_the_checked_address_and_verifies_the_url_host(tls_server):
+    server, client_context = tls_server
+    settings = Settings(url_allowed_networks=[NETWORK])
+    with guarded_client(settings, resolve=to_server, ssl_context=client_context) as client:
+        assert client.get(server.url("/tls/ok.txt", host="images.test")).content == b"over tls"
+        with pytest.raises(httpx.ConnectError, match="certificate"):  # the name is checked, not the address
+            client.get(server.url("/tls/ok.txt", host="other.test"))
+
+
+def test_a_redirect_from_https_to_http_is_refused_unless_http_is_allowed(tls_server, http_server):
+    server, client_context = tls_server
+    server.redirect("/tls/downgrade", http_server.url("/guard/ok.txt"))
+    settings = Settings(url_allowed_networks=[NETWORK])
+    with guarded_client(settings, resolve=to_server, ssl_context=client_context) as client:
+        with pytest.raises(UrlRefused, match="scheme must be https"):
+            client.get(server.url("/tls/downgrade", host="images.test"))
