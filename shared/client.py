@@ -59,11 +59,12 @@ class Client:
         return self._send("POST", "/v1/jobs", json=body, headers=headers)
 
     def submit_files(self, task: str, files: list[bytes], question: str | None = None,
-                     max_new_tokens: int | None = None) -> dict:
+                     max_new_tokens: int | None = None, idempotency_key: str | None = None) -> dict:
         """POST /v1/jobs as multipart, the images inline."""
         form = {k: v for k, v in {"task": task, "question": question, "max_new_tokens": max_new_tokens}.items()
                 if v is not None}
-        return self._send("POST", "/v1/jobs", data=form, files=file_parts(files))
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._send("POST", "/v1/jobs", data=form, files=file_parts(files), headers=headers)
 
     def upload(self, files: list[bytes]) -> list[dict]:
         """POST /v1/uploads: store images for later jobs; returns their `upload://` refs, sizes and expiry."""

@@ -83,6 +83,15 @@ def test_a_multipart_job_with_inline_images(make_client, photo):
     assert (again.status, again.code) == (422, "image_unsupported_format")
 
 
+def test_a_repeated_multipart_job_with_an_idempotency_key_is_the_same_job(make_client, photo):
+    client = make_client()
+    first = client.submit_files("describe", [photo], max_new_tokens=2, idempotency_key="mp-1")
+    again = client.submit_files("describe", [photo], max_new_tokens=2, idempotency_key="mp-1")
+    assert again["id"] == first["id"]
+    other = error_of(lambda: client.submit_files("describe", [png()], max_new_tokens=2, idempotency_key="mp-1"))
+    assert other.code == "idempotency_conflict"
+
+
 def test_an_https_style_url_from_an_allowed_server(client, http_server, photo):
     url = http_server.add("/e2e/photo.png", Route(photo))
     job = client.submit("describe", [url], max_new_tokens=4)
