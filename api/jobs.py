@@ -192,7 +192,7 @@ def parse_multipart(settings: Settings) -> tuple[JobRequest, str]:
     fields: dict = {name: form.get(name) for name in form if name != "images"}
     fields["images"] = form.getlist("images")
     if fields.get("max_new_tokens") is not None:
-        fields["max_new_tokens"] = int(fields["max_new_tokens"]) if fields["max_new_tokens"].isdigit() else -1
+        fields["max_new_tokens"] = form_int(fields["max_new_tokens"])
     fields["images"] += ["sha256:" + hashlib.sha256(data).hexdigest() for data in files]
     try:
         described = JobRequest.model_validate(fields)
@@ -201,6 +201,14 @@ def parse_multipart(settings: Settings) -> tuple[JobRequest, str]:
     check_image_count(len(described.images), 1, settings.max_images, settings)
     refs = form.getlist("images") + [upload.ref for upload in store_images(files, settings)]
     return described.model_copy(update={"images": refs}), request_hash(described)
+
+
+def form_int(value: str) -> int | str:
+    """A form field as a number; anything else stays a string, which the model refuses as mistyped."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
 
 
 def invalid_fields(exc: ValidationError) -> VisionqError:

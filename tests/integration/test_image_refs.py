@@ -81,6 +81,10 @@ def test_a_multipart_job_with_inline_images(make_client, photo):
     assert finished["status"] == "succeeded" and finished["image_count"] == 2
     again = error_of(lambda: client.submit_files("describe", [b"not an image"]))
     assert (again.status, again.code) == (422, "image_unsupported_format")
+    for tokens, code in (("²", "invalid_request"), ("many", "invalid_request"), ("0", "max_new_tokens_out_of_range")):
+        response = client.http.post(f"{client.base_url}/v1/jobs", data={"task": "describe", "max_new_tokens": tokens},
+                                    files=[("file", ("a.png", png(), "image/png"))], timeout=10)
+        assert (response.status_code, response.json()["error"]["code"]) == (422, code)
 
 
 def test_a_repeated_multipart_job_with_an_idempotency_key_is_the_same_job(make_client, photo):
