@@ -76,9 +76,12 @@ def fetch_url(url: str, settings: Settings, budget: Budget) -> bytes:
     """GET an image over https (http when allowed), at most settings.max_image_bytes, within the total timeout."""
     deadline = time.monotonic() + settings.url_total_timeout_s
     try:
-        with http_client(settings).stream("GET", url, headers=REQUEST_HEADERS) as response:
+        response = follow(http_client(settings), url, settings, deadline)
+        try:
             check_response(response, settings)
             return read_body(response, settings.max_image_bytes, deadline, budget)
+        finally:
+            response.close()
     except ForbiddenAddress as exc:
         raise ImageForbiddenAddress(str(exc)) from None
     except HostNotFound as exc:
@@ -91,6 +94,28 @@ def fetch_url(url: str, settings: Settings, budget: Budget) -> bytes:
         raise ImageFetchFailed("the image server did not answer in time") from None
     except httpx.HTTPError as exc:
         raise ImageFetchFailed(f"the image could not be fetched ({type(exc).__name__})") from None
+
+
+def follow(client: httpx.Client, url: str, settings: Settings, deadline: float) -> httpx.Response:
+    """The streamed response at the end of at most settings.url_max_redirects redirects. The hops are followed
+    here rather than by httpx so that each gets only the time left of the total (the guard still checks each)."""
+    request = client.build_request("GET", url, headers=REQUEST_HEADERS)
+    for _ in range(settings.url_max_redirects + 1):
+        request.extensions["timeout"] = hop_timeout(settings, deadline)
+        response = client.send(request, stream=True, follow_redirects=False)
+        if response.next_request is None:
+            return response
+        response.close()
+        request = response.next_request
+    raise httpx.TooManyRedirects("too many redirects", request=request)
+
+
+def hop_timeout(settings: Settings, deadline: float) -> dict[str, float]:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ImageFetchFailed("the image took longer than the total timeout to fetch")
+    connect, read = min(settings.url_connect_timeout_s, left), min(settings.url_read_timeout_s, left)
+    return httpx.Timeout(read, connect=connect).as_dict()
 
 
 # Identity only: a compressed body could expand far beyond what we counted on the wire.

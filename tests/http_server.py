@@ -24,6 +24,7 @@ class Route:
     chunk: int = 0  # >0: send the body in chunks of this size, without a Content-Length
     delay_s: float = 0.0  # before each chunk
     repeat: int = 1  # the body is sent this many times (an endless-looking body from a small one)
+    header_delay_s: float = 0.0  # before the status line
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -41,6 +42,7 @@ class _Handler(BaseHTTPRequestHandler):
         route = self.server.routes.get(self.path.split("?", 1)[0])
         if route is None:
             route = Route(b"no such path", "text/plain", 404)
+        time.sleep(route.header_delay_s)
         self.send_response(route.status)
         self.send_header("Content-Type", route.content_type)
         for name, value in route.headers.items():

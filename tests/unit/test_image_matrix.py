@@ -113,6 +113,7 @@ CASES: list[tuple[str, str, Make, str]] = [
      lambda e: e.serve("drip.png", png() * 40, chunk=100, delay_s=0.1), "image_fetch_failed"),
     ("no-answer-past-read-timeout", "worker",
      lambda e: e.serve("stall.png", png(), chunk=10_000, delay_s=2.0), "image_fetch_failed"),
+    ("slow-redirect-hops-past-total-timeout", "worker", lambda e: slow_chain(e), "image_fetch_failed"),
     ("http-404", "worker", lambda e: e.serve("gone.png", b"nope", status=404), "image_not_found"),
     ("http-500", "worker", lambda e: e.serve("err.png", b"oops", status=500), "image_fetch_failed"),
     ("redirect-loop", "worker", lambda e: e.redirect("loop", e.server.url("/matrix/loop")), "image_fetch_failed"),
@@ -133,6 +134,16 @@ CASES: list[tuple[str, str, Make, str]] = [
     ("upload-malformed-id", "submit", lambda e: "upload://../../etc", "invalid_image_ref"),
     ("scheme-unknown", "submit", lambda e: "gopher://example.com/a.png", "invalid_image_ref"),
 ]
+
+
+def slow_chain(env: Env) -> str:
+    """Three redirects then the image, each answer 0.4 s late: every hop is within the 0.5 s read timeout, the
+    whole is not within the 1 s total."""
+    target = env.serve("chain-end.png", png(), header_delay_s=0.4)
+    for hop in range(3):
+        target = env.server.add(f"/matrix/chain{hop}", Route(b"", "text/plain", 302, {"Location": target},
+                                                             header_delay_s=0.4))
+    return target
 
 
 def png_image(width: int, height: int | None = None):
@@ -221,3 +232,12 @@ def test_a_bucket_allowed_in_settings_needs_no_key_grant(env):
     everyone = env.settings.model_copy(update={"s3_allowed_buckets": [FORBIDDEN_BUCKET]})
     validate_ref(ref, everyone, Access(OWNER))
     assert load_images([ref], everyone, Access(OWNER))[0].size == (8, 6)
+
+
+def test_the_total_timeout_spans_redirect_hops(env):
+    """Each hop gets only what is left of the total: the fetch gives up at about 1 s, not after 4 x 0.4 s."""
+    started = time.monotonic()
+    with pytest.raises(VisionqError) as info:
+        load_images([slow_chain(env)], env.settings, Access(OWNER))
+    assert info.value.code == "image_fetch_failed"
+    assert time.monotonic() - started < 1.3
