@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
@@ -79,6 +81,50 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_workers: int = 2
     api_threads: int = 16
+
+    # Outbound URLs (SSRF guard): shared/netguard.py. Lists are JSON in the environment, e.g.
+    # VISIONQ_URL_ALLOWED_NETWORKS='["127.0.0.0/8"]'.
+    allow_http: bool = False  # plain http:// URLs (https only by default)
+    url_allowed_networks: list[str] = []  # CIDRs exempt from the non-global-address rule
+    url_allow_hosts: list[str] = []  # non-empty: only these hosts (and their subdomains)
+    url_deny_hosts: list[str] = []  # never these hosts (and their subdomains)
+    url_connect_timeout_s: float = Field(default=5.0, gt=0)
+    url_read_timeout_s: float = Field(default=10.0, gt=0)  # between two reads of one response
+    url_total_timeout_s: float = Field(default=30.0, gt=0)  # one whole fetch, redirects included
+    url_max_redirects: int = Field(default=3, ge=0)
+
+    # Image references (issue 5): https fetches, s3://, uploads, decoding bounds. max_image_bytes and
+    # max_image_pixels above bound each image; these bound a job and the sources.
+    max_image_side: int = Field(default=16_384, gt=0)  # longest side, in pixels
+    max_job_image_bytes: int = Field(default=40 * 1024 * 1024, gt=0)  # all images of one job together
+    max_job_image_pixels: int = Field(default=80_000_000, gt=0)
+    image_fetch_threads: int = Field(default=4, ge=1)  # images of one job fetched at once
+    s3_endpoint_url: str = ""  # empty: AWS; else MinIO, R2, ... (credentials: boto3's standard chain)
+    s3_region: str = ""  # empty: boto3's default (AWS_DEFAULT_REGION, ~/.aws/config)
+    s3_allowed_buckets: list[str] = []  # buckets every key may read (["*"]: any); keys add their own
+    upload_ttl_s: int = Field(default=3600, gt=0)
+    max_upload_bytes_per_key: int = Field(default=1024**3, gt=0)  # bytes one key may have stored at once
+    uploads_s3_uri: str = ""  # s3://bucket/prefix: upload bytes go there, their owner and expiry stay in Redis
+    results_s3_uri: str = ""  # s3://bucket/prefix: the worker also writes each succeeded job there, as <id>.json
+
+    @field_validator("uploads_s3_uri", "results_s3_uri")
+    @classmethod
+    def _s3_prefix(cls, value: str) -> str:
+        if value and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", value):
+            raise ValueError("must be empty or s3://bucket[/prefix]")
+        return value
+
+    @field_validator("url_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # a ValueError here stops a bad configuration at start-up
+        return value
+
+    @field_validator("url_allow_hosts", "url_deny_hosts")
+    @classmethod
+    def _hosts_lower(cls, value: list[str]) -> list[str]:
+        return [host.strip().lower().rstrip(".") for host in value if host.strip()]
 
     @model_validator(mode="after")
     def _redelivery_outlasts_jobs(self) -> Settings:

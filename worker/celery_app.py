@@ -18,8 +18,10 @@ import torch
 from celery.signals import worker_init
 
 from shared.config import get_settings
+from shared.image_decode import configure_pillow
 from shared.queue import make_celery
 from shared.store import JobStore, connect
+from shared.uploads import UploadStore
 from worker.batcher import Batcher
 from worker.decoding import BatchStats
 from worker.engine import get_engine, load_count
@@ -34,6 +36,8 @@ app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
 store = JobStore(connect(settings), settings.result_ttl_s)
 runner: JobRunner | None = None  # set once the model is loaded
+uploads = UploadStore(settings)
+configure_pillow(settings)
 
 
 @worker_init.connect
@@ -51,7 +55,7 @@ def load_model(sender=None, **_kwargs) -> None:
     batcher = Batcher(engine.decoder, settings.max_batch, settings.batch_wait_ms / 1000,
                       settings.batch_fill_ms / 1000, store.canceled_among, on_batch=batch_recorder(name, engine.device))
     runner = JobRunner(settings, store, engine, batcher, name,
-                       preparing=threading.BoundedSemaphore(settings.prepare_threads))
+                       preparing=threading.BoundedSemaphore(settings.prepare_threads), uploads=uploads)
     # The GPU thread launches kernels between the task threads' Python: let it have the GIL back sooner.
     sys.setswitchinterval(0.0005)
     store.record_worker(name, fresh=True, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
