@@ -9,7 +9,7 @@ from shared.config import Settings, get_settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The Flask app factory; tests pass their own settings."""
-    from api import errors, health, jobs, openapi
+    from api import deliveries, errors, health, jobs, openapi, webhooks
     from api.context import init_app
 
     settings = settings or get_settings()
@@ -19,6 +19,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_app(app, settings)
     errors.register(app)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(deliveries.bp)
+    app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     return app

@@ -10,6 +10,7 @@ from flask import Flask, current_app
 from api.job_cache import FinishedJobs
 from shared.config import Settings
 from shared.store import JobStore, KeyStore, connect
+from shared.webhook_store import WebhookStore
 
 if TYPE_CHECKING:
     from api.auth import KeyCache
@@ -21,16 +22,18 @@ class Services:
     store: JobStore
     key_cache: KeyCache
     finished: FinishedJobs
+    hooks: WebhookStore
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Create the process's Redis client, job store and key cache."""
+    """Create the process's Redis client, job store, key cache and webhook store."""
     from api.auth import KeyCache
 
     client = connect(settings)
-    store = JobStore(client, settings.result_ttl_s, settings.idempotency_ttl_s)
+    store = JobStore(client, settings.result_ttl_s, settings.idempotency_ttl_s, settings.webhook_queue)
     app.extensions["visionq"] = Services(settings, store, KeyCache(KeyStore(client), settings.key_cache_s),
-                                         FinishedJobs(settings.result_ttl_s))
+                                         FinishedJobs(settings.result_ttl_s),
+                                         WebhookStore(client, settings.webhook_queue))
 
 
 def services() -> Services:

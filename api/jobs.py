@@ -7,7 +7,7 @@ import hashlib
 import math
 
 from flask import Blueprint, Response, g, request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from api.auth import authenticate, charge_now, check_rate
 from api.context import services
@@ -30,6 +30,7 @@ from shared.errors import (
 from shared.images import validate_ref
 from shared.jobs import Job, JobFailure, JobRequest, JobStatus, new_job_id, utcnow
 from shared.task_specs import TASKS
+from shared.webhooks import check_webhook
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -159,12 +160,12 @@ def decode_cursor(cursor: str) -> float:
     return value
 
 
-def parse_request() -> JobRequest:
-    """The body as a JobRequest; malformed JSON and wrong shapes are told apart."""
+def parse_request(model: type[BaseModel] = JobRequest) -> BaseModel:
+    """The body as a `model` (a JobRequest by default); malformed JSON and wrong shapes are told apart."""
     if not request.is_json:
         raise UnsupportedMediaType()
     try:
-        return JobRequest.model_validate_json(request.get_data(cache=False))
+        return model.model_validate_json(request.get_data(cache=False))
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         if any(err["type"] == "json_invalid" for err in errors):
@@ -190,6 +191,7 @@ def build_job(req: JobRequest, settings: Settings) -> Job:
         question=spec.question_or_default(check_question(req.question, settings)),
         max_new_tokens=check_max_new_tokens(req.max_new_tokens, settings),
         created_at=utcnow(),
+        webhook=check_webhook(req.webhook, settings) if req.webhook else None,
     )
 
 

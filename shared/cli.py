@@ -1,5 +1,5 @@
-"""The `visionq` command: run the parts (up, api, worker, demo), talk to the API (submit, get, cancel, batch),
-manage API keys, build tiny models."""
+"""The `visionq` command: run the parts (up, api, worker, webhooks worker, demo), talk to the API (submit, get,
+cancel, batch), manage API keys, receive webhooks locally, build tiny models."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ def cmd_worker(args) -> int:
     from shared.launcher import default_worker_name, worker_command
 
     command = worker_command(get_settings(), args.name or default_worker_name())
+    os.execv(command[0], command)
+
+
+def cmd_webhooks(args) -> int:
+    if args.webhooks_command == "listen":
+        from shared.webhook_listen import listen
+
+        return listen(args.host, args.port, args.secret or os.environ.get("VISIONQ_WEBHOOK_SECRET"))
+    from shared.launcher import default_webhooks_name, webhooks_command
+
+    command = webhooks_command(get_settings(), args.name or default_webhooks_name())
     os.execv(command[0], command)
 
 
@@ -124,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     add_client_commands(sub)
     add_key_commands(sub)
+    add_webhook_commands(sub)
     tiny = sub.add_parser("tiny-model", help="build a tiny random-weight vision-language model")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
@@ -179,6 +191,18 @@ def add_key_commands(sub) -> None:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     keys_sub.add_parser("list", help="every key (never the secrets)")
+
+
+def add_webhook_commands(sub) -> None:
+    webhooks = sub.add_parser("webhooks", help="the webhook delivery worker; a local receiver for development")
+    webhooks.set_defaults(func=cmd_webhooks)
+    hooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    worker = hooks_sub.add_parser("worker", help="the delivery worker (CPU, a pool of threads; no model)")
+    worker.add_argument("--name", help="Celery node name, e.g. webhooks@%%h")
+    listen = hooks_sub.add_parser("listen", help="receive, verify and print webhooks locally")
+    listen.add_argument("--host", default="127.0.0.1")
+    listen.add_argument("--port", type=int, default=9000)
+    listen.add_argument("--secret", help="whsec_... to verify signatures (or VISIONQ_WEBHOOK_SECRET)")
 
 
 def main(argv: list[str] | None = None) -> int:

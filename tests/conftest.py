@@ -84,7 +84,7 @@ def client(stack):
 
 @pytest.fixture
 def store(settings) -> JobStore:
-    return JobStore(connect(settings), settings.result_ttl_s)
+    return JobStore(connect(settings), settings.result_ttl_s, webhook_queue=settings.webhook_queue)
 
 
 @pytest.fixture

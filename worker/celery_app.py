@@ -26,7 +26,7 @@ HEARTBEAT_S = 10.0
 settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
-store = JobStore(connect(settings), settings.result_ttl_s)
+store = JobStore(connect(settings), settings.result_ttl_s, webhook_queue=settings.webhook_queue)
 
 
 @worker_process_init.connect
