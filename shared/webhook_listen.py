@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +28,8 @@ class Received:
     body: bytes
     verified: bool | None  # None when no secret was given
     answered: int = 0
-    event: dict | None = field(default=None)
+    event: dict | None = None
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def webhook_id(self) -> str | None:
