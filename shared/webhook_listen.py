@@ -102,7 +102,8 @@ class WebhookReceiver(ThreadingHTTPServer):
         return (401 if received.verified is False else 204), {}
 
     def start(self) -> WebhookReceiver:
-        self._thread = threading.Thread(target=self.serve_forever, name="webhook-receiver", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="webhook-receiver",
+                                        daemon=True)
         self._thread.start()
         return self
 

@@ -82,6 +82,24 @@ class Delivery(BaseModel):
     attempts: list[Attempt]
 
 
+class DeliveryList(BaseModel):
+    """GET /v1/jobs/<id>/deliveries."""
+
+    deliveries: list[Delivery]
+
+
+class EndpointList(BaseModel):
+    """GET /v1/webhooks (secrets are never listed)."""
+
+    endpoints: list[Endpoint]
+
+
+class SigningSecret(BaseModel):
+    """GET /v1/webhooks/secret."""
+
+    secret: str = Field(description="whsec_...: verifies the events sent to jobs' own webhook URLs")
+
+
 def check_webhook(spec: WebhookSpec, settings: Settings) -> WebhookSpec:
     """The spec with its events spelled out, once its URL passes the SSRF guard (one DNS lookup) and its events
     are known ones; else WebhookUrlRefused (400) or InvalidWebhookEvents (422)."""
