@@ -67,7 +67,7 @@ def task_message(task: str, args: list[str], queue: str, task_id: str | None = N
     headers = {
         "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None, "expires": None,
         "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
-        "parent_id": None, "argsrepr": repr(args), "kwargsrepr": "{}", "origin": _ORIGIN,
+        "parent_id": None, "argsrepr": repr(args or ()), "kwargsrepr": "{}", "origin": _ORIGIN,
         "ignore_result": True, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
     }
     properties = {
