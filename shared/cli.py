@@ -68,7 +68,9 @@ def cmd_submit(args) -> int:
 
     client = client_of(args)
     refs = [image_arg_to_ref(a) for a in args.images]
-    job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key)
+    webhook = {"url": args.webhook} if args.webhook else None
+    job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key,
+                        webhook=webhook)
     if args.wait:
         job = client.wait(job["id"], timeout_s=args.timeout)
     print(json.dumps(job, indent=2))
@@ -165,6 +167,7 @@ def add_client_commands(sub) -> None:
     submit.add_argument("images", nargs="+")
     add_job_options(submit)
     submit.add_argument("--idempotency-key")
+    submit.add_argument("--webhook", help="URL to POST the job's end to (signed; see `visionq webhooks listen`)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=600.0)
     get = client_parser(sub, "get", "show a job", cmd_get)
