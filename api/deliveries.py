@@ -35,7 +35,9 @@ def retry_delivery(job_id: str, delivery_id: str):
         raise NotFound("this job has no delivery with this id")
     if outcome == "busy":
         raise DeliveryInProgress()
-    delivery = next(d for d in svc.hooks.deliveries(job_id) if d.id == delivery_id)
+    delivery = next((d for d in svc.hooks.deliveries(job_id) if d.id == delivery_id), None)
+    if delivery is None:  # expired in between
+        raise NotFound("this job has no delivery with this id")
     return public(delivery), 202
 
 

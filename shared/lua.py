@@ -209,7 +209,8 @@ end
 return outcome
 """
 
-# Send a delivery again, now, on a fresh schedule (a manual retry): unless an attempt holds it right now.
+# Send a delivery again, now, on a fresh schedule (a manual retry): unless an attempt holds it right now. The
+# backoff starts over too (from the attempts made so far, kept in schedule_base).
 # KEYS: delivery hash, its log, due zset, webhook queue. ARGV: member, dispatch message, ttl seconds at least.
 # Returns "ok", "busy" or "missing".
 RETRY_DELIVERY = _NOW + """
@@ -218,7 +219,8 @@ local at = now()
 if redis.call('HGET', KEYS[1], 'status') == 'pending'
    and tonumber(redis.call('HGET', KEYS[1], 'lease_until')) > at then return 'busy' end
 local stamp = tostring(at)
-redis.call('HSET', KEYS[1], 'status', 'pending', 'next_at', stamp, 'schedule_start', stamp, 'lease_until', '0')
+redis.call('HSET', KEYS[1], 'status', 'pending', 'next_at', stamp, 'schedule_start', stamp, 'lease_until', '0',
+           'schedule_base', redis.call('HGET', KEYS[1], 'attempts'))
 redis.call('ZADD', KEYS[3], at, ARGV[1])
 local ttl = math.max(redis.call('TTL', KEYS[1]), tonumber(ARGV[3]))
 redis.call('EXPIRE', KEYS[1], ttl)

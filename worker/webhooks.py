@@ -54,7 +54,7 @@ class Sender:
             log.exception("webhook delivery %s/%s failed unexpectedly", job_id, delivery_id)
             answer = Answer(None, "internal error while sending", retry=True)
         latency_ms = (time.perf_counter() - started) * 1000
-        outcome, delay = self._judge(claim.attempt, answer)
+        outcome, delay = self._judge(claim.attempt - int(claim.fields.get("schedule_base", 0)), answer)
         entry = attempt_entry(claim.attempt, answer.status_code, latency_ms, answer.error)
         recorded = self.hooks.record(claim, entry, outcome, delay, self.settings.webhook_horizon_s,
                                      self.settings.webhook_max_log)
@@ -102,8 +102,9 @@ class Sender:
             return Answer(None, f"{type(exc).__name__}: {exc}"[:300], retry=True)
 
     def _judge(self, attempt: int, answer: Answer) -> tuple[str, float]:
-        """(delivered | retry | failed, seconds before the next attempt); Retry-After is honoured when longer
-        than the backoff (the store fails a retry that would land past the give-up horizon)."""
+        """(delivered | retry | failed, seconds before the next attempt), `attempt` counting from the start of
+        the schedule; Retry-After is honoured when longer than the backoff (the store fails a retry that would
+        land past the give-up horizon)."""
         if answer.status_code is not None and 200 <= answer.status_code < 300:
             return "delivered", 0.0
         if not answer.retry:

@@ -153,6 +153,7 @@ def test_a_manual_retry_sends_the_same_event_again(stores):
     assert queued_tasks(hooks) == [DISPATCH_WEBHOOKS_TASK]
     again = hooks.claim(job_id, "job", lease_s=30)
     assert again.attempt == 2 and again.fields["event_id"] == f"msg_{job_id}"
+    assert again.fields["schedule_base"] == "1"  # the sender's backoff counts from here again
     assert hooks.retry(job_id, "nope", 60) == "missing"
 
 
