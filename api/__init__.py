@@ -5,20 +5,23 @@ from __future__ import annotations
 from flask import Flask
 
 from shared.config import Settings, get_settings
+from shared.image_decode import configure_pillow
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The Flask app factory; tests pass their own settings."""
-    from api import deliveries, errors, health, jobs, openapi, webhooks
+    from api import deliveries, errors, health, jobs, openapi, uploads, webhooks
     from api.context import init_app
 
     settings = settings or get_settings()
+    configure_pillow(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     init_app(app, settings)
     errors.register(app)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(uploads.bp)
     app.register_blueprint(deliveries.bp)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)

@@ -10,6 +10,7 @@ from flask import Flask, current_app
 from api.job_cache import FinishedJobs
 from shared.config import Settings
 from shared.store import JobStore, KeyStore, connect
+from shared.uploads import UploadStore
 from shared.webhook_store import WebhookStore
 
 if TYPE_CHECKING:
@@ -22,17 +23,18 @@ class Services:
     store: JobStore
     key_cache: KeyCache
     finished: FinishedJobs
+    uploads: UploadStore
     hooks: WebhookStore
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Create the process's Redis client, job store, key cache and webhook store."""
+    """Create the process's Redis clients, job store, key cache, upload store and webhook store."""
     from api.auth import KeyCache
 
     client = connect(settings)
     store = JobStore(client, settings.result_ttl_s, settings.idempotency_ttl_s, settings.webhook_queue)
     app.extensions["visionq"] = Services(settings, store, KeyCache(KeyStore(client), settings.key_cache_s),
-                                         FinishedJobs(settings.result_ttl_s),
+                                         FinishedJobs(settings.result_ttl_s), UploadStore(settings),
                                          WebhookStore(client, settings.webhook_queue))
 
 

@@ -7,10 +7,11 @@ import hashlib
 import math
 
 from flask import Blueprint, Response, g, request
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from api.auth import authenticate, charge_now, check_rate
 from api.context import services
+from api.uploads import read_files, store_images
 from shared.config import Settings
 from shared.errors import (
     AlreadyFinished,
@@ -27,8 +28,9 @@ from shared.errors import (
     VisionqError,
     WrongImageCount,
 )
-from shared.images import validate_ref
+from shared.images import NO_ACCESS, Access, validate_ref
 from shared.jobs import Job, JobFailure, JobRequest, JobStatus, new_job_id, utcnow
+from shared.store import UNLIMITED
 from shared.task_specs import TASKS
 from shared.webhooks import check_webhook
 
@@ -38,23 +40,34 @@ bp.before_request(authenticate)
 
 @bp.post("")
 def submit_job():
-    """Accept a job: 202 with the queued job and its Location; a repeated Idempotency-Key gives the same job."""
+    """Accept a job: 202 with the queued job and its Location; a repeated Idempotency-Key gives the same job.
+    The body is JSON, or multipart/form-data with the images inline (stored as uploads)."""
     svc = services()
+    multipart = request.mimetype == "multipart/form-data"
+    if multipart:
+        charge_now()  # before any image is stored: a request over its key's rate stores nothing
     try:
-        request_body = parse_request()
-        job = build_job(request_body, svc.settings).model_copy(update={"owner": g.key.id})
+        request_body, digest = parse_multipart(svc.settings) if multipart else parse_json()
+        job = build_job(request_body, svc.settings, caller_access()).model_copy(update={"owner": g.key.id})
     except VisionqError:
-        charge_now()  # a rejected request still counts against the key's rate
+        if not multipart:
+            charge_now()  # a rejected request still counts against the key's rate
         raise
     idempotency = request.headers.get("Idempotency-Key")
     created = svc.store.create(job, svc.settings.queue, max_active=g.key.limits(svc.settings)[2],
-                               idempotency=idempotency, request_hash=request_hash(request_body), charge=g.charge)
+                               idempotency=idempotency, request_hash=digest,
+                               charge=UNLIMITED if multipart else g.charge)
     check_rate(created.retry_after_s)
     if created.outcome == "queue_full":
         raise QueueFull()
     if created.outcome == "existing":
         return replay(created.job_id, created.same_request)
     return job_response(job, 202, {"Location": f"/v1/jobs/{job.id}"})
+
+
+def caller_access() -> Access:
+    """What the caller's image refs may reach: its uploads and its key's S3 buckets."""
+    return Access(g.key.id, frozenset(g.key.s3_buckets), services().uploads)
 
 
 @bp.get("")
@@ -160,28 +173,61 @@ def decode_cursor(cursor: str) -> float:
     return value
 
 
-def parse_request(model: type[BaseModel] = JobRequest) -> BaseModel:
-    """The body as a `model` (a JobRequest by default); malformed JSON and wrong shapes are told apart."""
+def parse_json() -> tuple[JobRequest, str]:
+    """The JSON body as a JobRequest, and its digest; malformed JSON and wrong shapes are told apart."""
     if not request.is_json:
-        raise UnsupportedMediaType()
+        raise UnsupportedMediaType("the body must be JSON, or multipart/form-data with the images inline")
     try:
-        return model.model_validate_json(request.get_data(cache=False))
+        body = JobRequest.model_validate_json(request.get_data(cache=False))
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        if any(err["type"] == "json_invalid" for err in errors):
-            raise InvalidJson() from None
-        details = [{"field": ".".join(map(str, err["loc"])), "message": err["msg"]} for err in errors]
-        raise InvalidRequest("the request has missing, unknown or mistyped fields", details=details) from None
+        raise invalid_fields(exc) from None
+    return body, request_hash(body)
 
 
-def build_job(req: JobRequest, settings: Settings) -> Job:
+def parse_multipart(settings: Settings) -> tuple[JobRequest, str]:
+    """A multipart body: form fields task, question, max_new_tokens and images (refs), then the image files,
+    which are stored as uploads of the caller and follow the `images` refs in the job, in the order sent. The
+    digest (for Idempotency-Key) covers the files' contents, not the upload ids this request made."""
+    form = request.form
+    files = read_files(settings)
+    fields: dict = {name: form.get(name) for name in form if name != "images"}
+    fields["images"] = form.getlist("images")
+    if fields.get("max_new_tokens") is not None:
+        fields["max_new_tokens"] = form_int(fields["max_new_tokens"])
+    fields["images"] += ["sha256:" + hashlib.sha256(data).hexdigest() for data in files]
+    try:
+        described = JobRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise invalid_fields(exc) from None
+    check_image_count(len(described.images), 1, settings.max_images, settings)
+    refs = form.getlist("images") + [upload.ref for upload in store_images(files, settings)]
+    return described.model_copy(update={"images": refs}), request_hash(described)
+
+
+def form_int(value: str) -> int | str:
+    """A form field as a number; anything else stays a string, which the model refuses as mistyped."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def invalid_fields(exc: ValidationError) -> VisionqError:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    if any(err["type"] == "json_invalid" for err in errors):
+        return InvalidJson()
+    details = [{"field": ".".join(map(str, err["loc"])), "message": err["msg"]} for err in errors]
+    return InvalidRequest("the request has missing, unknown or mistyped fields", details=details)
+
+
+def build_job(req: JobRequest, settings: Settings, access: Access = NO_ACCESS) -> Job:
     """Check the request against the task and the server's bounds, and make the queued job."""
     spec = TASKS.get(req.task)
     if spec is None:
         raise UnknownTask(f"task must be one of: {', '.join(TASKS)}")
     check_image_count(len(req.images), spec.min_images, spec.max_images or settings.max_images, settings)
     for ref in req.images:
-        validate_ref(ref, settings)
+        validate_ref(ref, settings, access)
     return Job(
         id=new_job_id(),
         status=JobStatus.QUEUED,

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from api.context import services
 from shared.config import Settings
 from shared.jobs import ErrorBody, Job, JobPage, JobRequest, JobStatus
+from shared.uploads import UploadList
 from shared.webhooks import Delivery, DeliveryList, Endpoint, EndpointList, EndpointRequest, SigningSecret
 
 bp = Blueprint("openapi", __name__)
@@ -74,7 +75,9 @@ def openapi(settings: Settings) -> dict:
                     "summary": "Submit a job",
                     "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                     "schema": {"type": "string", "maxLength": 256}}],
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": ref(JobRequest)}}},
+                    "requestBody": {"required": True, "content": {
+                        "application/json": {"schema": ref(JobRequest)},
+                        "multipart/form-data": {"schema": multipart_job(settings)}}},
                     "responses": {"202": answer("accepted (or the job an earlier identical request made)", Job,
                                                 location),
                                   **errors(400, 401, 413, 415, 422, 429, 503)},
@@ -96,17 +99,36 @@ def openapi(settings: Settings) -> dict:
                 "parameters": [job_id],
                 "responses": {"200": answer("the canceled job", Job), **errors(401, 404, 409, 429, 503)},
             }},
+            "/v1/uploads": {"post": {
+                "summary": "Store images for later jobs of the same key (upload://<id> refs)",
+                "requestBody": {"required": True, "content": {
+                    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+                        "type": "array", "maxItems": settings.max_images,
+                        "items": {"type": "string", "format": "binary"}}}}},
+                    "image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"201": answer("stored", UploadList), **errors(400, 401, 413, 415, 422, 429, 503)},
+            }},
             **webhook_paths(job_id),
             "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": answer("up")}}},
             "/readyz": {"get": {"summary": "Readiness: Redis and a live worker", "security": [],
                                 "responses": {"200": answer("ready"), "503": answer("not ready, with the reason")}}},
         },
         "components": {
-            "schemas": schemas([JobRequest, EndpointRequest], [Job, JobPage, ErrorBody, Delivery, DeliveryList,
-                                                                Endpoint, EndpointList, SigningSecret]),
+            "schemas": schemas([JobRequest, EndpointRequest], [Job, JobPage, ErrorBody, UploadList, Delivery,
+                                                                DeliveryList, Endpoint, EndpointList, SigningSecret]),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def multipart_job(settings: Settings) -> dict:
+    """POST /v1/jobs as a form: the JSON fields, then image files after the `images` refs."""
+    return {"type": "object", "required": ["task"], "properties": {
+        "task": {"type": "string"}, "question": {"type": "string"},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit},
+        "images": {"type": "array", "items": {"type": "string"}},
+        "file": {"type": "array", "maxItems": settings.max_images, "items": {"type": "string", "format": "binary"}},
+    }}
 
 
 def webhook_paths(job_id: dict) -> dict:

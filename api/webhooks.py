@@ -4,12 +4,13 @@ webhooks."""
 
 from __future__ import annotations
 
-from flask import Blueprint, g
+from flask import Blueprint, g, request
+from pydantic import ValidationError
 
 from api.auth import authenticate, charge_now
 from api.context import services
-from api.jobs import parse_request
-from shared.errors import NotFound, TooManyEndpoints
+from api.jobs import invalid_fields
+from shared.errors import NotFound, TooManyEndpoints, UnsupportedMediaType
 from shared.webhooks import EndpointRequest, check_webhook
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1/webhooks")
@@ -21,12 +22,21 @@ def register_endpoint():
     """Register an endpoint for every terminal event (or those listed) of this key's jobs."""
     svc = services()
     charge_now()
-    body = check_webhook(parse_request(EndpointRequest), svc.settings)
+    body = check_webhook(parse_endpoint(), svc.settings)
     endpoint = svc.hooks.add_endpoint(g.key.id, body.url, body.events, body.description,
                                       svc.settings.webhook_max_endpoints)
     if endpoint is None:
         raise TooManyEndpoints(f"this key already has {svc.settings.webhook_max_endpoints} endpoints")
     return {**endpoint.public(), "secret": endpoint.secret}, 201, {"Location": f"/v1/webhooks/{endpoint.id}"}
+
+
+def parse_endpoint() -> EndpointRequest:
+    if not request.is_json:
+        raise UnsupportedMediaType()
+    try:
+        return EndpointRequest.model_validate_json(request.get_data(cache=False))
+    except ValidationError as exc:
+        raise invalid_fields(exc) from None
 
 
 @bp.get("")

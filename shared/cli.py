@@ -99,8 +99,9 @@ def cmd_keys(args) -> int:
 
     keys = KeyStore(connect(get_settings()))
     if args.keys_command == "create":
+        buckets = [b.strip() for b in (args.s3_buckets or "").split(",") if b.strip()]
         secret, key = keys.create(args.name, rate_per_s=args.rate, burst=args.burst,
-                                  max_active_jobs=args.max_active_jobs)
+                                  max_active_jobs=args.max_active_jobs, s3_buckets=buckets)
         print(f"key id {key.id} ({key.name}); the secret below is shown once and not stored:\n{secret}")
     elif args.keys_command == "revoke":
         if not keys.revoke(args.id):
@@ -191,6 +192,7 @@ def add_key_commands(sub) -> None:
     create.add_argument("--rate", type=float, help="requests per second (default: VISIONQ_RATE_PER_S)")
     create.add_argument("--burst", type=int, help="burst size (default: VISIONQ_RATE_BURST)")
     create.add_argument("--max-active-jobs", type=int, help="jobs queued or running at once")
+    create.add_argument("--s3-buckets", help="comma-separated S3 buckets this key's s3:// image refs may read")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     keys_sub.add_parser("list", help="every key (never the secrets)")

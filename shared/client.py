@@ -32,6 +32,11 @@ def image_arg_to_ref(arg: str) -> str:
     return file_to_data_uri(path) if "://" not in arg and path.is_file() else arg
 
 
+def file_parts(files: list[bytes]) -> list[tuple]:
+    """Image bytes as the file parts of a multipart body, in order."""
+    return [("file", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(files)]
+
+
 class Client:
     """Submit jobs and read them back."""
 
@@ -55,6 +60,18 @@ class Client:
             body["max_new_tokens"] = max_new_tokens
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._send("POST", "/v1/jobs", json=body, headers=headers)
+
+    def submit_files(self, task: str, files: list[bytes], question: str | None = None,
+                     max_new_tokens: int | None = None, idempotency_key: str | None = None) -> dict:
+        """POST /v1/jobs as multipart, the images inline."""
+        form = {k: v for k, v in {"task": task, "question": question, "max_new_tokens": max_new_tokens}.items()
+                if v is not None}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._send("POST", "/v1/jobs", data=form, files=file_parts(files), headers=headers)
+
+    def upload(self, files: list[bytes]) -> list[dict]:
+        """POST /v1/uploads: store images for later jobs; returns their `upload://` refs, sizes and expiry."""
+        return self._send("POST", "/v1/uploads", files=file_parts(files))["uploads"]
 
     def cancel(self, job_id: str) -> dict:
         """POST /v1/jobs/<id>/cancel."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -80,6 +81,27 @@ class Settings(BaseSettings):
     url_read_timeout_s: float = Field(default=10.0, gt=0)  # between two reads of one response
     url_total_timeout_s: float = Field(default=30.0, gt=0)  # one whole fetch, redirects included
     url_max_redirects: int = Field(default=3, ge=0)
+
+    # Image references (issue 5): https fetches, s3://, uploads, decoding bounds. max_image_bytes and
+    # max_image_pixels above bound each image; these bound a job and the sources.
+    max_image_side: int = Field(default=16_384, gt=0)  # longest side, in pixels
+    max_job_image_bytes: int = Field(default=40 * 1024 * 1024, gt=0)  # all images of one job together
+    max_job_image_pixels: int = Field(default=80_000_000, gt=0)
+    image_fetch_threads: int = Field(default=4, ge=1)  # images of one job fetched at once
+    s3_endpoint_url: str = ""  # empty: AWS; else MinIO, R2, ... (credentials: boto3's standard chain)
+    s3_region: str = ""  # empty: boto3's default (AWS_DEFAULT_REGION, ~/.aws/config)
+    s3_allowed_buckets: list[str] = []  # buckets every key may read (["*"]: any); keys add their own
+    upload_ttl_s: int = Field(default=3600, gt=0)
+    max_upload_bytes_per_key: int = Field(default=1024**3, gt=0)  # bytes one key may have stored at once
+    uploads_s3_uri: str = ""  # s3://bucket/prefix: upload bytes go there, their owner and expiry stay in Redis
+    results_s3_uri: str = ""  # s3://bucket/prefix: the worker also writes each succeeded job there, as <id>.json
+
+    @field_validator("uploads_s3_uri", "results_s3_uri")
+    @classmethod
+    def _s3_prefix(cls, value: str) -> str:
+        if value and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", value):
+            raise ValueError("must be empty or s3://bucket[/prefix]")
+        return value
 
     @field_validator("url_allowed_networks")
     @classmethod

@@ -178,6 +178,45 @@ class ImageUnreadable(ImageError):
     code = "image_unreadable"
 
 
+# Image references (issue 5): https, s3://, uploads, hardened decoding.
+
+
+class UploadQuotaExceeded(VisionqError):
+    """This API key has stored as many upload bytes as it may; retry when earlier uploads have expired."""
+
+    code, http_status = "upload_quota_exceeded", 429
+
+
+class ImageFetchFailed(ImageError):
+    """An image of the job could not be fetched (timeout, connection error, or an error from its server)."""
+
+    code = "image_fetch_failed"
+
+
+class ImageForbiddenAddress(ImageError):
+    """An image URL is, resolves to or redirects to an address that may not be reached (SSRF guard)."""
+
+    code = "image_forbidden_address"
+
+
+class ImageBucketNotAllowed(ImageError):
+    """An s3:// image is in a bucket this API key may not read."""
+
+    code = "image_bucket_not_allowed"
+
+
+class ImageUnsupportedFormat(ImageError):
+    """An image is not in an accepted format (PNG, JPEG, WebP, GIF, BMP, TIFF), or was served as a non-image."""
+
+    code = "image_unsupported_format"
+
+
+class ImageDecompressionBomb(ImageError):
+    """An image declares more pixels than allowed: decoding it would take too much memory."""
+
+    code = "image_decompression_bomb"
+
+
 class WorkerLost(VisionqError):
     """The job was interrupted more times than allowed (its worker died while running it)."""
 

@@ -1,78 +1,167 @@
-"""Image references: parse and bound them (the API's cheap check), then fetch and decode them (the worker).
+"""Image references: parse and bound them (the API's check), then fetch and decode them (the worker).
 
-This issue's refs are `data:image/...;base64,` URIs and file paths under settings.image_root; other schemes
-come later behind the same two functions, `validate_ref` and `load_image`.
+A reference is one of:
+- `https://...` (`http://` only with settings.allow_http): fetched through the SSRF guard (shared/netguard.py);
+- `s3://bucket/key`: read with boto3 from a bucket the job's API key may read;
+- `upload://<id>`: bytes uploaded with POST /v1/uploads by the same API key;
+- `data:image/<type>;base64,<data>`;
+- a path under settings.image_root.
+`validate_ref` is the API's check (no image is read: it checks the form, the bounds, the SSRF guard with one DNS
+lookup, the bucket and the upload's owner); `load_images` is the worker's: every image of a job at once, bounded.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 import re
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from shared.config import Settings
-from shared.errors import ImageNotFound, ImageTooLarge, ImageUnreadable, InvalidImageRef
+from shared.errors import (
+    ImageForbiddenAddress,
+    ImageNotFound,
+    ImageTooLarge,
+    ImageUnreadable,
+    InvalidImageRef,
+)
+from shared.image_decode import ALLOWED_FORMATS, decode_image
+from shared.image_fetch import Budget, check_bucket, fetch_s3, fetch_url
+from shared.netguard import ForbiddenAddress, HostNotFound, UrlRefused, check_url
+from shared.s3 import S3Location, parse_s3_uri
+from shared.uploads import SCHEME as UPLOAD_SCHEME
+from shared.uploads import UploadStore, upload_id_of
+
+__all__ = ["ALLOWED_FORMATS", "Access", "decode_image", "load_image", "load_images", "validate_ref"]
 
 DATA_URI = re.compile(r"^data:image/(?P<subtype>[a-z0-9.+-]+);base64,(?P<payload>.*)$", re.DOTALL | re.IGNORECASE)
-# Formats Pillow decodes that cameras, screenshots and scanners produce; everything else is refused.
-ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
 @dataclass(frozen=True)
-class ImageRef:
-    """A parsed reference: either inline bytes or a local file."""
+class Access:
+    """What a job's refs may reach: its owner's uploads (looked up in `uploads`) and S3 buckets."""
 
-    data: bytes | None = None
-    path: Path | None = None
+    owner: str | None = None
+    buckets: frozenset[str] = frozenset()
+    uploads: UploadStore | None = None
 
 
-def parse_ref(ref: str, settings: Settings, follow_links: bool = False) -> ImageRef:
-    """Parse and bound a reference without reading any file; raises InvalidImageRef or ImageTooLarge.
-    `follow_links` also resolves symbolic links before the containment check (the worker, about to read)."""
-    if ref.startswith("data:"):
-        return ImageRef(data=_decode_data_uri(ref, settings))
+NO_ACCESS = Access()
+
+
+def validate_ref(ref: str, settings: Settings, access: Access = NO_ACCESS) -> None:
+    """The API's check: the reference is well formed, within bounds and reachable by this caller."""
+    kind = ref_kind(ref)
+    if kind == "data":
+        _decode_data_uri(ref, settings)
+    elif kind == "url":
+        _check_url(ref, settings)
+    elif kind == "s3":
+        check_bucket(_s3_location(ref).bucket, access.buckets, settings)
+    elif kind == "upload":
+        _uploads(access).size_for(_upload_id(ref), access.owner)
+    else:
+        _local_path(ref, settings, follow_links=False)
+
+
+def load_image(ref: str, settings: Settings, access: Access = NO_ACCESS, budget: Budget | None = None) -> Image.Image:
+    """Fetch and decode one image as RGB; raises an ImageError subclass (or InvalidImageRef) with a stable code."""
+    budget = budget or Budget(settings)
+    image = decode_image(fetch_bytes(ref, settings, access, budget), settings)
+    budget.take_pixels(image.width * image.height)
+    return image
+
+
+def load_images(refs: list[str], settings: Settings, access: Access = NO_ACCESS) -> list[Image.Image]:
+    """Every image of a job, fetched and decoded a few at a time, their bytes and pixels bounded together. The
+    first failing image (in the job's order) is the error; the others stop at their next chunk."""
+    budget = Budget(settings)
+    if len(refs) == 1:
+        return [load_image(refs[0], settings, access, budget)]
+    with ThreadPoolExecutor(min(len(refs), settings.image_fetch_threads), "visionq-image") as pool:
+        futures = [pool.submit(load_image, ref, settings, access, budget) for ref in refs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            budget.stop()
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def fetch_bytes(ref: str, settings: Settings, access: Access, budget: Budget) -> bytes:
+    """The raw bytes a reference points at, bounded by settings.max_image_bytes and the job's budget."""
+    kind = ref_kind(ref)
+    if kind == "url":
+        return fetch_url(ref, settings, budget)
+    if kind == "s3":
+        location = _s3_location(ref)
+        check_bucket(location.bucket, access.buckets, settings)
+        return fetch_s3(location, settings, budget)
+    if kind == "upload":
+        data = _uploads(access).get(_upload_id(ref), access.owner)
+    elif kind == "data":
+        data = _decode_data_uri(ref, settings)
+    else:
+        data = _read_file(_local_path(ref, settings, follow_links=True), settings)
+    budget.take_bytes(len(data))
+    return data
+
+
+def ref_kind(ref: str) -> str:
+    """"url", "s3", "upload", "data" or "path"; InvalidImageRef for any other scheme."""
+    lowered = ref[:10].lower()
+    if lowered.startswith("data:"):
+        return "data"
+    if lowered.startswith(("https://", "http://")):
+        return "url"
+    if lowered.startswith("s3://"):
+        return "s3"
+    if lowered.startswith(UPLOAD_SCHEME):
+        return "upload"
     if SCHEME.match(ref):
         raise InvalidImageRef(f"unsupported image reference scheme: {ref.split(':', 1)[0]!r}")
-    return ImageRef(path=_local_path(ref, settings, follow_links))
+    return "path"
 
 
-def validate_ref(ref: str, settings: Settings) -> None:
-    """The API's check: the reference is well formed and within bounds."""
-    parse_ref(ref, settings)
-
-
-def load_image(ref: str, settings: Settings) -> Image.Image:
-    """Fetch and decode one image as RGB; raises an ImageError subclass with a stable code."""
-    parsed = parse_ref(ref, settings, follow_links=True)
-    data = parsed.data if parsed.data is not None else _read_file(parsed.path, settings)
-    return decode_image(data, settings)
-
-
-def decode_image(data: bytes, settings: Settings) -> Image.Image:
-    """Decode bytes into an RGB image, refusing unknown formats and images over the pixel bound."""
+def _check_url(url: str, settings: Settings) -> None:
+    """The SSRF guard's submit-time check. A host that does not resolve now may later: the worker decides."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in ALLOWED_FORMATS:
-                raise ImageUnreadable(f"unsupported image format: {image.format}")
-            if image.width * image.height > settings.max_image_pixels:
-                raise ImageTooLarge(f"image has {image.width}x{image.height} pixels, over the bound")
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge("image has too many pixels") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageUnreadable("image could not be decoded") from exc
-    return ImageOps.exif_transpose(image).convert("RGB")
+        check_url(url, settings)
+    except HostNotFound:
+        return
+    except ForbiddenAddress as exc:
+        raise ImageForbiddenAddress(str(exc)) from None
+    except UrlRefused as exc:
+        raise InvalidImageRef(str(exc)) from None
+
+
+def _s3_location(ref: str) -> S3Location:
+    try:
+        return parse_s3_uri(ref)
+    except ValueError as exc:
+        raise InvalidImageRef(str(exc)) from None
+
+
+def _upload_id(ref: str) -> str:
+    upload_id = upload_id_of(ref)
+    if not UPLOAD_ID.match(upload_id):
+        raise InvalidImageRef("not an upload ref this server gave")
+    return upload_id
+
+
+def _uploads(access: Access) -> UploadStore:
+    if access.uploads is None:
+        raise InvalidImageRef("upload:// refs are not available here")
+    return access.uploads
 
 
 def _decode_data_uri(ref: str, settings: Settings) -> bytes:

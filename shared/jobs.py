@@ -92,7 +92,8 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     task: str = Field(description="describe, ocr or compare")
-    images: list[str] = Field(description="data:image/...;base64, URIs or paths under the server's image root")
+    images: list[str] = Field(description="https:// URLs, s3://bucket/key, upload://<id> (POST /v1/uploads), "
+                                          "data:image/...;base64, URIs or paths under the server's image root")
     question: str | None = Field(default=None, description="overrides the task's default question")
     max_new_tokens: int | None = Field(default=None, description="defaults to the server's setting")
     webhook: WebhookSpec | None = Field(default=None, description="POST the job's terminal event here, signed")

@@ -24,6 +24,7 @@ class ApiKey(BaseModel):
     rate_per_s: float | None = None
     burst: int | None = None
     max_active_jobs: int | None = None
+    s3_buckets: list[str] = []  # buckets this key's jobs may read with s3:// refs (besides settings.s3_allowed_buckets)
 
     def limits(self, settings: Settings) -> tuple[float, int, int]:
         """(requests per second, burst, jobs queued or running at once) for this key."""

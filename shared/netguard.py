@@ -166,25 +166,28 @@ class GuardedBackend(httpcore.SyncBackend):
 class GuardedTransport(httpx.HTTPTransport):
     """httpx's transport on a connection pool that opens its connections through GuardedBackend."""
 
-    def __init__(self, settings: Settings, resolve: Resolver | None = None, max_connections: int = 32):
+    def __init__(self, settings: Settings, resolve: Resolver | None = None, ssl_context: ssl.SSLContext | None = None,
+                 max_connections: int = 32):
         super().__init__(trust_env=False)
         # httpx has no public way to give its pool a network backend, so the pool is replaced (httpx is pinned
         # below 0.29; tests/unit/test_netguard.py fails if a request stops going through the guard).
         self._pool = httpcore.ConnectionPool(
-            ssl_context=ssl.create_default_context(cafile=certifi.where()),
+            ssl_context=ssl_context or ssl.create_default_context(cafile=certifi.where()),
             max_connections=max_connections,
             max_keepalive_connections=max_connections // 2,
             network_backend=GuardedBackend(settings, resolve),
         )
 
 
-def guarded_client(settings: Settings, resolve: Resolver | None = None) -> httpx.Client:
+def guarded_client(settings: Settings, resolve: Resolver | None = None,
+                   ssl_context: ssl.SSLContext | None = None) -> httpx.Client:
     """An httpx client that reaches only allowed hosts and addresses, checked again on every redirect hop and
     every new connection. Thread-safe; one per process is enough. Follows at most settings.url_max_redirects
-    redirects (pass follow_redirects=False to a request to follow none). `resolve` replaces DNS in tests."""
+    redirects (pass follow_redirects=False to a request to follow none). `resolve` replaces DNS in tests;
+    `ssl_context` replaces the certifi CA bundle (a private CA, tests)."""
     timeout = httpx.Timeout(settings.url_read_timeout_s, connect=settings.url_connect_timeout_s)
     return httpx.Client(
-        transport=GuardedTransport(settings, resolve),
+        transport=GuardedTransport(settings, resolve, ssl_context),
         timeout=timeout,
         follow_redirects=True,
         max_redirects=settings.url_max_redirects,

@@ -92,9 +92,19 @@ def api_key_key(secret_hash: str) -> str:
 API_KEY_IDS = f"{PREFIX}:apikeys"  # hash: key id -> secret hash
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """The Redis client every visionq process uses (strings in, strings out)."""
-    return redis.Redis.from_url(settings.broker_url, decode_responses=True, health_check_interval=30)
+def upload_key(upload_id: str) -> str:
+    """Hash of one upload (shared/uploads.py): owner, size, and the bytes or where they are in S3."""
+    return f"{PREFIX}:upload:{upload_id}"
+
+
+def upload_bytes_key(owner: str, window: int) -> str:
+    """Bytes an owner uploaded in one window of upload_ttl_s seconds (shared/uploads.py's quota)."""
+    return f"{PREFIX}:upload-bytes:{owner}:{window}"
+
+
+def connect(settings: Settings, decode_responses: bool = True) -> redis.Redis:
+    """The Redis client every visionq process uses (strings in, strings out; bytes for uploads)."""
+    return redis.Redis.from_url(settings.broker_url, decode_responses=decode_responses, health_check_interval=30)
 
 
 @dataclass(frozen=True)
@@ -300,8 +310,9 @@ class KeyStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
 
-    def create(self, name: str, **limits: float | int | None) -> tuple[str, ApiKey]:
-        """Make a key; returns its secret (shown once, never stored) and its facts."""
+    def create(self, name: str, **limits: float | int | list[str] | None) -> tuple[str, ApiKey]:
+        """Make a key with optional limits (and `s3_buckets`); returns its secret (shown once, never stored) and
+        its facts."""
         secret = new_secret()
         secret_hash = hash_secret(secret)
         key = ApiKey(id=key_id_of(secret_hash), name=name, created_at=utcnow(),
@@ -312,6 +323,12 @@ class KeyStore:
         pipe.execute()
         return secret, key
 
+    def get(self, key_id: str) -> ApiKey | None:
+        """The key with this id, revoked or not (the worker reads a job owner's S3 buckets), or None."""
+        secret_hash = self.redis.hget(API_KEY_IDS, key_id)
+        raw = self.redis.hget(api_key_key(secret_hash), "json") if secret_hash else None
+        return ApiKey.model_validate_json(raw) if raw else None
+
     def lookup(self, secret: str) -> ApiKey | None:
         """The live key with this secret, or None (unknown or revoked)."""
         raw = self.redis.hget(api_key_key(hash_secret(secret)), "json")
@@ -321,11 +338,10 @@ class KeyStore:
     def revoke(self, key_id: str) -> bool:
         """Revoke a key by id; False when there is no such key."""
         secret_hash = self.redis.hget(API_KEY_IDS, key_id)
-        raw = self.redis.hget(api_key_key(secret_hash), "json") if secret_hash else None
-        if raw is None:
+        key = self.get(key_id)
+        if key is None:
             return False
-        key = ApiKey.model_validate_json(raw).model_copy(update={"revoked": True})
-        self.redis.hset(api_key_key(secret_hash), "json", key.model_dump_json())
+        self.redis.hset(api_key_key(secret_hash), "json", key.model_copy(update={"revoked": True}).model_dump_json())
         return True
 
     def list(self) -> list[ApiKey]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,10 +36,37 @@ def image_root(tmp_path_factory) -> Path:
     return root
 
 
+RESULTS_BUCKET = "visionq-results"  # the stack's worker archives every succeeded job there
+# boto3's standard credential chain reads these; moto accepts any. Set for this process and the stack's children.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
-def settings(redis_server, tiny_model_path, image_root, tmp_path_factory) -> Settings:
+def s3_server() -> str:
+    """An S3-compatible server (moto in server mode) on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(S3_ENV)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=RESULTS_BUCKET)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server, tiny_model_path, image_root, s3_server, tmp_path_factory) -> Settings:
+    from tests.http_server import NETWORK
+
+    # Image URLs: http, and the test HTTP server's own loopback address (tests/http_server.py), are allowed.
     return Settings(redis_url=redis_server.url, model=str(tiny_model_path), image_root=image_root,
-                    data_dir=tmp_path_factory.mktemp("data"), queue="visionq-test")
+                    data_dir=tmp_path_factory.mktemp("data"), queue="visionq-test", allow_http=True,
+                    url_allowed_networks=[NETWORK], s3_endpoint_url=s3_server,
+                    results_s3_uri=f"s3://{RESULTS_BUCKET}/runs")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -52,6 +80,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "VISIONQ_API_WORKERS": "1",
         "VISIONQ_API_THREADS": "8",
         "VISIONQ_KEY_CACHE_S": "0",  # a revoked key stops working at once
+        "VISIONQ_ALLOW_HTTP": str(settings.allow_http).lower(),
+        "VISIONQ_URL_ALLOWED_NETWORKS": json.dumps(settings.url_allowed_networks),
+        "VISIONQ_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "VISIONQ_RESULTS_S3_URI": settings.results_s3_uri,
+        **S3_ENV,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
 
@@ -106,7 +139,7 @@ def make_client(stack, settings):
 
 @pytest.fixture(scope="session")
 def http_server():
-    """A real HTTP server on 127.0.0.1 (tests/http_server.py) that tests register routes on."""
+    """A real HTTP server on 127.0.0.5 (tests/http_server.py) that tests register routes on."""
     from tests.http_server import LocalHttpServer
 
     with LocalHttpServer() as server:

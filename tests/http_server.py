@@ -1,8 +1,12 @@
-"""A real HTTP server on 127.0.0.1 for the tests of outbound fetches: it serves what a test registers at a path
-(bytes with a content type, redirects, slow or endless bodies)."""
+"""A real HTTP server for the tests of outbound fetches: it serves what a test registers at a path (bytes with a
+content type, redirects, slow or endless bodies).
+
+It listens on 127.0.0.5, a loopback address of its own, and stands for a public server: tests allow exactly that
+address (url_allowed_networks=["127.0.0.5/32"]), so a redirect from it to 127.0.0.1 is still refused."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +30,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: LocalHttpServer
 
+    def handle(self):
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client hung up (a bound or timeout was hit): what these tests provoke
+
     def do_GET(self):  # noqa: N802 (http.server's naming)
         self.server.hits.append(self.path)
         route = self.server.routes.get(self.path.split("?", 1)[0])
@@ -35,10 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", route.content_type)
         for name, value in route.headers.items():
             self.send_header(name, value)
-        try:
-            self._send_body(route)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client stopped reading (a bound was hit): what these tests provoke
+        self._send_body(route)
 
     def _send_body(self, route: Route) -> None:
         if not route.chunk:
@@ -61,14 +68,22 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+HOST = "127.0.0.5"
+NETWORK = f"{HOST}/32"
+
+
 class LocalHttpServer(ThreadingHTTPServer):
-    """Started in a thread on a free port of 127.0.0.1; `url(path)` is where a route is served."""
+    """Started in a thread on a free port of `host`; `url(path)` is where a route is served."""
 
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, host: str = HOST, tls: ssl.SSLContext | None = None):
+        super().__init__((host, 0), _Handler)
+        self.host = host
+        self.scheme = "https" if tls else "http"
+        if tls:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.routes: dict[str, Route] = {}
         self.hits: list[str] = []
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -85,8 +100,8 @@ class LocalHttpServer(ThreadingHTTPServer):
     def port(self) -> int:
         return self.server_address[1]
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"{self.scheme}://{host or self.host}:{self.port}{path}"
 
     def add(self, path: str, route: Route) -> str:
         """Serve `route` at `path`; returns its URL."""

@@ -15,8 +15,10 @@ import redis
 from celery.signals import worker_process_init
 
 from shared.config import get_settings
+from shared.image_decode import configure_pillow
 from shared.queue import make_celery
 from shared.store import JobStore, connect
+from shared.uploads import UploadStore
 from worker.engine import get_engine, load_count
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
 store = JobStore(connect(settings), settings.result_ttl_s, webhook_queue=settings.webhook_queue)
+uploads = UploadStore(settings)
+configure_pillow(settings)
 
 
 @worker_process_init.connect

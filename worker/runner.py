@@ -7,13 +7,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 from PIL import Image
 
 from shared.config import Settings
-from shared.errors import InferenceFailed, VisionqError, WorkerLost
-from shared.images import load_image
+from shared.errors import ImageUnreadable, InferenceFailed, VisionqError, WorkerLost
+from shared.images import Access, load_images
 from shared.jobs import Job, JobFailure, JobResult, JobStatus, Timings, TokenCounts, utcnow
-from shared.store import JobStore
+from shared.store import JobStore, KeyStore
+from shared.uploads import UploadStore
+from worker.archive import archive_result
 from worker.engine import load_count
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class JobRunner:
     store: JobStore
     engine: Callable  # () -> Engine, so that the model is only touched when a job needs it
     worker_name: str
+    uploads: UploadStore | None = None  # where upload:// refs are read (None: such jobs fail as invalid)
 
     def run(self, job_id: str) -> None:
         """Run one job; a job that is gone, finished or canceled is skipped."""
@@ -81,9 +85,23 @@ class JobRunner:
         )
         if not self.store.mark_succeeded(job.id, result).applied:
             log.info("job %s was ended elsewhere (canceled?) while it ran; result dropped", job.id)
+        elif self.settings.results_s3_uri:
+            archive_result(self.store.get(job.id) or job, self.settings)
 
     def _load_images(self, job: Job) -> list[Image.Image]:
-        return [load_image(ref, self.settings) for ref in job.images]
+        try:
+            return load_images(job.images, self.settings, self._access(job))
+        except (VisionqError, redis.RedisError):
+            raise  # a job failure with its code; or the store is down, and the task requeues the job
+        except Exception:  # a decoder's surprise must not pass for a model failure
+            log.exception("job %s: an image could not be loaded", job.id)
+            raise ImageUnreadable("an image of the job could not be read") from None
+
+    def _access(self, job: Job) -> Access:
+        """What the job's refs may reach, as its owner's key says now (a bucket removed since submit is refused)."""
+        needs_key = job.owner and any(ref[:5].lower() == "s3://" for ref in job.images)
+        key = KeyStore(self.store.redis).get(job.owner) if needs_key else None
+        return Access(job.owner, frozenset(key.s3_buckets) if key else frozenset(), self.uploads)
 
     def _fail(self, job_id: str, exc: VisionqError) -> None:
         self.store.mark_failed(job_id, JobFailure(code=exc.code, message=exc.message))

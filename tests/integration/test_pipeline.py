@@ -126,7 +126,7 @@ def test_bad_image_fails_the_job_and_the_worker_carries_on(client):
     bad = client.submit("describe", ["not_an_image.png"])
     missing = client.submit("describe", ["no_such_file.png"])
     good = client.submit("describe", ["bar_chart.png"], max_new_tokens=4)
-    assert client.wait(bad["id"], 60)["error"]["code"] == "image_unreadable"
+    assert client.wait(bad["id"], 60)["error"]["code"] == "image_unsupported_format"
     assert client.wait(missing["id"], 60)["error"]["code"] == "image_not_found"
     failed = client.get(bad["id"])
     assert failed["status"] == "failed" and "result" not in failed

@@ -8,11 +8,12 @@ import pytest
 
 from shared.config import Settings
 from shared.netguard import ForbiddenAddress, HostNotFound, UrlRefused, check_url, guarded_client
-from tests.http_server import Route
+from tests.http_server import NETWORK, LocalHttpServer, Route
+from tests.tls import make_tls
 
 DEFAULT = Settings()
 HTTP = Settings(allow_http=True)  # http allowed, so that only the address rule refuses the local server
-LOOPBACK_OK = Settings(allow_http=True, url_allowed_networks=["127.0.0.0/8"])
+SERVER_OK = Settings(allow_http=True, url_allowed_networks=[NETWORK])  # the test server's own address only
 
 
 @pytest.mark.parametrize("host", [
@@ -89,9 +90,10 @@ def test_an_unknown_host_is_refused_as_not_found():
 
 
 def test_allowed_networks_exempt_their_addresses_only():
-    check_url("http://127.0.0.1:8080/a.png", LOOPBACK_OK)
-    with pytest.raises(ForbiddenAddress):
-        check_url("http://10.0.0.1/a.png", LOOPBACK_OK)
+    check_url("http://127.0.0.5:8080/a.png", SERVER_OK)
+    for other in ("127.0.0.1", "10.0.0.1"):
+        with pytest.raises(ForbiddenAddress):
+            check_url(f"http://{other}/a.png", SERVER_OK)
 
 
 def test_a_bad_cidr_stops_the_settings():
@@ -99,7 +101,7 @@ def test_a_bad_cidr_stops_the_settings():
         Settings(url_allowed_networks=["127.0.0.0/33"])
 
 
-# --- the guarded client against a real server on 127.0.0.1 ---------------------------------------------------
+# --- the guarded client against a real server on 127.0.0.5 ---------------------------------------------------
 
 
 @pytest.fixture
@@ -110,7 +112,7 @@ def served(http_server) -> str:
 def test_the_local_server_is_refused_by_default_and_reached_when_its_network_is_allowed(served):
     with guarded_client(HTTP) as client, pytest.raises(ForbiddenAddress):
         client.get(served)
-    with guarded_client(LOOPBACK_OK) as client:
+    with guarded_client(SERVER_OK) as client:
         assert client.get(served).content == b"hello"
 
 
@@ -120,6 +122,7 @@ def test_a_name_resolving_to_loopback_is_refused_by_the_client(http_server, serv
 
 
 @pytest.mark.parametrize(("target", "error"), [
+    ("http://127.0.0.1/", ForbiddenAddress),
     ("http://169.254.169.254/latest/meta-data/", ForbiddenAddress),
     ("http://10.1.2.3/", ForbiddenAddress),
     ("http://[::1]/", ForbiddenAddress),
@@ -130,19 +133,19 @@ def test_a_name_resolving_to_loopback_is_refused_by_the_client(http_server, serv
 ])
 def test_every_redirect_hop_is_checked_again(http_server, target, error):
     start = http_server.redirect(f"/guard/redirect/{abs(hash(target))}", target)
-    with guarded_client(LOOPBACK_OK) as client, pytest.raises(error):
+    with guarded_client(SERVER_OK) as client, pytest.raises(error):
         client.get(start)
 
 
-def test_a_redirect_to_another_loopback_port_is_followed_when_allowed(http_server, served):
+def test_an_allowed_redirect_is_followed(http_server, served):
     start = http_server.redirect("/guard/hop", served)
-    with guarded_client(LOOPBACK_OK) as client:
+    with guarded_client(SERVER_OK) as client:
         assert client.get(start).content == b"hello"
 
 
 def test_redirects_are_bounded(http_server):
     http_server.redirect("/guard/loop", http_server.url("/guard/loop"))
-    with guarded_client(LOOPBACK_OK) as client, pytest.raises(httpx.TooManyRedirects):
+    with guarded_client(SERVER_OK) as client, pytest.raises(httpx.TooManyRedirects):
         client.get(http_server.url("/guard/loop"))
 
 
@@ -153,16 +156,50 @@ def test_the_client_connects_to_the_address_it_checked(http_server, served):
 
     def resolve(host: str, port: int) -> list[str]:
         lookups.append(host)
-        return ["127.0.0.1"]
+        return [http_server.host]
 
-    with guarded_client(LOOPBACK_OK, resolve=resolve) as client:
+    with guarded_client(SERVER_OK, resolve=resolve) as client:
         response = client.get(http_server.url("/guard/ok.txt", host="images.rebind.test"))
     assert response.content == b"hello" and lookups == ["images.rebind.test"]
 
 
 def test_one_forbidden_address_among_several_refuses_the_host(http_server):
     def resolve(host: str, port: int) -> list[str]:
-        return ["127.0.0.1", "10.0.0.7"]
+        return [http_server.host, "10.0.0.7"]
 
-    with guarded_client(LOOPBACK_OK, resolve=resolve) as client, pytest.raises(ForbiddenAddress, match="10.0.0.7"):
+    with guarded_client(SERVER_OK, resolve=resolve) as client, pytest.raises(ForbiddenAddress, match="10.0.0.7"):
         client.get(http_server.url("/guard/ok.txt", host="mixed.test"))
+
+
+# --- TLS on the checked address ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An https server on 127.0.0.5 whose certificate names images.test, and a client context trusting its CA."""
+    server_context, client_context = make_tls(tmp_path_factory.mktemp("tls"), "images.test")
+    with LocalHttpServer(tls=server_context) as server:
+        server.add("/tls/ok.txt", Route(b"over tls", "text/plain"))
+        yield server, client_context
+
+
+def to_server(host: str, port: int) -> list[str]:
+    return ["127.0.0.5"]  # every name is the test server here: DNS stands in for what the internet would say
+
+
+def test_tls_connects_to_the_checked_address_and_verifies_the_url_host(tls_server):
+    server, client_context = tls_server
+    settings = Settings(url_allowed_networks=[NETWORK])
+    with guarded_client(settings, resolve=to_server, ssl_context=client_context) as client:
+        assert client.get(server.url("/tls/ok.txt", host="images.test")).content == b"over tls"
+        with pytest.raises(httpx.ConnectError, match="certificate"):  # the name is checked, not the address
+            client.get(server.url("/tls/ok.txt", host="other.test"))
+
+
+def test_a_redirect_from_https_to_http_is_refused_unless_http_is_allowed(tls_server, http_server):
+    server, client_context = tls_server
+    server.redirect("/tls/downgrade", http_server.url("/guard/ok.txt"))
+    settings = Settings(url_allowed_networks=[NETWORK])
+    with guarded_client(settings, resolve=to_server, ssl_context=client_context) as client:
+        with pytest.raises(UrlRefused, match="scheme must be https"):
+            client.get(server.url("/tls/downgrade", host="images.test"))

@@ -1,0 +1,56 @@
+"""The uploads resource: POST /v1/uploads stores images (multipart, or one image as the raw body) for
+settings.upload_ttl_s and answers their `upload://<id>` refs, usable only by jobs of the same API key."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, g, request
+from werkzeug.datastructures import FileStorage
+
+from api.auth import authenticate, charge_now
+from api.context import services
+from shared.config import Settings
+from shared.errors import ImageTooLarge, InvalidRequest, UnsupportedMediaType, WrongImageCount
+from shared.image_decode import open_image
+from shared.uploads import Upload, UploadList
+
+bp = Blueprint("uploads", __name__, url_prefix="/v1/uploads")
+bp.before_request(authenticate)
+
+
+@bp.post("")
+def create_uploads():
+    """Store the images of the body; 201 with `{"uploads": [{"ref", "size", "expires_at"}]}`."""
+    charge_now()
+    settings = services().settings
+    if request.mimetype == "multipart/form-data":
+        images = read_files(settings)
+    elif request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
+        images = [bounded(request.get_data(cache=False), settings)]
+    else:
+        raise UnsupportedMediaType("send multipart/form-data, or one image as the body with its image/* type")
+    if not images:
+        raise InvalidRequest("the request has no image")
+    body = UploadList(uploads=store_images(images, settings)).model_dump_json()
+    return Response(body, status=201, mimetype="application/json")
+
+
+def read_files(settings: Settings) -> list[bytes]:
+    """Every file part of a multipart body, in order, each bounded; at most settings.max_images."""
+    files: list[FileStorage] = [file for _, file in request.files.items(multi=True)]
+    if len(files) > settings.max_images:
+        raise WrongImageCount(f"at most {settings.max_images} images per request, got {len(files)}")
+    return [bounded(file.stream.read(settings.max_image_bytes + 1), settings) for file in files]
+
+
+def bounded(data: bytes, settings: Settings) -> bytes:
+    """The bytes if they are a whole image within the bounds (its header is read, nothing decoded)."""
+    if len(data) > settings.max_image_bytes:
+        raise ImageTooLarge(f"an image is larger than {settings.max_image_bytes} bytes")
+    open_image(data, settings)
+    return data
+
+
+def store_images(images: list[bytes], settings: Settings) -> list[Upload]:
+    """Store checked images for the caller's key."""
+    uploads = services().uploads
+    return [uploads.put(g.key.id, data) for data in images]
