@@ -53,18 +53,18 @@ class WebhookStore:
         self._claim = client.register_script(lua.CLAIM_DELIVERY)
         self._record = client.register_script(lua.RECORD_ATTEMPT)
         self._retry = client.register_script(lua.RETRY_DELIVERY)
+        self._add_endpoint = client.register_script(lua.ADD_ENDPOINT)
 
     # --- endpoints and secrets ----------------------------------------------------------------------------
 
     def add_endpoint(self, owner: str, url: str, events: list[str], description: str | None,
                      max_endpoints: int) -> Endpoint | None:
         """Register an endpoint with a fresh secret; None when the owner already has `max_endpoints`."""
-        if self.redis.hlen(endpoints_key(owner)) >= max_endpoints:
-            return None
         endpoint = Endpoint(id=new_endpoint_id(), url=url, events=events, description=description,
                             created_at=utcnow(), secret=new_secret())
-        self.redis.hset(endpoints_key(owner), endpoint.id, endpoint.model_dump_json())
-        return endpoint
+        added = self._add_endpoint(keys=[endpoints_key(owner)],
+                                   args=[max_endpoints, endpoint.id, endpoint.model_dump_json()])
+        return endpoint if added else None
 
     def endpoints(self, owner: str) -> list[Endpoint]:
         """The owner's endpoints, oldest first (secrets included: callers show them to no one)."""

@@ -13,6 +13,7 @@ from standardwebhooks import Webhook
 from shared.client import ApiError, Client
 from shared.embedded_redis import free_port
 from shared.launcher import Stack
+from shared.store import KeyStore, connect
 from tests.conftest import settings_env
 from tests.webhook_receiver import ScriptedReceiver
 
@@ -43,13 +44,15 @@ def default_guard_api(settings, tmp_path_factory):
         yield Client(api.api_url, key=api.api_key, timeout_s=30)
 
 
+def client_with_new_key(stack: Stack, settings) -> Client:
+    secret, _ = KeyStore(connect(settings)).create("webhooks")
+    return Client(stack.api_url, key=secret, timeout_s=30)
+
+
 @pytest.fixture
 def hook_client(hook_stack, settings) -> Client:
     """A client with an API key of its own (so endpoints and secrets of one test never reach another)."""
-    from shared.store import KeyStore, connect
-
-    secret, _ = KeyStore(connect(settings)).create("webhooks")
-    return Client(hook_stack.api_url, key=secret, timeout_s=30)
+    return client_with_new_key(hook_stack, settings)
 
 
 @pytest.fixture
@@ -102,6 +105,19 @@ def test_a_registered_endpoint_gets_its_events_signed_with_its_own_secret(hook_c
     assert delivery["id"] == delivery["endpoint_id"] == endpoint["id"]
     hook_client.delete_webhook(endpoint["id"])
     assert hook_client.webhooks() == []
+
+
+def test_another_key_sees_neither_the_deliveries_nor_the_endpoints(hook_stack, hook_client, receiver, settings):
+    job = canceled_job(hook_client, receiver.url)
+    wait_for_delivery(hook_client, job["id"], "delivered")
+    hook_client.add_webhook(receiver.url)
+    other = client_with_new_key(hook_stack, settings)
+    for call in (lambda: other.deliveries(job["id"]), lambda: other.retry_delivery(job["id"], "job")):
+        with pytest.raises(ApiError) as hidden:
+            call()
+        assert hidden.value.status == 404
+    assert other.webhooks() == []
+    assert other.webhook_secret() != hook_client.webhook_secret()
 
 
 def test_failures_then_success_keep_one_webhook_id_and_honour_retry_after(hook_client, receiver):
