@@ -10,7 +10,7 @@ from shared.image_decode import configure_pillow
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The Flask app factory; tests pass their own settings."""
-    from api import errors, health, jobs, openapi, uploads
+    from api import deliveries, errors, health, jobs, openapi, uploads, webhooks
     from api.context import init_app
 
     settings = settings or get_settings()
@@ -22,6 +22,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     errors.register(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(uploads.bp)
+    app.register_blueprint(deliveries.bp)
+    app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     return app

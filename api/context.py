@@ -11,6 +11,7 @@ from api.job_cache import FinishedJobs
 from shared.config import Settings
 from shared.store import JobStore, KeyStore, connect
 from shared.uploads import UploadStore
+from shared.webhook_store import WebhookStore
 
 if TYPE_CHECKING:
     from api.auth import KeyCache
@@ -23,16 +24,18 @@ class Services:
     key_cache: KeyCache
     finished: FinishedJobs
     uploads: UploadStore
+    hooks: WebhookStore
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Create the process's Redis clients, job store, key cache and upload store."""
+    """Create the process's Redis clients, job store, key cache, upload store and webhook store."""
     from api.auth import KeyCache
 
     client = connect(settings)
-    store = JobStore(client, settings.result_ttl_s, settings.idempotency_ttl_s)
+    store = JobStore(client, settings.result_ttl_s, settings.idempotency_ttl_s, settings.webhook_queue)
     app.extensions["visionq"] = Services(settings, store, KeyCache(KeyStore(client), settings.key_cache_s),
-                                         FinishedJobs(settings.result_ttl_s), UploadStore(settings))
+                                         FinishedJobs(settings.result_ttl_s), UploadStore(settings),
+                                         WebhookStore(client, settings.webhook_queue))
 
 
 def services() -> Services:

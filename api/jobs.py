@@ -32,6 +32,7 @@ from shared.images import NO_ACCESS, Access, validate_ref
 from shared.jobs import Job, JobFailure, JobRequest, JobStatus, new_job_id, utcnow
 from shared.store import UNLIMITED
 from shared.task_specs import TASKS
+from shared.webhooks import check_webhook
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -236,6 +237,7 @@ def build_job(req: JobRequest, settings: Settings, access: Access = NO_ACCESS) -
         question=spec.question_or_default(check_question(req.question, settings)),
         max_new_tokens=check_max_new_tokens(req.max_new_tokens, settings),
         created_at=utcnow(),
+        webhook=check_webhook(req.webhook, settings) if req.webhook else None,
     )
 
 

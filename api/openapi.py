@@ -14,6 +14,7 @@ from api.context import services
 from shared.config import Settings
 from shared.jobs import ErrorBody, Job, JobPage, JobRequest, JobStatus
 from shared.uploads import UploadList
+from shared.webhooks import Delivery, DeliveryList, Endpoint, EndpointList, EndpointRequest, SigningSecret
 
 bp = Blueprint("openapi", __name__)
 
@@ -54,7 +55,8 @@ def answer(description: str, model: type[BaseModel] | None = None, headers: dict
 
 def errors(*statuses: int) -> dict:
     texts = {400: "malformed request or parameter", 401: "missing or unknown API key", 404: "no such job",
-             409: "the job has already ended", 413: "body too large", 415: "body is not JSON",
+             409: "the job has already ended (webhooks: too many endpoints, or a delivery under way)",
+             413: "body too large", 415: "body is not JSON",
              422: "invalid request", 429: "rate limited or too many active jobs", 503: "store unavailable"}
     return {str(s): answer(texts[s], ErrorBody) for s in statuses}
 
@@ -106,12 +108,14 @@ def openapi(settings: Settings) -> dict:
                     "image/*": {"schema": {"type": "string", "format": "binary"}}}},
                 "responses": {"201": answer("stored", UploadList), **errors(400, 401, 413, 415, 422, 429, 503)},
             }},
+            **webhook_paths(job_id),
             "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": answer("up")}}},
             "/readyz": {"get": {"summary": "Readiness: Redis and a live worker", "security": [],
                                 "responses": {"200": answer("ready"), "503": answer("not ready, with the reason")}}},
         },
         "components": {
-            "schemas": schemas([JobRequest], [Job, JobPage, ErrorBody, UploadList]),
+            "schemas": schemas([JobRequest, EndpointRequest], [Job, JobPage, ErrorBody, UploadList, Delivery,
+                                                                DeliveryList, Endpoint, EndpointList, SigningSecret]),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
@@ -125,6 +129,44 @@ def multipart_job(settings: Settings) -> dict:
         "images": {"type": "array", "items": {"type": "string"}},
         "file": {"type": "array", "maxItems": settings.max_images, "items": {"type": "string", "format": "binary"}},
     }}
+
+
+def webhook_paths(job_id: dict) -> dict:
+    """The webhook endpoints of a key, and the deliveries of a job."""
+    delivery_id = {"name": "delivery_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    endpoint_id = {"name": "endpoint_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "/v1/jobs/{job_id}/deliveries": {"get": {
+            "summary": "The job's webhook deliveries, each with its attempts",
+            "parameters": [job_id],
+            "responses": {"200": answer("the deliveries", DeliveryList), **errors(401, 404, 429, 503)},
+        }},
+        "/v1/jobs/{job_id}/deliveries/{delivery_id}/retry": {"post": {
+            "summary": "Send a delivery again now (same event, same webhook-id)",
+            "parameters": [job_id, delivery_id],
+            "responses": {"202": answer("the delivery, pending", Delivery), **errors(401, 404, 409, 429, 503)},
+        }},
+        "/v1/webhooks": {
+            "post": {
+                "summary": "Register a webhook endpoint for this key's jobs; its secret is shown this once",
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": ref(EndpointRequest)}}},
+                "responses": {"201": answer("the endpoint, with its secret", Endpoint),
+                              **errors(400, 401, 409, 413, 415, 422, 429, 503)},
+            },
+            "get": {"summary": "This key's webhook endpoints",
+                    "responses": {"200": answer("the endpoints", EndpointList), **errors(401, 429, 503)}},
+        },
+        "/v1/webhooks/{endpoint_id}": {"delete": {
+            "summary": "Remove a webhook endpoint",
+            "parameters": [endpoint_id],
+            "responses": {"204": answer("removed"), **errors(401, 404, 429, 503)},
+        }},
+        "/v1/webhooks/secret": {"get": {
+            "summary": "The secret that signs events sent to jobs' own webhook URLs",
+            "responses": {"200": answer("the secret", SigningSecret), **errors(401, 429, 503)},
+        }},
+    }
 
 
 def list_parameters(settings: Settings) -> list[dict]:

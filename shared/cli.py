@@ -1,5 +1,5 @@
-"""The `visionq` command: run the parts (up, api, worker, demo), talk to the API (submit, get, cancel, batch),
-manage API keys, build tiny models."""
+"""The `visionq` command: run the parts (up, api, worker, webhooks worker, demo), talk to the API (submit, get,
+cancel, batch), manage API keys, receive webhooks locally, build tiny models."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def cmd_up(args) -> int:
     from shared.launcher import Stack
 
     with Stack(get_settings()) as stack:
-        print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, logs in {stack.log_dir}. Ctrl-C stops.")
+        print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, a worker and a webhook delivery worker;"
+              f" logs in {stack.log_dir}. Ctrl-C stops.")
         print(f"local API key (shown once): {stack.api_key}")
         try:
             for process in stack.processes.values():
@@ -40,6 +41,17 @@ def cmd_worker(args) -> int:
     os.execv(command[0], command)
 
 
+def cmd_webhooks(args) -> int:
+    if args.webhooks_command == "listen":
+        from shared.webhook_listen import listen
+
+        return listen(args.host, args.port, args.secret or os.environ.get("VISIONQ_WEBHOOK_SECRET"))
+    from shared.launcher import default_webhooks_name, webhooks_command
+
+    command = webhooks_command(get_settings(), args.name or default_webhooks_name())
+    os.execv(command[0], command)
+
+
 def cmd_demo(args) -> int:
     from shared.demo import run_demo
 
@@ -57,7 +69,9 @@ def cmd_submit(args) -> int:
 
     client = client_of(args)
     refs = [image_arg_to_ref(a) for a in args.images]
-    job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key)
+    webhook = {"url": args.webhook} if args.webhook else None
+    job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key,
+                        webhook=webhook)
     if args.wait:
         job = client.wait(job["id"], timeout_s=args.timeout)
     print(json.dumps(job, indent=2))
@@ -125,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     add_client_commands(sub)
     add_key_commands(sub)
+    add_webhook_commands(sub)
     tiny = sub.add_parser("tiny-model", help="build a tiny random-weight vision-language model")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
@@ -154,6 +169,7 @@ def add_client_commands(sub) -> None:
     submit.add_argument("images", nargs="+")
     add_job_options(submit)
     submit.add_argument("--idempotency-key")
+    submit.add_argument("--webhook", help="URL to POST the job's end to (signed; see `visionq webhooks listen`)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=600.0)
     get = client_parser(sub, "get", "show a job", cmd_get)
@@ -181,6 +197,18 @@ def add_key_commands(sub) -> None:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     keys_sub.add_parser("list", help="every key (never the secrets)")
+
+
+def add_webhook_commands(sub) -> None:
+    webhooks = sub.add_parser("webhooks", help="the webhook delivery worker; a local receiver for development")
+    webhooks.set_defaults(func=cmd_webhooks)
+    hooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    worker = hooks_sub.add_parser("worker", help="the delivery worker (CPU, a pool of threads; no model)")
+    worker.add_argument("--name", help="Celery node name, e.g. webhooks@%%h")
+    listen = hooks_sub.add_parser("listen", help="receive, verify and print webhooks locally")
+    listen.add_argument("--host", default="127.0.0.1")
+    listen.add_argument("--port", type=int, default=9000)
+    listen.add_argument("--secret", help="whsec_... to verify signatures (or VISIONQ_WEBHOOK_SECRET)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,9 +48,12 @@ class Client:
             self.http.headers["Authorization"] = f"Bearer {key}"
 
     def submit(self, task: str, images: list[str], question: str | None = None,
-               max_new_tokens: int | None = None, idempotency_key: str | None = None) -> dict:
+               max_new_tokens: int | None = None, idempotency_key: str | None = None,
+               webhook: dict | None = None) -> dict:
         """POST /v1/jobs; returns the queued job (the same one again for a repeated idempotency key)."""
-        body = {"task": task, "images": images}
+        body: dict = {"task": task, "images": images}
+        if webhook is not None:
+            body["webhook"] = webhook
         if question is not None:
             body["question"] = question
         if max_new_tokens is not None:
@@ -73,6 +76,30 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         """POST /v1/jobs/<id>/cancel."""
         return self._send("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def deliveries(self, job_id: str) -> list[dict]:
+        """GET /v1/jobs/<id>/deliveries: the job's webhook deliveries and their attempts."""
+        return self._send("GET", f"/v1/jobs/{job_id}/deliveries")["deliveries"]
+
+    def retry_delivery(self, job_id: str, delivery_id: str) -> dict:
+        """POST /v1/jobs/<id>/deliveries/<delivery>/retry."""
+        return self._send("POST", f"/v1/jobs/{job_id}/deliveries/{delivery_id}/retry")
+
+    def add_webhook(self, url: str, events: list[str] | None = None) -> dict:
+        """POST /v1/webhooks: the endpoint, with its signing secret (shown this once)."""
+        return self._send("POST", "/v1/webhooks", json={"url": url, **({"events": events} if events else {})})
+
+    def webhooks(self) -> list[dict]:
+        """GET /v1/webhooks."""
+        return self._send("GET", "/v1/webhooks")["endpoints"]
+
+    def delete_webhook(self, endpoint_id: str) -> None:
+        """DELETE /v1/webhooks/<id>."""
+        self._send("DELETE", f"/v1/webhooks/{endpoint_id}")
+
+    def webhook_secret(self) -> str:
+        """GET /v1/webhooks/secret: the secret that signs the events of jobs' own webhooks."""
+        return self._send("GET", "/v1/webhooks/secret")["secret"]
 
     def list(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict:
         """GET /v1/jobs: one page of the caller's jobs, newest first."""
@@ -105,6 +132,8 @@ class Client:
 
     @staticmethod
     def _answer(response: requests.Response) -> dict:
+        if response.status_code == 204:
+            return {}
         try:
             body = response.json()
         except ValueError:

@@ -126,11 +126,38 @@ class Settings(BaseSettings):
     def _hosts_lower(cls, value: list[str]) -> list[str]:
         return [host.strip().lower().rstrip(".") for host in value if host.strip()]
 
+    # Webhooks on job completion: shared/webhooks.py, worker/webhook_app.py. Retries back off exponentially from
+    # base to max (with jitter) until give_up_s after the event; then the delivery is marked failed.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)  # each phase of one request: connect, send, answer
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_max_s: float = Field(default=3600.0, gt=0)
+    webhook_give_up_s: float = Field(default=12 * 3600.0, gt=0)
+    webhook_poll_s: float = Field(default=1.0, gt=0)  # how often the delivery worker looks for due retries
+    webhook_concurrency: int = Field(default=8, ge=1)  # threads of one delivery worker
+    webhook_max_endpoints: int = Field(default=10, ge=0)  # registered endpoints per API key
+    webhook_max_url_chars: int = Field(default=2048, gt=0)
+    webhook_max_log: int = Field(default=50, ge=1)  # attempts kept per delivery (the latest)
+
     @model_validator(mode="after")
     def _redelivery_outlasts_jobs(self) -> Settings:
         if self.visibility_timeout_s <= self.job_timeout_s:
             raise ValueError("visibility_timeout_s must be longer than job_timeout_s, or long jobs run twice")
         return self
+
+    @property
+    def webhook_queue(self) -> str:
+        """The Celery queue of webhook deliveries (consumed by CPU workers, never by the GPU worker)."""
+        return f"{self.queue}-webhooks"
+
+    @property
+    def webhook_horizon_s(self) -> float:
+        """When retries stop: give_up_s, but never after the job (and its delivery records) expires."""
+        return min(self.webhook_give_up_s, self.result_ttl_s * 0.9)
+
+    @property
+    def webhook_lease_s(self) -> float:
+        """How long a delivery attempt may hold its delivery: a worker killed mid-send frees it after this."""
+        return self.webhook_timeout_s * 3 + 2
 
     @property
     def broker_url(self) -> str:

@@ -124,6 +124,33 @@ class NotFound(VisionqError):
     code, http_status = "not_found", 404
 
 
+# --- webhooks --------------------------------------------------------------------------------------------
+
+
+class WebhookUrlRefused(VisionqError):
+    """The webhook URL is malformed or may not be reached (SSRF guard: https, public addresses only)."""
+
+    code, http_status = "invalid_webhook_url", 400
+
+
+class InvalidWebhookEvents(InvalidRequest):
+    """The webhook's events must be a non-empty list of job.succeeded, job.failed, job.canceled."""
+
+    code = "invalid_webhook_events"
+
+
+class TooManyEndpoints(VisionqError):
+    """This API key has registered as many webhook endpoints as it may; delete one first."""
+
+    code, http_status = "too_many_endpoints", 409
+
+
+class DeliveryInProgress(VisionqError):
+    """This delivery is being attempted right now; it will be retried if the attempt fails."""
+
+    code, http_status = "delivery_in_progress", 409
+
+
 # --- failures that end a job -----------------------------------------------------------------------------
 
 

@@ -9,6 +9,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.webhooks import WebhookSpec
+
 
 class JobStatus(StrEnum):
     """Where a job stands; a terminal status is written once and never changes."""
@@ -94,6 +96,7 @@ class JobRequest(BaseModel):
                                           "data:image/...;base64, URIs or paths under the server's image root")
     question: str | None = Field(default=None, description="overrides the task's default question")
     max_new_tokens: int | None = Field(default=None, description="defaults to the server's setting")
+    webhook: WebhookSpec | None = Field(default=None, description="POST the job's terminal event here, signed")
 
 
 class Job(BaseModel):
@@ -114,6 +117,7 @@ class Job(BaseModel):
     worker: str | None = None
     result: JobResult | None = None
     error: JobFailure | None = None
+    webhook: WebhookSpec | None = None
 
     def public(self) -> dict:
         """The JSON-ready view that GET /v1/jobs/<id> returns."""
@@ -125,9 +129,11 @@ class Job(BaseModel):
 
     def to_hash(self) -> dict[str, str]:
         """The flat fields of the job's Redis hash."""
-        fields = self.model_dump(mode="json", exclude={"result", "error", "images"}, exclude_none=True)
+        fields = self.model_dump(mode="json", exclude={"result", "error", "images", "webhook"}, exclude_none=True)
         flat = {key: str(value) for key, value in fields.items()}
         flat["images"] = json.dumps(self.images)
+        if self.webhook is not None:  # JSON, read by the transition script when the job ends
+            flat["webhook"] = self.webhook.model_dump_json()
         if self.owner is not None:
             flat["owner"] = self.owner
         return flat
@@ -137,7 +143,7 @@ class Job(BaseModel):
         """Rebuild a job from its Redis hash."""
         data: dict = dict(raw)
         data["images"] = json.loads(data.get("images", "[]"))
-        for key in ("result", "error"):
+        for key in ("result", "error", "webhook"):
             if key in data:
                 data[key] = json.loads(data[key])
         return cls.model_validate(data)

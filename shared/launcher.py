@@ -1,4 +1,5 @@
-"""Start visionq's processes for local runs and tests: embedded Redis, the API under gunicorn, a GPU worker."""
+"""Start visionq's processes for local runs and tests: embedded Redis, the API under gunicorn, a GPU worker and
+the webhook delivery worker."""
 
 from __future__ import annotations
 
@@ -37,24 +38,39 @@ def worker_command(settings: Settings, name: str) -> list[str]:
     ]
 
 
+def webhooks_command(settings: Settings, name: str) -> list[str]:
+    """The webhook delivery worker: a CPU process with a pool of threads (sending is waiting on the network)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.webhook_app", "worker",
+        "-P", "threads", "-c", str(settings.webhook_concurrency), "-Q", settings.webhook_queue, "-n", name,
+        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+    ]
+
+
+def default_webhooks_name() -> str:
+    return f"webhooks@{socket.gethostname()}"
+
+
 def default_worker_name(index: int = 1) -> str:
     return f"worker{index}@{socket.gethostname()}"
 
 
 class Stack:
-    """Redis (embedded unless settings name one), the API and one worker, started and stopped together."""
+    """Redis (embedded unless settings name one), the API, one worker and the webhook delivery worker, started
+    and stopped together."""
 
     def __init__(self, settings: Settings, *, env: dict[str, str] | None = None, api_port: int | None = None,
-                 log_dir: Path | None = None, api: bool = True, worker: bool = True):
+                 log_dir: Path | None = None, api: bool = True, worker: bool = True, webhooks: bool = True):
         self.settings = settings
         self.extra_env = env or {}
         self.api_port = api_port or settings.api_port
         self.log_dir = Path(log_dir or settings.data_dir / "logs")
-        self.want_api, self.want_worker = api, worker
+        self.want_api, self.want_worker, self.want_webhooks = api, worker, webhooks
         self.redis: EmbeddedRedis | None = None
         self.redis_url = settings.redis_url
         self.processes: dict[str, subprocess.Popen] = {}
         self.worker_name = default_worker_name()
+        self.webhooks_name = default_webhooks_name()
         self.api_key: str | None = None
 
     @property
@@ -74,16 +90,24 @@ class Stack:
         self.api_key, _ = KeyStore(self.redis_client()).create("local")
         if self.want_worker:
             self.start_worker()
+        if self.want_webhooks:
+            self.start_webhooks()
         if self.want_api:
             self.spawn("api", api_command(self.settings, self.api_port))
             self.wait_for_api(timeout_s)
         if self.want_worker:
             self.wait_for_worker(self.worker_name, timeout_s)
+        if self.want_webhooks:
+            self.wait_for_webhooks(timeout_s)
         return self
 
     def start_worker(self) -> None:
         """(Re)start the worker process."""
         self.spawn("worker", worker_command(self.settings, self.worker_name))
+
+    def start_webhooks(self) -> None:
+        """(Re)start the webhook delivery worker."""
+        self.spawn("webhooks", webhooks_command(self.settings, self.webhooks_name))
 
     def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
@@ -106,15 +130,22 @@ class Stack:
 
     def wait_for_worker(self, name: str, timeout_s: float) -> dict:
         """Wait until this worker process has loaded its model and said so in Redis."""
+        return self._wait_until_published("worker", name, timeout_s, lambda info: bool(info.get("loads")))
+
+    def wait_for_webhooks(self, timeout_s: float) -> dict:
+        """Wait until the webhook delivery worker is consuming its queue."""
+        return self._wait_until_published("webhooks", self.webhooks_name, timeout_s, lambda info: True)
+
+    def _wait_until_published(self, process: str, name: str, timeout_s: float, ready) -> dict:
         store = JobStore(self.redis_client(), 60)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self._check_alive("worker")
+            self._check_alive(process)
             info = store.worker_info(name)
-            if info.get("loads") and info.get("pid") == self.processes["worker"].pid:
+            if info.get("pid") == self.processes[process].pid and ready(info):
                 return info
             time.sleep(0.2)
-        raise RuntimeError(f"the worker did not start; see {self.log_dir / 'worker.log'}")
+        raise RuntimeError(f"the {process} process did not start; see {self.log_dir / (process + '.log')}")
 
     def redis_client(self):
         return connect(self.settings.model_copy(update={"redis_url": self.redis_url}))

@@ -31,12 +31,73 @@ if wait ~= '0' then return {wait, {}} end
 return {wait, redis.call('HGETALL', KEYS[2])}
 """
 
+# Server time in seconds, as a float: every webhook schedule is on the clock every process shares.
+_NOW = """
+local function now()
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+end
+"""
+
+# The webhook outbox, written by the terminal transition itself, so that an ended job's event exists exactly
+# when its end does (a worker killed right after still leaves it to send; a second transition never comes).
+# One delivery per webhook that wants the event: the job's own (id "job") and the owner's registered endpoints
+# (id = endpoint id). Each is a hash <job key>:delivery:<id> (its attempts in <that>:log), listed in
+# <job key>:deliveries, and due now in the due zset (member "<job id> <delivery id>"); then one dispatch message
+# goes on the webhook queue so that a delivery worker moves them to its queue at once.
+_OUTBOX = _NOW + """
+local function wants(events, event)
+  if events == nil or events == cjson.null then return true end
+  for _, name in ipairs(events) do
+    if name == event then return true end
+  end
+  return false
+end
+
+local function webhook_targets(job_key, event, owner, owner_prefix)
+  local targets = {}
+  local hook = redis.call('HGET', job_key, 'webhook')
+  if hook then
+    local spec = cjson.decode(hook)
+    if wants(spec.events, event) then table.insert(targets, {'job', spec.url, ''}) end
+  end
+  if owner then
+    for _, raw in ipairs(redis.call('HVALS', owner_prefix .. owner .. ':webhooks')) do
+      local endpoint = cjson.decode(raw)
+      if wants(endpoint.events, event) then table.insert(targets, {endpoint.id, endpoint.url, endpoint.id}) end
+    end
+  end
+  return targets
+end
+
+local function write_outbox(job_key, status, owner, owner_prefix, due_key, queue, message, ttl)
+  local event = 'job.' .. status
+  local targets = webhook_targets(job_key, event, owner, owner_prefix)
+  if #targets == 0 then return end
+  local job_id = string.match(job_key, '([^:]+)$')
+  local at = tostring(now())
+  for _, target in ipairs(targets) do
+    local key = job_key .. ':delivery:' .. target[1]
+    redis.call('HSET', key, 'id', target[1], 'event_id', 'msg_' .. job_id, 'type', event, 'url', target[2],
+               'endpoint_id', target[3], 'owner', owner or '', 'status', 'pending', 'created_at', at,
+               'schedule_start', at, 'next_at', at, 'lease_until', '0', 'attempts', '0')
+    redis.call('EXPIRE', key, ttl)
+    redis.call('RPUSH', job_key .. ':deliveries', target[1])
+    redis.call('ZADD', due_key, at, job_id .. ' ' .. target[1])
+  end
+  redis.call('EXPIRE', job_key .. ':deliveries', ttl)
+  redis.call('LPUSH', queue, message)
+end
+"""
+
 # Compare-and-set of a job's status, so that two writers can never both win.
-# KEYS[1] job hash. ARGV: new status, allowed current statuses (space-separated), done channel, ttl seconds,
-# "1" when the new status is terminal, "1" to count an attempt, owner key prefix, then field/value pairs.
-# A terminal move also frees the owner's active-job slot and publishes on the done channel.
-# Returns {applied (0/1), status before the call ("" when the job does not exist), attempts}.
-TRANSITION = """
+# KEYS: job hash, the webhook due zset, the webhook queue.
+# ARGV: new status, allowed current statuses (space-separated), done channel, ttl seconds, "1" when the new
+# status is terminal, "1" to count an attempt, owner key prefix, the webhook dispatch message, then field/value
+# pairs.
+# A terminal move also frees the owner's active-job slot, writes the webhook outbox and publishes on the done
+# channel. Returns {applied (0/1), status before the call ("" when the job does not exist), attempts}.
+TRANSITION = _OUTBOX + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, '', 0} end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
@@ -47,7 +108,7 @@ end
 if not allowed then return {0, current, attempts} end
 if ARGV[6] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[5] == '1' then
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
   local owner = redis.call('HGET', KEYS[1], 'owner')
@@ -55,6 +116,7 @@ if ARGV[5] == '1' then
     local active = ARGV[7] .. owner .. ':active'
     if tonumber(redis.call('DECR', active)) < 0 then redis.call('SET', active, 0) end
   end
+  write_outbox(KEYS[1], ARGV[1], owner, ARGV[7], KEYS[2], KEYS[3], ARGV[8], tonumber(ARGV[4]))
   redis.call('PUBLISH', ARGV[3], ARGV[1])
 end
 return {1, current, attempts}
@@ -93,4 +155,91 @@ return {'created', ''}
 MAX_FIELD = """
 local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+"""
+
+# The delivery worker's dispatcher: every delivery due by now, each pushed back by a lease so that the next
+# poll does not take it again (if its message is lost, it comes due again when the lease ends).
+# KEYS: due zset. ARGV: most to take, lease seconds. Returns the members ("<job id> <delivery id>").
+TAKE_DUE = _NOW + """
+local at = now()
+local members = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', at, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(members) do redis.call('ZADD', KEYS[1], at + tonumber(ARGV[2]), member) end
+return members
+"""
+
+# Take a delivery for one attempt: only a pending one whose time has come and that no live attempt holds.
+# The lease is also its new due time, so that an attempt whose worker dies is made again once it ends.
+# KEYS: delivery hash, due zset. ARGV: member, lease seconds.
+# Returns {attempt number, the hash's fields} or {0, why not}.
+CLAIM_DELIVERY = _NOW + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'pending' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {0, status or 'missing'}
+end
+local at = now()
+if tonumber(redis.call('HGET', KEYS[1], 'next_at')) > at then return {0, 'not_due'} end
+if tonumber(redis.call('HGET', KEYS[1], 'lease_until')) > at then return {0, 'leased'} end
+local lease_until = at + tonumber(ARGV[2])
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'lease_until', tostring(lease_until))
+redis.call('ZADD', KEYS[2], lease_until, ARGV[1])
+return {attempt, redis.call('HGETALL', KEYS[1])}
+"""
+
+# Record an attempt: log it, then (unless a later attempt has taken the delivery since) mark it delivered or
+# failed, or schedule the next attempt; a retry that would come after the give-up horizon fails it instead.
+# KEYS: delivery hash, its log, due zset. ARGV: member, attempt number, outcome (delivered, retry, failed),
+# delay seconds before a retry, give-up horizon seconds, the attempt as JSON, most log entries kept.
+# Returns the outcome as recorded, "stale" or "missing".
+RECORD_ATTEMPT = _NOW + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+local at = now()
+local outcome = ARGV[3]
+local next_at = at + tonumber(ARGV[4])
+local start = tonumber(redis.call('HGET', KEYS[1], 'schedule_start'))
+if outcome == 'retry' and next_at > start + tonumber(ARGV[5]) then outcome = 'failed' end
+local entry = cjson.decode(ARGV[6])
+entry.outcome = outcome
+redis.call('RPUSH', KEYS[2], cjson.encode(entry))
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[7]), -1)
+redis.call('EXPIRE', KEYS[2], math.max(redis.call('TTL', KEYS[1]), 1))
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2] then return 'stale' end
+if outcome == 'retry' then
+  redis.call('HSET', KEYS[1], 'next_at', tostring(next_at), 'lease_until', '0')
+  redis.call('ZADD', KEYS[3], next_at, ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'status', outcome, 'lease_until', '0')
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+return outcome
+"""
+
+# Send a delivery again, now, on a fresh schedule (a manual retry): unless an attempt holds it right now. The
+# backoff starts over too (from the attempts made so far, kept in schedule_base).
+# KEYS: delivery hash, its log, due zset, webhook queue. ARGV: member, dispatch message, ttl seconds at least.
+# Returns "ok", "busy" or "missing".
+RETRY_DELIVERY = _NOW + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+local at = now()
+if redis.call('HGET', KEYS[1], 'status') == 'pending'
+   and tonumber(redis.call('HGET', KEYS[1], 'lease_until')) > at then return 'busy' end
+local stamp = tostring(at)
+redis.call('HSET', KEYS[1], 'status', 'pending', 'next_at', stamp, 'schedule_start', stamp, 'lease_until', '0',
+           'schedule_base', redis.call('HGET', KEYS[1], 'attempts'))
+redis.call('ZADD', KEYS[3], at, ARGV[1])
+local ttl = math.max(redis.call('TTL', KEYS[1]), tonumber(ARGV[3]))
+redis.call('EXPIRE', KEYS[1], ttl)
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ttl) end
+redis.call('LPUSH', KEYS[4], ARGV[2])
+return 'ok'
+"""
+
+# Register a webhook endpoint unless the owner already has as many as allowed (a check and a write that two
+# concurrent registrations must not both pass). KEYS: the owner's endpoint hash. ARGV: most endpoints, endpoint
+# id, endpoint JSON. Returns 1 when added, 0 when full.
+ADD_ENDPOINT = """
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+return 1
 """

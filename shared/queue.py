@@ -19,6 +19,9 @@ from celery import Celery
 from shared.config import Settings
 
 RUN_JOB_TASK = "visionq.run_job"
+# The webhook tasks (worker/webhook_app.py): move due deliveries to the queue; send one delivery.
+DISPATCH_WEBHOOKS_TASK = "visionq.dispatch_webhooks"
+DELIVER_WEBHOOK_TASK = "visionq.deliver_webhook"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -54,15 +57,21 @@ _ORIGIN = f"visionq-api-{os.getpid()}@{socket.gethostname()}"
 
 def run_job_message(job_id: str, queue: str) -> str:
     """The queue entry that makes a worker run `visionq.run_job(job_id)`; the task id is the job id."""
-    body = [[job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    return task_message(RUN_JOB_TASK, [job_id], queue, job_id)
+
+
+def task_message(task: str, args: list[str], queue: str, task_id: str | None = None) -> str:
+    """The queue entry that makes a worker of `queue` run `task(*args)`, as Celery's send_task writes it."""
+    task_id = task_id or str(uuid.uuid4())
+    body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     headers = {
-        "lang": "py", "task": RUN_JOB_TASK, "id": job_id, "shadow": None, "eta": None, "expires": None,
-        "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": job_id,
-        "parent_id": None, "argsrepr": repr([job_id]), "kwargsrepr": "{}", "origin": _ORIGIN,
+        "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None, "expires": None,
+        "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
+        "parent_id": None, "argsrepr": repr(args or ()), "kwargsrepr": "{}", "origin": _ORIGIN,
         "ignore_result": True, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
     }
     properties = {
-        "correlation_id": job_id, "reply_to": "", "delivery_mode": 2,
+        "correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
         "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
         "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
     }

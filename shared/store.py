@@ -14,7 +14,7 @@ from shared.completions import CompletionListener
 from shared.config import Settings
 from shared.jobs import Job, JobFailure, JobResult, JobStatus, sources_of, utcnow
 from shared.keys import ApiKey, hash_secret, key_id_of, new_secret
-from shared.queue import run_job_message
+from shared.queue import DISPATCH_WEBHOOKS_TASK, run_job_message, task_message
 
 PREFIX = "visionq"
 
@@ -32,6 +32,33 @@ JOB_DONE_PATTERN = job_done_channel("*")
 
 def job_id_from_done_channel(channel: str) -> str:
     return channel[len(f"{PREFIX}:job:"):-len(":done")]
+
+
+# Webhooks (shared/webhook_store.py): the transition script derives the delivery keys from the job's key in the
+# same way, and the owner's endpoint hash from OWNER_PREFIX.
+def delivery_key(job_id: str, delivery_id: str) -> str:
+    return f"{job_key(job_id)}:delivery:{delivery_id}"
+
+
+def delivery_log_key(job_id: str, delivery_id: str) -> str:
+    return f"{delivery_key(job_id, delivery_id)}:log"
+
+
+def deliveries_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:deliveries"
+
+
+def webhooks_due_key(webhook_queue: str) -> str:
+    """The zset of deliveries by due time, one per webhook queue (each stack's delivery workers poll theirs)."""
+    return f"{PREFIX}:webhooks:{webhook_queue}:due"
+
+
+def endpoints_key(owner: str) -> str:
+    return f"{OWNER_PREFIX}{owner}:webhooks"
+
+
+def job_webhook_secret_key(owner: str) -> str:
+    return f"{OWNER_PREFIX}{owner}:webhook_secret"
 
 
 def worker_key(name: str) -> str:
@@ -117,10 +144,12 @@ class Transition:
 class JobStore:
     """Jobs as Redis hashes with a TTL; status changes only through the transition script."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int, idempotency_ttl_s: int = 24 * 3600):
+    def __init__(self, client: redis.Redis, ttl_s: int, idempotency_ttl_s: int = 24 * 3600,
+                 webhook_queue: str = "visionq-webhooks"):
         self.redis = client
         self.ttl_s = ttl_s
         self.idempotency_ttl_s = idempotency_ttl_s
+        self.webhook_queue = webhook_queue  # where a job's end puts its webhook dispatch message
         self._transition = client.register_script(lua.TRANSITION)
         self._create = client.register_script(lua.CREATE_JOB)
         self._take_token = client.register_script(lua.TAKE_TOKEN)
@@ -235,9 +264,12 @@ class JobStore:
     ) -> Transition:
         allowed = " ".join(sources_of(status))
         flat = [item for pair in fields.items() for item in pair]
-        args = [status.value, allowed, job_done_channel(job_id), self.ttl_s,
-                "1" if status.is_terminal() else "0", "1" if count_attempt else "0", OWNER_PREFIX, *flat]
-        applied, previous, attempts = self._transition(keys=[job_key(job_id)], args=args)
+        terminal = status.is_terminal()
+        dispatch = task_message(DISPATCH_WEBHOOKS_TASK, [], self.webhook_queue) if terminal else ""
+        args = [status.value, allowed, job_done_channel(job_id), self.ttl_s, "1" if terminal else "0",
+                "1" if count_attempt else "0", OWNER_PREFIX, dispatch, *flat]
+        keys = [job_key(job_id), webhooks_due_key(self.webhook_queue), self.webhook_queue]
+        applied, previous, attempts = self._transition(keys=keys, args=args)
         return Transition(bool(applied), JobStatus(previous) if previous else None, int(attempts))
 
     def wait(self, job_id: str, timeout_s: float) -> Job | None:

@@ -91,9 +91,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def stack(settings, tmp_path_factory):
-    """The API (gunicorn) and one solo worker on the tiny model, against the session's Redis."""
+    """The API (gunicorn) and one solo worker on the tiny model, against the session's Redis. Its webhook
+    deliveries are sent by the delivery worker of tests/integration/test_webhooks.py (which lets them reach
+    receivers on 127.0.0.1), so it starts none of its own."""
     with Stack(settings, env=settings_env(settings), api_port=free_port(),
-               log_dir=tmp_path_factory.mktemp("logs")) as running:
+               log_dir=tmp_path_factory.mktemp("logs"), webhooks=False) as running:
         yield running
 
 
@@ -117,7 +119,7 @@ def client(stack):
 
 @pytest.fixture
 def store(settings) -> JobStore:
-    return JobStore(connect(settings), settings.result_ttl_s)
+    return JobStore(connect(settings), settings.result_ttl_s, webhook_queue=settings.webhook_queue)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ HEARTBEAT_S = 10.0
 settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
-store = JobStore(connect(settings), settings.result_ttl_s)
+store = JobStore(connect(settings), settings.result_ttl_s, webhook_queue=settings.webhook_queue)
 runner: JobRunner | None = None  # set once the model is loaded
 uploads = UploadStore(settings)
 configure_pillow(settings)

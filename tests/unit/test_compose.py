@@ -29,7 +29,7 @@ def test_visionq_script_points_at_the_cli():
     assert scripts["visionq"] == "shared.cli:main"
 
 
-@pytest.mark.parametrize("service", ["api", "worker"])
+@pytest.mark.parametrize("service", ["api", "worker", "webhooks"])
 def test_each_built_service_runs_a_real_visionq_command(compose, service):
     spec = compose["services"][service]
     command = spec["command"]
@@ -53,3 +53,9 @@ def test_redis_keeps_an_append_only_file_on_a_volume(compose):
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
     assert set(compose["volumes"]) == {"redis-data", "hf-cache"}
+
+
+def test_webhook_deliveries_run_on_the_image_without_torch_and_reserve_no_gpu(compose):
+    webhooks = compose["services"]["webhooks"]
+    assert webhooks["build"]["target"] == "api" and "deploy" not in webhooks
+    assert webhooks["command"][1:] == ["webhooks", "worker"]

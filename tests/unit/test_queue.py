@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from shared.queue import RUN_JOB_TASK, make_celery, run_job_message
+from shared.queue import (
+    DELIVER_WEBHOOK_TASK,
+    DISPATCH_WEBHOOKS_TASK,
+    RUN_JOB_TASK,
+    make_celery,
+    run_job_message,
+    task_message,
+)
 
 
 @pytest.fixture
@@ -25,7 +32,18 @@ def decode(message: dict) -> dict:
 
 
 def test_message_has_celerys_shape_and_values(celery_sent):
-    ours, theirs = decode(json.loads(run_job_message("job-1", "queue-format-test"))), decode(celery_sent)
+    assert_same_message(run_job_message("job-1", "queue-format-test"), celery_sent)
+
+
+@pytest.mark.parametrize(("task", "args"), [(DISPATCH_WEBHOOKS_TASK, []), (DELIVER_WEBHOOK_TASK, ["job-1", "job"])])
+def test_webhook_task_messages_are_celerys_too(settings, store, task, args):
+    make_celery(settings).send_task(task, args=args, queue="queue-format-test", task_id="t-1", ignore_result=True)
+    theirs = json.loads(store.redis.lpop("queue-format-test"))
+    assert_same_message(task_message(task, args, "queue-format-test", "t-1"), theirs)
+
+
+def assert_same_message(our_message: str, celery_sent: dict) -> None:
+    ours, theirs = decode(json.loads(our_message)), decode(celery_sent)
     assert ours["body"] == theirs["body"]
     assert set(ours) == set(theirs)
     assert set(ours["headers"]) == set(theirs["headers"])
