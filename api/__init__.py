@@ -9,7 +9,7 @@ from shared.config import Settings, get_settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The Flask app factory; tests pass their own settings."""
-    from api import errors, health, jobs, openapi
+    from api import errors, health, jobs, metrics, openapi
     from api.context import init_app
 
     settings = settings or get_settings()
@@ -21,4 +21,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    metrics.init_app(app)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import math
 
 from flask import Blueprint, Response, g, request
@@ -29,8 +30,10 @@ from shared.errors import (
 )
 from shared.images import validate_ref
 from shared.jobs import Job, JobFailure, JobRequest, JobStatus, new_job_id, utcnow
+from shared.routing import queue_for, resolve_model
 from shared.task_specs import TASKS
 
+log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
 
@@ -46,13 +49,14 @@ def submit_job():
         charge_now()  # a rejected request still counts against the key's rate
         raise
     idempotency = request.headers.get("Idempotency-Key")
-    created = svc.store.create(job, svc.settings.queue, max_active=g.key.limits(svc.settings)[2],
+    created = svc.store.create(job, queue_for(svc.settings, job.model), max_active=g.key.limits(svc.settings)[2],
                                idempotency=idempotency, request_hash=request_hash(request_body), charge=g.charge)
     check_rate(created.retry_after_s)
     if created.outcome == "queue_full":
         raise QueueFull()
     if created.outcome == "existing":
         return replay(created.job_id, created.same_request)
+    log.info("job accepted", extra={"job_id": job.id, "model": job.model, "task": job.task})
     return job_response(job, 202, {"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -189,6 +193,7 @@ def build_job(req: JobRequest, settings: Settings) -> Job:
         image_count=len(req.images),
         question=spec.question_or_default(check_question(req.question, settings)),
         max_new_tokens=check_max_new_tokens(req.max_new_tokens, settings),
+        model=resolve_model(settings, req.model),
         created_at=utcnow(),
     )
 

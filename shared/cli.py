@@ -40,6 +40,23 @@ def cmd_worker(args) -> int:
     os.execv(command[0], command)
 
 
+def cmd_workers(args) -> int:
+    from shared.supervisor import Supervisor, cpu_workers, gpu_workers, nvidia_gpu_count, visible_gpus
+
+    settings = get_settings()
+    if args.cpu_workers is not None:
+        specs = cpu_workers(args.cpu_workers, settings)
+    else:
+        try:
+            gpus = visible_gpus(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), nvidia_gpu_count)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        specs = gpu_workers(gpus, settings)
+    print(f"starting {', '.join(spec.name for spec in specs)} for {settings.model}", flush=True)
+    return Supervisor(settings, specs, log_dir=Path(args.log_dir) if args.log_dir else None).start().run()
+
+
 def cmd_demo(args) -> int:
     from shared.demo import run_demo
 
@@ -119,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="one solo Celery worker (one per GPU)")
     worker.add_argument("--name", help="Celery node name, e.g. gpu0@%%h")
     worker.set_defaults(func=cmd_worker)
+    add_workers_command(sub)
     demo = sub.add_parser("demo", help="run describe, OCR and compare jobs on a tiny local model")
     demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.set_defaults(func=cmd_demo)
@@ -131,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="LLaVA (CLIP + Llama) or the native Phi-3-vision port")
     tiny.set_defaults(func=cmd_tiny_model)
     return parser
+
+
+def add_workers_command(sub) -> None:
+    workers = sub.add_parser("workers", help="one supervised worker per GPU of this host (SIGHUP: rolling restart)")
+    which = workers.add_mutually_exclusive_group(required=True)
+    which.add_argument("--gpus", help="'all' or GPU indices such as 0,1: one worker per GPU, named gpu<N>@<host>")
+    which.add_argument("--cpu-workers", type=int, metavar="N", help="N workers on the CPU, named cpu<i>@<host>")
+    workers.add_argument("--log-dir", help="one log file per worker here (default: this process's output)")
+    workers.set_defaults(func=cmd_workers)
 
 
 def client_parser(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:

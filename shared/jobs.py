@@ -93,6 +93,7 @@ class JobRequest(BaseModel):
     images: list[str] = Field(description="data:image/...;base64, URIs or paths under the server's image root")
     question: str | None = Field(default=None, description="overrides the task's default question")
     max_new_tokens: int | None = Field(default=None, description="defaults to the server's setting")
+    model: str | None = Field(default=None, description="one of the server's models; defaults to its default model")
 
 
 class Job(BaseModel):
@@ -106,6 +107,7 @@ class Job(BaseModel):
     image_count: int
     question: str
     max_new_tokens: int
+    model: str | None = None  # the model (and so the queue) the job is for; None only for jobs made before models
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

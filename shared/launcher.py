@@ -14,13 +14,14 @@ import requests
 
 from shared.config import Settings
 from shared.embedded_redis import EmbeddedRedis
+from shared.routing import worker_queue
 from shared.store import JobStore, KeyStore, connect
 
 
 def api_command(settings: Settings, port: int | None = None) -> list[str]:
     """gunicorn serving the app; threads so that ?wait requests do not hold a whole process each."""
     return [
-        sys.executable, "-m", "gunicorn", "api.wsgi:app",
+        sys.executable, "-m", "gunicorn", "api.wsgi:app", "--config", "python:api.gunicorn_conf",
         "--bind", f"{settings.api_host}:{port or settings.api_port}",
         "--workers", str(settings.api_workers), "--threads", str(settings.api_threads),
         "--worker-class", "gthread", "--graceful-timeout", "30", "--timeout", "120",
@@ -31,9 +32,14 @@ def worker_command(settings: Settings, name: str) -> list[str]:
     """One Celery worker process, prefork disabled: it owns the model and (on a GPU host) one GPU."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "-P", "solo", "-c", "1", "-Q", settings.queue, "-n", name, "--loglevel", settings.log_level, "--without-gossip",
-        "--without-mingle",
+        "-P", "solo", "-c", "1", "-Q", worker_queue(settings), "-n", name, "--loglevel", settings.log_level,
+        "--without-gossip", "--without-mingle",
     ]
+
+
+def worker_is_ready(info: dict, pid: int) -> bool:
+    """Whether what a worker published says that the process `pid` has loaded its model."""
+    return bool(info.get("loads")) and info.get("pid") == pid
 
 
 def default_worker_name(index: int = 1) -> str:
@@ -110,7 +116,7 @@ class Stack:
         while time.monotonic() < deadline:
             self._check_alive("worker")
             info = store.worker_info(name)
-            if info.get("loads") and info.get("pid") == self.processes["worker"].pid:
+            if worker_is_ready(info, self.processes["worker"].pid):
                 return info
             time.sleep(0.2)
         raise RuntimeError(f"the worker did not start; see {self.log_dir / 'worker.log'}")

@@ -17,6 +17,7 @@ import uuid
 from celery import Celery
 
 from shared.config import Settings
+from shared.routing import worker_queue
 
 RUN_JOB_TASK = "visionq.run_job"
 
@@ -38,7 +39,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         # Results live in visionq's own job store, not in a Celery result backend.
         task_ignore_result=True,
-        task_default_queue=settings.queue,
+        task_default_queue=worker_queue(settings),
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,

@@ -39,6 +39,8 @@ def worker_key(name: str) -> str:
 
 
 WORKERS_KEY = f"{PREFIX}:workers"  # zset: worker name -> time of its last heartbeat
+# hash: status -> how many jobs are in it (queued, running) or have ended in it (terminal ones, since the start)
+STATUS_COUNTS_KEY = f"{PREFIX}:stats:status"
 OWNER_PREFIX = f"{PREFIX}:owner:"
 
 
@@ -123,7 +125,8 @@ class JobStore:
         `max_active` jobs queued or running. One round trip."""
         owner = job.owner or ""
         keys = [job_key(job.id), queue, owner_jobs_key(owner), owner_active_key(owner),
-                idempotency_key(owner, idempotency) if idempotency else "", rate_key(charge.owner)]
+                idempotency_key(owner, idempotency) if idempotency else "", rate_key(charge.owner),
+                STATUS_COUNTS_KEY]
         fields = [item for pair in job.to_hash().items() for item in pair]
         args = [self.ttl_s, max_active, job.created_at.timestamp(), job.id, request_hash, self.idempotency_ttl_s,
                 run_job_message(job.id, queue), charge.rate_per_s, charge.burst, *fields]
@@ -215,7 +218,7 @@ class JobStore:
         flat = [item for pair in fields.items() for item in pair]
         args = [status.value, allowed, job_done_channel(job_id), self.ttl_s,
                 "1" if status.is_terminal() else "0", "1" if count_attempt else "0", OWNER_PREFIX, *flat]
-        applied, previous, attempts = self._transition(keys=[job_key(job_id)], args=args)
+        applied, previous, attempts = self._transition(keys=[job_key(job_id), STATUS_COUNTS_KEY], args=args)
         return Transition(bool(applied), JobStatus(previous) if previous else None, int(attempts))
 
     def wait(self, job_id: str, timeout_s: float) -> Job | None:
@@ -234,6 +237,17 @@ class JobStore:
             return job
         finally:
             self.completions.unregister(job_id, event)
+
+    def status_counts(self) -> dict[str, int]:
+        """Jobs queued and running now, and jobs ended in each terminal status so far (for metrics)."""
+        return {status: int(count) for status, count in self.redis.hgetall(STATUS_COUNTS_KEY).items()}
+
+    def queue_depths(self, queues: list[str]) -> dict[str, int]:
+        """How many jobs wait in each queue (not counting those a worker holds)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        return dict(zip(queues, pipe.execute(), strict=True))
 
     # --- workers -----------------------------------------------------------------------------------------
 

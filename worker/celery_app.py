@@ -16,17 +16,17 @@ from celery.signals import worker_process_init
 
 from shared.config import get_settings
 from shared.queue import make_celery
-from shared.store import JobStore, connect
+from shared.store import connect
+from worker import leases
 from worker.engine import get_engine, load_count
+from worker.observe import ObservedJobStore
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT_S = 10.0
 
 settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
-store = JobStore(connect(settings), settings.result_ttl_s)
+store = ObservedJobStore(connect(settings), settings.result_ttl_s)
 
 
 @worker_process_init.connect
@@ -47,10 +47,12 @@ def load_model(sender=None, **_kwargs) -> None:
 
 
 def beat_forever(name: str) -> None:
-    """Tell Redis this worker is alive, also while a long job runs (torch releases the GIL)."""
+    """Tell Redis this worker is alive and renew its jobs' leases, also while a long job runs (torch releases
+    the GIL)."""
     while True:
         try:
             store.heartbeat(name)
+            leases.renew(store.redis, leases.held_delivery_tags())
         except redis.RedisError:
             log.warning("heartbeat failed: Redis unreachable")
-        time.sleep(HEARTBEAT_S)
+        time.sleep(settings.heartbeat_s)

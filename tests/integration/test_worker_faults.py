@@ -13,8 +13,10 @@ from shared.launcher import Stack
 from shared.store import JobStore, connect
 from tests.conftest import settings_env
 
-# Jobs long enough to kill mid-run on the tiny model; abandoned ones are redelivered after 3 s.
+# Jobs long enough to kill mid-run on the tiny model; abandoned ones are redelivered after 3 s (a live worker
+# renews its job's lease every 0.5 s).
 FAULT_ENV = {"VISIONQ_JOB_TIMEOUT_S": "2", "VISIONQ_VISIBILITY_TIMEOUT_S": "3", "VISIONQ_RESTORE_INTERVAL_S": "1",
+             "VISIONQ_HEARTBEAT_S": "0.5",
              "VISIONQ_MAX_ATTEMPTS": "2", "VISIONQ_QUEUE": "visionq-faults"}
 
 
