@@ -37,6 +37,11 @@ def worker_command(settings: Settings, name: str) -> list[str]:
     ]
 
 
+def env_for(settings: Settings, fields: tuple[str, ...]) -> dict[str, str]:
+    """VISIONQ_* variables that give a child process these fields of the settings."""
+    return {f"VISIONQ_{name.upper()}": str(getattr(settings, name)) for name in fields}
+
+
 def worker_is_ready(info: dict, pid: int) -> bool:
     """Whether what a worker published says that the process `pid` has loaded its model."""
     return bool(info.get("loads")) and info.get("pid") == pid
