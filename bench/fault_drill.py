@@ -64,10 +64,16 @@ class Fault:
     """What one fault did: its kind, when, to which worker and which job was running there."""
 
     kind: str
-    at_s: float
+    at_s: float  # since submissions began
+    at: str = field(default_factory=lambda: time.strftime("%H:%M:%S", time.gmtime()))  # UTC, as in the logs
     worker: str = ""
     job_id: str = ""
     detail: str = ""
+
+
+    def describe(self) -> str:
+        job = f" job {self.job_id}" if self.job_id else ""
+        return f"fault {self.kind} at {self.at_s} s ({self.at} UTC): {self.worker} {self.detail}{job}"
 
 
 @dataclass
@@ -206,24 +212,36 @@ def submit_all(client: Client, config: DrillConfig, out: Submissions) -> None:
         list(pool.map(one, range(config.jobs)))
 
 
-def worker_evidence(log_dir: Path) -> tuple[Counter, Counter, Counter, dict[str, str]]:
-    """From the workers' JSON logs: attempts started per job, outcomes written (applied) per job, outcome writes
-    refused by the compare-and-set per job, and the status each applied outcome wrote."""
-    started, ended, refused, written = Counter(), Counter(), Counter(), {}
+@dataclass
+class Evidence:
+    """What the workers' JSON logs say they did, per job."""
+
+    started: Counter = field(default_factory=Counter)  # attempts started
+    ended: Counter = field(default_factory=Counter)  # outcomes written (the compare-and-set applied)
+    refused: Counter = field(default_factory=Counter)  # outcome writes the compare-and-set refused
+    written: dict[str, str] = field(default_factory=dict)  # the status each applied outcome wrote
+    attempts: dict[str, list[str]] = field(default_factory=dict)  # "time worker" of each attempt started
+
+    def add(self, entry: dict) -> None:
+        job_id = entry["job_id"]
+        if entry["event"] == "running" and entry["applied"]:
+            self.started[job_id] += 1
+            self.attempts.setdefault(job_id, []).append(f"{entry['ts'][11:23]} {entry.get('worker', '?')}")
+        elif entry["event"] == "ended" and entry["applied"]:
+            self.ended[job_id] += 1
+            self.written[job_id] = entry["status"]
+        elif entry["event"] == "ended":
+            self.refused[job_id] += 1
+
+
+def worker_evidence(log_dir: Path) -> Evidence:
+    """Read every worker's `visionq.jobs` log lines."""
+    evidence = Evidence()
     for path in log_dir.glob("*.log"):
         for line in path.read_text(errors="replace").splitlines():
-            if not line.startswith("{") or '"visionq.jobs"' not in line:
-                continue
-            entry = json.loads(line)
-            job_id = entry["job_id"]
-            if entry["event"] == "running" and entry["applied"]:
-                started[job_id] += 1
-            elif entry["event"] == "ended" and entry["applied"]:
-                ended[job_id] += 1
-                written[job_id] = entry["status"]
-            elif entry["event"] == "ended":
-                refused[job_id] += 1
-    return started, ended, refused, written
+            if line.startswith("{") and '"visionq.jobs"' in line:
+                evidence.add(json.loads(line))
+    return evidence
 
 
 def wait_all_terminal(store: JobStore, job_ids: list[str], timeout_s: float) -> dict[str, dict]:
@@ -249,7 +267,7 @@ class DrillReport:
     mismatched: list[str]
     attempts_histogram: Counter
     refused_writes: int
-    run_again: dict[str, int]  # jobs started more than once: attempts (from Redis)
+    run_again: dict[str, list[str]]  # jobs Redis counts more than one attempt of: when and where each started
     faults: list[Fault]
     retried_submits: Counter
     status_counts: dict[str, int]
@@ -260,12 +278,11 @@ class DrillReport:
         return not (self.lost or self.ended_not_once or self.mismatched)
 
     def attempts_of(self, job_id: str) -> int:
-        return self.run_again.get(job_id, 1)
+        return len(self.run_again.get(job_id, [""]))
 
     def lines(self) -> list[str]:
         out = [f"accepted jobs: {self.accepted} (submissions retried: {dict(self.retried_submits) or 0})"]
-        out += [f"fault {f.kind} at {f.at_s} s: {f.worker} {f.detail} {('job ' + f.job_id) if f.job_id else ''}"
-                .rstrip() for f in self.faults]
+        out += [fault.describe() for fault in self.faults]
         out += [f"  {f.kind} job ended after {self.attempts_of(f.job_id)} attempt(s)" for f in self.faults if f.job_id]
         out.append(f"final status: {dict(self.statuses)}")
         out.append(f"lost (not terminal): {len(self.lost)}")
@@ -273,8 +290,8 @@ class DrillReport:
         out.append(f"Redis status differs from the outcome the worker wrote: {len(self.mismatched)}")
         out.append("attempts started per job (worker logs): "
                    + ", ".join(f"{n}x: {count}" for n, count in sorted(self.attempts_histogram.items())))
-        out.append("jobs started more than once (attempts): "
-                   + (", ".join(f"{j} ({n})" for j, n in self.run_again.items()) or "none"))
+        out.append(f"jobs started more than once: {len(self.run_again)}")
+        out += [f"  {job_id}: {'; '.join(starts)}" for job_id, starts in self.run_again.items()]
         out.append(f"outcome writes refused by compare-and-set: {self.refused_writes}")
         out.append(f"Redis job counts by status (metrics hash): {self.status_counts}")
         out.append(f"wall time {self.wall_s:.1f} s; {self.accepted / self.wall_s:.1f} jobs/s")
@@ -290,16 +307,16 @@ def run_again(jobs: dict[str, dict]) -> dict[str, int]:
 def report(drill: Drill, subs: Submissions, timeout_s: float) -> DrillReport:
     store = drill.store()
     jobs = wait_all_terminal(store, subs.accepted, timeout_s)
-    started, ended, refused, written = worker_evidence(drill.folder / "workers")
+    evidence = worker_evidence(drill.folder / "workers")
     statuses = Counter(raw.get("status", "missing") for raw in jobs.values())
     lost = [j for j, raw in jobs.items() if raw.get("status") not in ("succeeded", "failed", "canceled")]
     return DrillReport(
         accepted=len(subs.accepted), statuses=statuses, lost=lost,
-        ended_not_once=[j for j in subs.accepted if ended[j] != 1],
-        mismatched=[j for j in subs.accepted if written.get(j) != jobs[j].get("status")],
-        attempts_histogram=Counter(started[j] for j in subs.accepted),
-        refused_writes=sum(refused.values()), faults=drill.faults,
-        run_again=run_again(jobs), retried_submits=subs.retried,
+        ended_not_once=[j for j in subs.accepted if evidence.ended[j] != 1],
+        mismatched=[j for j in subs.accepted if evidence.written.get(j) != jobs[j].get("status")],
+        attempts_histogram=Counter(evidence.started[j] for j in subs.accepted),
+        refused_writes=sum(evidence.refused.values()), faults=drill.faults,
+        run_again={j: evidence.attempts.get(j, []) for j in run_again(jobs)}, retried_submits=subs.retried,
         status_counts={k: int(v) for k, v in store.redis.hgetall(STATUS_COUNTS_KEY).items()},
         wall_s=time.monotonic() - drill.started)
 

@@ -41,20 +41,34 @@ def cmd_worker(args) -> int:
 
 
 def cmd_workers(args) -> int:
-    from shared.supervisor import Supervisor, cpu_workers, gpu_workers, nvidia_gpu_count, visible_gpus
+    from shared.gpu_locks import NoFreeGpu
+    from shared.supervisor import Supervisor, cpu_workers, gpu_workers
 
     settings = get_settings()
-    if args.cpu_workers is not None:
-        specs = cpu_workers(args.cpu_workers, settings)
-    else:
-        try:
-            gpus = visible_gpus(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), nvidia_gpu_count)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        specs = gpu_workers(gpus, settings)
+    try:
+        specs = cpu_workers(args.cpu_workers, settings) if args.cpu_workers is not None else gpu_workers(
+            chosen_gpus(args), settings)
+    except (ValueError, NoFreeGpu) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"starting {', '.join(spec.name for spec in specs)} for {settings.model}", flush=True)
     return Supervisor(settings, specs, log_dir=Path(args.log_dir) if args.log_dir else None).start().run()
+
+
+_held_locks: list = []  # the lock files of claimed GPUs, open for the life of the process
+
+
+def chosen_gpus(args) -> list[str]:
+    """The GPUs --gpus names, or the one of them this replica claimed (--one-gpu-per-replica)."""
+    from shared.gpu_locks import claim_gpu
+    from shared.supervisor import nvidia_gpu_count, visible_gpus
+
+    gpus = visible_gpus(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), nvidia_gpu_count)
+    if not args.one_gpu_per_replica:
+        return gpus
+    gpu, lock = claim_gpu(Path(args.one_gpu_per_replica), gpus)
+    _held_locks.append(lock)
+    return [gpu]
 
 
 def cmd_demo(args) -> int:
@@ -74,7 +88,8 @@ def cmd_submit(args) -> int:
 
     client = client_of(args)
     refs = [image_arg_to_ref(a) for a in args.images]
-    job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key)
+    job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key,
+                        model=args.model)
     if args.wait:
         job = client.wait(job["id"], timeout_s=args.timeout)
     print(json.dumps(job, indent=2))
@@ -156,6 +171,9 @@ def add_workers_command(sub) -> None:
     which = workers.add_mutually_exclusive_group(required=True)
     which.add_argument("--gpus", help="'all' or GPU indices such as 0,1: one worker per GPU, named gpu<N>@<host>")
     which.add_argument("--cpu-workers", type=int, metavar="N", help="N workers on the CPU, named cpu<i>@<host>")
+    workers.add_argument("--one-gpu-per-replica", metavar="LOCK_DIR",
+                         help="run one worker, on the first of the --gpus no other replica holds (a lock file per GPU "
+                              "in LOCK_DIR, a folder all replicas share): for docker compose --scale")
     workers.add_argument("--log-dir", help="one log file per worker here (default: this process's output)")
     workers.set_defaults(func=cmd_workers)
 
@@ -180,6 +198,7 @@ def add_client_commands(sub) -> None:
     submit.add_argument("images", nargs="+")
     add_job_options(submit)
     submit.add_argument("--idempotency-key")
+    submit.add_argument("--model", help="one of the server's models (default: its default model)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=600.0)
     get = client_parser(sub, "get", "show a job", cmd_get)

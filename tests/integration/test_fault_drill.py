@@ -14,9 +14,10 @@ def test_every_accepted_job_ends_exactly_once_through_worker_and_redis_faults(ti
     assert report.accepted == 102  # the short jobs and the two long ones that were interrupted
     assert report.statuses == {"succeeded": 102}
     killed, redis_restart, termed = report.faults
-    assert report.attempts_of(killed.job_id) == 2  # its lease ran out and another attempt finished it
+    # Its lease ran out and another attempt finished it (a third if the Redis restart interrupted the second).
+    assert 2 <= report.attempts_of(killed.job_id) <= 3
     assert report.attempts_of(termed.job_id) == 1  # warm shutdown: the worker finished it before exiting
     assert redis_restart.kind.startswith("redis")
     # Only jobs interrupted by a fault ran twice, and Redis's counts agree with what the workers wrote.
-    assert set(report.attempts_histogram) <= {1, 2}
+    assert set(report.attempts_histogram) <= {1, 2, 3} and report.attempts_histogram[1] >= 95
     assert report.status_counts == {"queued": 0, "running": 0, "succeeded": 102}
