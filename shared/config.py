@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     # A worker serves Prometheus metrics on this port (0: none); `visionq workers` gives its N-th child port + N.
     metrics_port: int = Field(default=0, ge=0)
     log_format: Literal["json", "text"] = "json"
+    # With redis_url sentinel://host:26379;sentinel://host2:26379, the primary the sentinels know by this name.
+    redis_sentinel_master: str = "mymaster"
 
     @model_validator(mode="after")
     def _leases_outlast_heartbeats(self) -> Settings:

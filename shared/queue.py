@@ -18,6 +18,7 @@ from celery import Celery
 
 from shared.config import Settings
 from shared.routing import worker_queue
+from shared.sentinel import is_sentinel_url
 
 RUN_JOB_TASK = "visionq.run_job"
 
@@ -35,6 +36,7 @@ def make_celery(settings: Settings) -> Celery:
             # Sweep for abandoned jobs every restore_interval_s (kombu's default is every 100 s).
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,
+            **({"master_name": settings.redis_sentinel_master} if is_sentinel_url(settings.broker_url) else {}),
         },
         broker_connection_retry_on_startup=True,
         # Results live in visionq's own job store, not in a Celery result backend.

@@ -15,6 +15,7 @@ from shared.config import Settings
 from shared.jobs import Job, JobFailure, JobResult, JobStatus, sources_of, utcnow
 from shared.keys import ApiKey, hash_secret, key_id_of, new_secret
 from shared.queue import run_job_message
+from shared.sentinel import is_sentinel_url, primary_client
 
 PREFIX = "visionq"
 
@@ -68,7 +69,10 @@ API_KEY_IDS = f"{PREFIX}:apikeys"  # hash: key id -> secret hash
 
 
 def connect(settings: Settings) -> redis.Redis:
-    """The Redis client every visionq process uses (strings in, strings out)."""
+    """The Redis client every visionq process uses (strings in, strings out); through Sentinel for sentinel://."""
+    if is_sentinel_url(settings.broker_url):
+        return primary_client(settings.broker_url, settings.redis_sentinel_master, decode_responses=True,
+                              health_check_interval=30)
     return redis.Redis.from_url(settings.broker_url, decode_responses=True, health_check_interval=30)
 
 
