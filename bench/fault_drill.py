@@ -65,15 +65,17 @@ class Fault:
 
     kind: str
     at_s: float  # since submissions began
-    at: str = field(default_factory=lambda: time.strftime("%H:%M:%S", time.gmtime()))  # UTC, as in the logs
     worker: str = ""
     job_id: str = ""
+    pid: int = 0
     detail: str = ""
+    at: str = field(default_factory=lambda: time.strftime("%H:%M:%S", time.gmtime()))  # UTC, as in the logs
 
 
     def describe(self) -> str:
         job = f" job {self.job_id}" if self.job_id else ""
-        return f"fault {self.kind} at {self.at_s} s ({self.at} UTC): {self.worker} {self.detail}{job}"
+        where = f"{self.worker} (pid {self.pid})" if self.pid else self.detail
+        return f"fault {self.kind} at {self.at_s} s ({self.at} UTC): {where}{job}"
 
 
 @dataclass
@@ -142,7 +144,7 @@ class Drill:
         job = wait_for(lambda: running(store, job_id), timeout_s=120, what=f"the {kind} job to start")
         pid = store.worker_info(job.worker)["pid"]
         os.kill(pid, sig)
-        fault = Fault(kind, self.now_s(), job.worker, job_id, f"pid {pid}")
+        fault = Fault(kind, self.now_s(), worker=job.worker, job_id=job_id, pid=pid)
         self.faults.append(fault)
         return fault
 
@@ -151,15 +153,14 @@ class Drill:
         self.redis.kill()
         time.sleep(down_s)
         self.redis.start()
-        fault = Fault("redis restarted from AOF", self.now_s(), detail=f"down {down_s:g} s")
+        fault = Fault("Redis killed, restarted from its AOF", self.now_s(), detail=f"down {down_s:g} s")
         self.faults.append(fault)
         return fault
 
     def wait_restarted(self, fault: Fault, timeout_s: float = 120) -> None:
         """Wait until the signalled worker's new process has loaded its model."""
-        old_pid = int(fault.detail.split()[1])
         store = self.store()
-        wait_for(lambda: (store.worker_info(fault.worker).get("pid") not in (None, old_pid)
+        wait_for(lambda: (store.worker_info(fault.worker).get("pid") not in (None, fault.pid)
                           and store.worker_info(fault.worker).get("loads")), timeout_s, f"{fault.worker} to restart")
 
 
@@ -316,7 +317,7 @@ def report(drill: Drill, subs: Submissions, timeout_s: float) -> DrillReport:
         mismatched=[j for j in subs.accepted if evidence.written.get(j) != jobs[j].get("status")],
         attempts_histogram=Counter(evidence.started[j] for j in subs.accepted),
         refused_writes=sum(evidence.refused.values()), faults=drill.faults,
-        run_again={j: evidence.attempts.get(j, []) for j in run_again(jobs)}, retried_submits=subs.retried,
+        run_again={j: sorted(evidence.attempts.get(j, [])) for j in run_again(jobs)}, retried_submits=subs.retried,
         status_counts={k: int(v) for k, v in store.redis.hgetall(STATUS_COUNTS_KEY).items()},
         wall_s=time.monotonic() - drill.started)
 
