@@ -3,6 +3,7 @@ model's queue, Prometheus metrics of the API and of each worker, a rolling resta
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -24,6 +25,10 @@ from shared.store import JobStore, connect
 from tests.conftest import settings_env
 
 HOST = socket.gethostname()
+# A lease of 1 s, renewed every 0.25 s, swept for every second: a job that outlasts it is redelivered unless its
+# worker renews it.
+LEASE_ENV = {"VISIONQ_VISIBILITY_TIMEOUT_S": "1", "VISIONQ_HEARTBEAT_S": "0.25", "VISIONQ_RESTORE_INTERVAL_S": "1"}
+LONG_TOKENS = 1900  # about 3 s of the tiny model (it has 2048 positions)
 NAMES = [f"gpu0@{HOST}", f"gpu1@{HOST}"]
 
 
@@ -38,7 +43,8 @@ def second_model(tmp_path_factory) -> Path:
 def scaled(settings, second_model, tmp_path_factory):
     """An API serving the default model and a second one, and the supervisor running two workers of the second."""
     base = settings.model_copy(update={"queue": "scale-out", "models": str(second_model)})
-    env = {**settings_env(base), "VISIONQ_QUEUE": "scale-out", "VISIONQ_MODELS": str(second_model)}
+    env = {**settings_env(base), "VISIONQ_QUEUE": "scale-out", "VISIONQ_MODELS": str(second_model),
+           "VISIONQ_MAX_NEW_TOKENS_LIMIT": str(LONG_TOKENS), **LEASE_ENV}
     logs = tmp_path_factory.mktemp("scale-out-logs")
     metrics_port = free_port()
     workers_env = {**os.environ, **env, "VISIONQ_MODEL": str(second_model), "VISIONQ_DEVICE": "cpu",
@@ -121,6 +127,29 @@ def test_metrics_of_the_api_and_of_each_worker(scaled, settings):
     assert sum(total(w, "visionq_worker_generated_tokens_total") for w in workers) >= 2
     assert sum(total(w, "visionq_worker_inference_seconds_count") for w in workers) >= 2
     assert all(total(w, "visionq_worker_info", model=str(model)) == 1 for w in workers)
+
+
+def lease_times(store: JobStore, job_id: str) -> set[float]:
+    """Every lease time kombu's unacked index shows for this job's message while the job runs."""
+    seen: set[float] = set()
+    while (job := store.get(job_id)) is not None and not job.status.is_terminal():
+        for tag, raw in store.redis.hgetall("unacked").items():
+            if json.loads(raw)[0]["headers"]["id"] == job_id and (score := store.redis.zscore("unacked_index", tag)):
+                seen.add(score)
+        time.sleep(0.05)
+    return seen
+
+
+def test_a_job_that_outlasts_its_lease_runs_once_because_its_worker_renews_it(scaled):
+    _, _, store, model, _, _ = scaled
+    client = client_of(scaled)
+    job = client.submit("describe", ["bar_chart.png"], max_new_tokens=LONG_TOKENS, model=str(model))
+    renewals = lease_times(store, job["id"])
+    done = client.get(job["id"])
+    assert done["status"] == "succeeded"
+    assert done["result"]["timings"]["inference_ms"] > 1000  # longer than its lease
+    assert len(renewals) >= 3  # delivered, then renewed at least twice while it ran
+    assert done["attempts"] == 1  # the idle worker's sweeps left it alone
 
 
 def test_a_rolling_restart_replaces_every_worker_and_loses_no_job(scaled):
