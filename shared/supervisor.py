@@ -49,9 +49,13 @@ def visible_gpus(requested: str, visible: str | None, detected: Callable[[], int
 
 
 def nvidia_gpu_count() -> int:
-    """How many GPUs `nvidia-smi -L` lists (0 without the tool or a driver)."""
+    """How many GPUs `nvidia-smi -L` lists; without the tool, how many torch sees (0 without a driver)."""
     if shutil.which("nvidia-smi") is None:
-        return 0
+        try:
+            import torch
+        except ImportError:
+            return 0
+        return torch.cuda.device_count()
     listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
     return sum(line.startswith("GPU ") for line in listing.stdout.splitlines()) if listing.returncode == 0 else 0
 
@@ -95,6 +99,7 @@ class Supervisor:
     settings: Settings
     specs: list[WorkerSpec]
     log_dir: Path | None = None  # None: children write to our stdout (container logs)
+    command: Callable[[Settings, str], list[str]] = worker_command  # a worker's command line, from its name
     env: dict[str, str] = field(default_factory=dict)
     min_uptime_s: float = 30.0  # a child that dies sooner counts as a quick exit
     max_quick_exits: int = 5  # then it is given up (a model that cannot load will not load on the 6th try)
@@ -113,9 +118,17 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until SIGTERM/SIGINT (warm stop) or until every worker was given up; the exit status."""
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_rolling_restart)
+        try:
+            return self._loop()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> int:
         while not self._stopping:
             if self._rolling:
                 self._rolling = False
@@ -144,11 +157,17 @@ class Supervisor:
         """Restart the workers one at a time, each warmly, and wait until each new one has loaded its model,
         so that the others keep serving meanwhile."""
         for child in self.children.values():
+            if self._stopping:
+                return
             if child.given_up or child.process is None:
                 continue
             self._stop_child(child, signal.SIGTERM, timeout_s)
             self._spawn(child)
-            self.wait_ready(child.spec.name, timeout_s)
+            try:
+                self.wait_ready(child.spec.name, timeout_s)
+            except RuntimeError:
+                log.error("worker %s did not come back; the rolling restart stops here", child.spec.name)
+                return
 
     def wait_ready(self, name: str, timeout_s: float = 120.0) -> None:
         """Wait until this worker's current process has loaded its model and said so in Redis."""
@@ -210,7 +229,7 @@ class Supervisor:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = open(self.log_dir / f"{child.spec.name}.log", "ab")  # noqa: SIM115 (the child holds it)
-        child.process = subprocess.Popen(worker_command(self.settings, child.spec.name), env=env, stdout=output,
+        child.process = subprocess.Popen(self.command(self.settings, child.spec.name), env=env, stdout=output,
                                          stderr=subprocess.STDOUT if output else None, stdin=subprocess.DEVNULL,
                                          start_new_session=True)  # signals reach workers only through us
         if output is not None:
