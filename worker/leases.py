@@ -9,13 +9,10 @@ each heartbeat: the visibility timeout becomes a lease that only a dead (or froz
 
 from __future__ import annotations
 
-import logging
 import time
 
 import redis
 from celery.worker import state
-
-log = logging.getLogger(__name__)
 
 # kombu's default key for delivery times (visionq sets no global_keyprefix).
 UNACKED_INDEX = "unacked_index"
