@@ -10,7 +10,7 @@ from shared.image_decode import configure_pillow
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The Flask app factory; tests pass their own settings."""
-    from api import deliveries, errors, health, jobs, openapi, uploads, webhooks
+    from api import deliveries, errors, health, jobs, metrics, openapi, uploads, webhooks
     from api.context import init_app
 
     settings = settings or get_settings()
@@ -26,4 +26,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    metrics.init_app(app)
     return app

@@ -9,7 +9,7 @@ from api.context import services
 
 bp = Blueprint("health", __name__)
 
-# Workers beat every HEARTBEAT_S seconds (worker/celery_app.py); three missed beats mean gone.
+# Workers beat every settings.heartbeat_s (10 s by default, worker/celery_app.py); three missed beats mean gone.
 LIVE_WITHIN_S = 30.0
 
 

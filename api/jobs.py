@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import math
 
 from flask import Blueprint, Response, g, request
@@ -30,10 +31,12 @@ from shared.errors import (
 )
 from shared.images import NO_ACCESS, Access, validate_ref
 from shared.jobs import Job, JobFailure, JobRequest, JobStatus, new_job_id, utcnow
+from shared.routing import queue_for, resolve_model
 from shared.store import UNLIMITED
 from shared.task_specs import TASKS
 from shared.webhooks import check_webhook
 
+log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
 
@@ -54,7 +57,7 @@ def submit_job():
             charge_now()  # a rejected request still counts against the key's rate
         raise
     idempotency = request.headers.get("Idempotency-Key")
-    created = svc.store.create(job, svc.settings.queue, max_active=g.key.limits(svc.settings)[2],
+    created = svc.store.create(job, queue_for(svc.settings, job.model), max_active=g.key.limits(svc.settings)[2],
                                idempotency=idempotency, request_hash=digest,
                                charge=UNLIMITED if multipart else g.charge)
     check_rate(created.retry_after_s)
@@ -62,6 +65,7 @@ def submit_job():
         raise QueueFull()
     if created.outcome == "existing":
         return replay(created.job_id, created.same_request)
+    log.info("job accepted", extra={"job_id": job.id, "model": job.model, "task": job.task})
     return job_response(job, 202, {"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -236,6 +240,7 @@ def build_job(req: JobRequest, settings: Settings, access: Access = NO_ACCESS) -
         image_count=len(req.images),
         question=spec.question_or_default(check_question(req.question, settings)),
         max_new_tokens=check_max_new_tokens(req.max_new_tokens, settings),
+        model=resolve_model(settings, req.model),
         created_at=utcnow(),
         webhook=check_webhook(req.webhook, settings) if req.webhook else None,
     )

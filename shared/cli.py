@@ -50,6 +50,35 @@ def cmd_webhooks(args) -> int:
 
     command = webhooks_command(get_settings(), args.name or default_webhooks_name())
     os.execv(command[0], command)
+def cmd_workers(args) -> int:
+    from shared.gpu_locks import NoFreeGpu
+    from shared.supervisor import Supervisor, cpu_workers, gpu_workers
+
+    settings = get_settings()
+    try:
+        specs = cpu_workers(args.cpu_workers, settings) if args.cpu_workers is not None else gpu_workers(
+            chosen_gpus(args), settings)
+    except (ValueError, NoFreeGpu) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"starting {', '.join(spec.name for spec in specs)} for {settings.model}", flush=True)
+    return Supervisor(settings, specs, log_dir=Path(args.log_dir) if args.log_dir else None).start().run()
+
+
+_held_locks: list = []  # the lock files of claimed GPUs, open for the life of the process
+
+
+def chosen_gpus(args) -> list[str]:
+    """The GPUs --gpus names, or the one of them this replica claimed (--one-gpu-per-replica)."""
+    from shared.gpu_locks import claim_gpu
+    from shared.supervisor import nvidia_gpu_count, visible_gpus
+
+    gpus = visible_gpus(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), nvidia_gpu_count)
+    if not args.one_gpu_per_replica:
+        return gpus
+    gpu, lock = claim_gpu(Path(args.one_gpu_per_replica), gpus)
+    _held_locks.append(lock)
+    return [gpu]
 
 
 def cmd_demo(args) -> int:
@@ -71,7 +100,7 @@ def cmd_submit(args) -> int:
     refs = [image_arg_to_ref(a) for a in args.images]
     webhook = {"url": args.webhook} if args.webhook else None
     job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key,
-                        webhook=webhook)
+                        webhook=webhook, model=args.model)
     if args.wait:
         job = client.wait(job["id"], timeout_s=args.timeout)
     print(json.dumps(job, indent=2))
@@ -134,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="one solo Celery worker (one per GPU)")
     worker.add_argument("--name", help="Celery node name, e.g. gpu0@%%h")
     worker.set_defaults(func=cmd_worker)
+    add_workers_command(sub)
     demo = sub.add_parser("demo", help="run describe, OCR and compare jobs on a tiny local model")
     demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.set_defaults(func=cmd_demo)
@@ -147,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="LLaVA (CLIP + Llama) or the native Phi-3-vision port")
     tiny.set_defaults(func=cmd_tiny_model)
     return parser
+
+
+def add_workers_command(sub) -> None:
+    workers = sub.add_parser("workers", help="one supervised worker per GPU of this host (SIGHUP: rolling restart)")
+    which = workers.add_mutually_exclusive_group(required=True)
+    which.add_argument("--gpus", help="'all' or GPU indices such as 0,1: one worker per GPU, named gpu<N>@<host>")
+    which.add_argument("--cpu-workers", type=int, metavar="N", help="N workers on the CPU, named cpu<i>@<host>")
+    workers.add_argument("--one-gpu-per-replica", metavar="LOCK_DIR",
+                         help="run one worker, on the first of the --gpus no other replica holds (a lock file per GPU "
+                              "in LOCK_DIR, a folder all replicas share): for docker compose --scale")
+    workers.add_argument("--log-dir", help="one log file per worker here (default: this process's output)")
+    workers.set_defaults(func=cmd_workers)
 
 
 def client_parser(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
@@ -170,6 +212,7 @@ def add_client_commands(sub) -> None:
     add_job_options(submit)
     submit.add_argument("--idempotency-key")
     submit.add_argument("--webhook", help="URL to POST the job's end to (signed; see `visionq webhooks listen`)")
+    submit.add_argument("--model", help="one of the server's models (default: its default model)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=600.0)
     get = client_parser(sub, "get", "show a job", cmd_get)

@@ -49,15 +49,10 @@ class Client:
 
     def submit(self, task: str, images: list[str], question: str | None = None,
                max_new_tokens: int | None = None, idempotency_key: str | None = None,
-               webhook: dict | None = None) -> dict:
+               webhook: dict | None = None, model: str | None = None) -> dict:
         """POST /v1/jobs; returns the queued job (the same one again for a repeated idempotency key)."""
-        body: dict = {"task": task, "images": images}
-        if webhook is not None:
-            body["webhook"] = webhook
-        if question is not None:
-            body["question"] = question
-        if max_new_tokens is not None:
-            body["max_new_tokens"] = max_new_tokens
+        options = {"question": question, "max_new_tokens": max_new_tokens, "model": model, "webhook": webhook}
+        body = {"task": task, "images": images, **{k: v for k, v in options.items() if v is not None}}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._send("POST", "/v1/jobs", json=body, headers=headers)
 

@@ -48,9 +48,10 @@ class Settings(BaseSettings):
     # Lifetimes and delivery.
     result_ttl_s: int = Field(default=24 * 3600, gt=0)
     job_timeout_s: int = Field(default=900, gt=0)
-    # Celery's Redis transport redelivers an unacknowledged job after this long: it must outlast the longest job.
-    visibility_timeout_s: int = Field(default=3600, gt=0)
-    # How often a worker looks for jobs whose worker vanished (unacknowledged for visibility_timeout_s).
+    # Celery's Redis transport redelivers a job unacknowledged for this long. Workers renew the lease of each job
+    # they hold every heartbeat_s (worker/leases.py), so it bounds how long a dead worker's job waits, not job length.
+    visibility_timeout_s: int = Field(default=60, gt=0)
+    # How often a worker looks for jobs whose worker vanished (lease not renewed for visibility_timeout_s).
     restore_interval_s: int = Field(default=10, ge=1)
     max_attempts: int = Field(default=3, ge=1)
 
@@ -137,11 +138,22 @@ class Settings(BaseSettings):
     webhook_max_endpoints: int = Field(default=10, ge=0)  # registered endpoints per API key
     webhook_max_url_chars: int = Field(default=2048, gt=0)
     webhook_max_log: int = Field(default=50, ge=1)  # attempts kept per delivery (the latest)
+    # --- scale-out (issue 7): several models, one worker per GPU, metrics, logs --------------------------------
+    # The models the API accepts (comma-separated); empty: only `model`. A job names one (default: `model`) and
+    # goes to that model's queue (shared/routing.py); a worker serves its own `model` only.
+    models: str = ""
+    # Workers beat (and renew the leases of the jobs they hold) this often.
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    # A worker serves Prometheus metrics on this port (0: none); `visionq workers` gives its N-th child port + N.
+    metrics_port: int = Field(default=0, ge=0)
+    log_format: Literal["json", "text"] = "json"
+    # With redis_url sentinel://host:26379;sentinel://host2:26379, the primary the sentinels know by this name.
+    redis_sentinel_master: str = "mymaster"
 
     @model_validator(mode="after")
-    def _redelivery_outlasts_jobs(self) -> Settings:
-        if self.visibility_timeout_s <= self.job_timeout_s:
-            raise ValueError("visibility_timeout_s must be longer than job_timeout_s, or long jobs run twice")
+    def _leases_outlast_heartbeats(self) -> Settings:
+        if self.visibility_timeout_s < 3 * self.heartbeat_s:
+            raise ValueError("visibility_timeout_s must be at least 3 heartbeats, or a live worker's job runs twice")
         return self
 
     @property
@@ -158,6 +170,12 @@ class Settings(BaseSettings):
     def webhook_lease_s(self) -> float:
         """How long a delivery attempt may hold its delivery: a worker killed mid-send frees it after this."""
         return self.webhook_timeout_s * 3 + 2
+
+    @property
+    def served_models(self) -> list[str]:
+        """The models jobs may name, the default (`model`) first."""
+        extra = [name.strip() for name in self.models.split(",") if name.strip()]
+        return [self.model, *(name for name in extra if name != self.model)]
 
     @property
     def broker_url(self) -> str:

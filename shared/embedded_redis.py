@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def server_binary() -> Path:
@@ -79,7 +81,10 @@ class EmbeddedRedis:
         if self.process is None or self.process.poll() is not None:
             return
         try:
-            redis.Redis(host=self.host, port=self.port, socket_timeout=timeout_s).shutdown()
+            # No retries: the server closing the connection is the expected answer, not a fault to retry (redis-py
+            # would otherwise reconnect to the stopping server with backoff for seconds).
+            client = redis.Redis(host=self.host, port=self.port, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+            client.shutdown()
         except redis.RedisError:
             pass  # SHUTDOWN closes the connection under us; the wait below is the real check
         try:

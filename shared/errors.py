@@ -82,6 +82,15 @@ class InvalidImageRef(InvalidRequest):
     code = "invalid_image_ref"
 
 
+# --- scale-out (issue 7) ---
+
+
+class UnknownModel(InvalidRequest):
+    """The model is not one of the models this server is configured to serve."""
+
+    code = "unknown_model"
+
+
 class InvalidParameter(VisionqError):
     """A query parameter is malformed or out of range."""
 

@@ -97,6 +97,7 @@ class JobRequest(BaseModel):
     question: str | None = Field(default=None, description="overrides the task's default question")
     max_new_tokens: int | None = Field(default=None, description="defaults to the server's setting")
     webhook: WebhookSpec | None = Field(default=None, description="POST the job's terminal event here, signed")
+    model: str | None = Field(default=None, description="one of the server's models; defaults to its default model")
 
 
 class Job(BaseModel):
@@ -110,6 +111,7 @@ class Job(BaseModel):
     image_count: int
     question: str
     max_new_tokens: int
+    model: str | None = None  # the model (and so the queue) the job is for; None only for jobs made before models
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -15,13 +15,14 @@ import requests
 
 from shared.config import Settings
 from shared.embedded_redis import EmbeddedRedis
+from shared.routing import worker_queue
 from shared.store import JobStore, KeyStore, connect
 
 
 def api_command(settings: Settings, port: int | None = None) -> list[str]:
     """gunicorn serving the app; threads so that ?wait requests do not hold a whole process each."""
     return [
-        sys.executable, "-m", "gunicorn", "api.wsgi:app",
+        sys.executable, "-m", "gunicorn", "api.wsgi:app", "--config", "python:api.gunicorn_conf",
         "--bind", f"{settings.api_host}:{port or settings.api_port}",
         "--workers", str(settings.api_workers), "--threads", str(settings.api_threads),
         "--worker-class", "gthread", "--graceful-timeout", "30", "--timeout", "120",
@@ -33,7 +34,7 @@ def worker_command(settings: Settings, name: str) -> list[str]:
     prepare jobs for the GPU thread: max_batch of them wait on the running batch while as many load the next."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "-P", "threads", "-c", str(2 * settings.max_batch), "-Q", settings.queue, "-n", name,
+        "-P", "threads", "-c", str(2 * settings.max_batch), "-Q", worker_queue(settings), "-n", name,
         "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
     ]
 
@@ -49,6 +50,16 @@ def webhooks_command(settings: Settings, name: str) -> list[str]:
 
 def default_webhooks_name() -> str:
     return f"webhooks@{socket.gethostname()}"
+
+
+def env_for(settings: Settings, fields: tuple[str, ...]) -> dict[str, str]:
+    """VISIONQ_* variables that give a child process these fields of the settings."""
+    return {f"VISIONQ_{name.upper()}": str(getattr(settings, name)) for name in fields}
+
+
+def worker_is_ready(info: dict, pid: int) -> bool:
+    """Whether what a worker published says that the process `pid` has loaded its model."""
+    return bool(info.get("loads")) and info.get("pid") == pid
 
 
 def default_worker_name(index: int = 1) -> str:
@@ -142,7 +153,7 @@ class Stack:
         while time.monotonic() < deadline:
             self._check_alive(process)
             info = store.worker_info(name)
-            if info.get("pid") == self.processes[process].pid and ready(info):
+            if worker_is_ready(info, self.processes[process].pid) and ready(info):
                 return info
             time.sleep(0.2)
         raise RuntimeError(f"the {process} process did not start; see {self.log_dir / (process + '.log')}")

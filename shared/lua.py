@@ -91,7 +91,8 @@ end
 """
 
 # Compare-and-set of a job's status, so that two writers can never both win.
-# KEYS: job hash, the webhook due zset, the webhook queue.
+# KEYS: job hash, the webhook due zset, the webhook queue, the count of jobs by status (moved from the old status
+# to the new one).
 # ARGV: new status, allowed current statuses (space-separated), done channel, ttl seconds, "1" when the new
 # status is terminal, "1" to count an attempt, owner key prefix, the webhook dispatch message, then field/value
 # pairs.
@@ -108,6 +109,8 @@ end
 if not allowed then return {0, current, attempts} end
 if ARGV[6] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
+redis.call('HINCRBY', KEYS[4], current, -1)
+redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[5] == '1' then
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
@@ -125,7 +128,7 @@ return {1, current, attempts}
 # Create a job: the rate limit, idempotency check, the owner's active-job bound, the job hash, its queue
 # message and the owner's index, all or nothing, in one round trip.
 # KEYS: job hash, queue list, owner's job index (zset), owner's active counter, idempotency key ("" for none),
-#       the owner's token bucket key.
+#       the owner's token bucket key, the count of jobs by status.
 # ARGV: job ttl, max active jobs, index score, job id, request hash, idempotency ttl, queue message,
 #       tokens per second, burst, then the job hash's field/value pairs.
 # Returns {"created", ""}, {"existing", "<job id> <request hash>"}, {"queue_full", "<active>"} or
@@ -145,6 +148,7 @@ redis.call('LPUSH', KEYS[2], ARGV[7])
 redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), ARGV[4])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
 redis.call('INCR', KEYS[4])
+redis.call('HINCRBY', KEYS[7], 'queued', 1)
 if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[4] .. ' ' .. ARGV[5], 'EX', tonumber(ARGV[6])) end
 return {'created', ''}
 """

@@ -17,6 +17,8 @@ import uuid
 from celery import Celery
 
 from shared.config import Settings
+from shared.routing import worker_queue
+from shared.sentinel import is_sentinel_url
 
 RUN_JOB_TASK = "visionq.run_job"
 # The webhook tasks (worker/webhook_app.py): move due deliveries to the queue; send one delivery.
@@ -37,11 +39,12 @@ def make_celery(settings: Settings) -> Celery:
             # Sweep for abandoned jobs every restore_interval_s (kombu's default is every 100 s).
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,
+            **({"master_name": settings.redis_sentinel_master} if is_sentinel_url(settings.broker_url) else {}),
         },
         broker_connection_retry_on_startup=True,
         # Results live in visionq's own job store, not in a Celery result backend.
         task_ignore_result=True,
-        task_default_queue=settings.queue,
+        task_default_queue=worker_queue(settings),
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,

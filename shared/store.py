@@ -15,6 +15,7 @@ from shared.config import Settings
 from shared.jobs import Job, JobFailure, JobResult, JobStatus, sources_of, utcnow
 from shared.keys import ApiKey, hash_secret, key_id_of, new_secret
 from shared.queue import DISPATCH_WEBHOOKS_TASK, run_job_message, task_message
+from shared.sentinel import is_sentinel_url, primary_client
 
 PREFIX = "visionq"
 
@@ -66,6 +67,8 @@ def worker_key(name: str) -> str:
 
 
 WORKERS_KEY = f"{PREFIX}:workers"  # zset: worker name -> time of its last heartbeat
+# hash: status -> how many jobs are in it (queued, running) or have ended in it (terminal ones, since the start)
+STATUS_COUNTS_KEY = f"{PREFIX}:stats:status"
 OWNER_PREFIX = f"{PREFIX}:owner:"
 
 
@@ -103,10 +106,14 @@ def upload_bytes_key(owner: str, window: int) -> str:
 
 
 def connect(settings: Settings, decode_responses: bool = True) -> redis.Redis:
-    """The Redis client every visionq process uses (strings in, strings out; bytes for uploads). A GPU worker runs
-    2 x max_batch task threads, each holding a connection now and then: redis-py's default pool stops at 100."""
-    return redis.Redis.from_url(settings.broker_url, decode_responses=decode_responses, health_check_interval=30,
-                                max_connections=max(100, 2 * settings.max_batch + 32))
+    """The Redis client every visionq process uses (strings in, strings out; bytes for uploads); through Sentinel
+    for sentinel:// URLs. A GPU worker runs 2 x max_batch task threads, each holding a connection now and then:
+    redis-py's default pool stops at 100."""
+    options = {"decode_responses": decode_responses, "health_check_interval": 30,
+               "max_connections": max(100, 2 * settings.max_batch + 32)}
+    if is_sentinel_url(settings.broker_url):
+        return primary_client(settings.broker_url, settings.redis_sentinel_master, **options)
+    return redis.Redis.from_url(settings.broker_url, **options)
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,8 @@ class JobStore:
         `max_active` jobs queued or running. One round trip."""
         owner = job.owner or ""
         keys = [job_key(job.id), queue, owner_jobs_key(owner), owner_active_key(owner),
-                idempotency_key(owner, idempotency) if idempotency else "", rate_key(charge.owner)]
+                idempotency_key(owner, idempotency) if idempotency else "", rate_key(charge.owner),
+                STATUS_COUNTS_KEY]
         fields = [item for pair in job.to_hash().items() for item in pair]
         args = [self.ttl_s, max_active, job.created_at.timestamp(), job.id, request_hash, self.idempotency_ttl_s,
                 run_job_message(job.id, queue), charge.rate_per_s, charge.burst, *fields]
@@ -268,7 +276,7 @@ class JobStore:
         dispatch = task_message(DISPATCH_WEBHOOKS_TASK, [], self.webhook_queue) if terminal else ""
         args = [status.value, allowed, job_done_channel(job_id), self.ttl_s, "1" if terminal else "0",
                 "1" if count_attempt else "0", OWNER_PREFIX, dispatch, *flat]
-        keys = [job_key(job_id), webhooks_due_key(self.webhook_queue), self.webhook_queue]
+        keys = [job_key(job_id), webhooks_due_key(self.webhook_queue), self.webhook_queue, STATUS_COUNTS_KEY]
         applied, previous, attempts = self._transition(keys=keys, args=args)
         return Transition(bool(applied), JobStatus(previous) if previous else None, int(attempts))
 
@@ -288,6 +296,17 @@ class JobStore:
             return job
         finally:
             self.completions.unregister(job_id, event)
+
+    def status_counts(self) -> dict[str, int]:
+        """Jobs queued and running now, and jobs ended in each terminal status so far (for metrics)."""
+        return {status: int(count) for status, count in self.redis.hgetall(STATUS_COUNTS_KEY).items()}
+
+    def queue_depths(self, queues: list[str]) -> dict[str, int]:
+        """How many jobs wait in each queue (not counting those a worker holds)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        return dict(zip(queues, pipe.execute(), strict=True))
 
     # --- workers -----------------------------------------------------------------------------------------
 

@@ -69,6 +69,9 @@ def settings(redis_server, tiny_model_path, image_root, s3_server, tmp_path_fact
                     results_s3_uri=f"s3://{RESULTS_BUCKET}/runs")
 
 
+PARKED_MODEL = "parked-model"
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a child process the same settings."""
     return {
@@ -80,6 +83,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "VISIONQ_API_WORKERS": "1",
         "VISIONQ_API_THREADS": "8",
         "VISIONQ_KEY_CACHE_S": "0",  # a revoked key stops working at once
+        "VISIONQ_MODELS": PARKED_MODEL,  # accepted, served by no worker: its jobs stay queued
         "VISIONQ_ALLOW_HTTP": str(settings.allow_http).lower(),
         "VISIONQ_URL_ALLOWED_NETWORKS": json.dumps(settings.url_allowed_networks),
         "VISIONQ_S3_ENDPOINT_URL": settings.s3_endpoint_url,
@@ -91,7 +95,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def stack(settings, tmp_path_factory):
-    """The API (gunicorn) and one solo worker on the tiny model, against the session's Redis. Its webhook
+    """The API (gunicorn) and one GPU worker on the tiny model, against the session's Redis. Its webhook
     deliveries are sent by the delivery worker of tests/integration/test_webhooks.py (which lets them reach
     receivers on 127.0.0.1), so it starts none of its own."""
     with Stack(settings, env=settings_env(settings), api_port=free_port(),

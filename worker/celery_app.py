@@ -20,21 +20,21 @@ from celery.signals import worker_init
 from shared.config import get_settings
 from shared.image_decode import configure_pillow
 from shared.queue import make_celery
-from shared.store import JobStore, connect
+from shared.store import connect
 from shared.uploads import UploadStore
+from worker import leases, metrics
 from worker.batcher import Batcher
 from worker.decoding import BatchStats
 from worker.engine import get_engine, load_count
+from worker.observe import ObservedJobStore
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 10.0
-
 settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
-store = JobStore(connect(settings), settings.result_ttl_s, webhook_queue=settings.webhook_queue)
+store = ObservedJobStore(connect(settings), settings.result_ttl_s, webhook_queue=settings.webhook_queue)
 runner: JobRunner | None = None  # set once the model is loaded
 uploads = UploadStore(settings)
 configure_pillow(settings)
@@ -70,6 +70,7 @@ def batch_recorder(name: str, device: torch.device):
         log.debug("batch of %d rows (cache %d x %d, graphed %s): prefill %.3f s, %d steps in %.3f s",
                   stats.rows, stats.cache_rows, stats.cache_length, stats.graphed, stats.prefill_s, stats.steps,
                   stats.decode_s)
+        metrics.batch_done(stats.rows, stats.prefill_s, stats.decode_s)
         try:
             store.count_worker_batch(name, stats)
             if device.type == "cuda":
@@ -80,10 +81,12 @@ def batch_recorder(name: str, device: torch.device):
 
 
 def beat_forever(name: str) -> None:
-    """Tell Redis this worker is alive, also while a long batch runs (torch releases the GIL)."""
+    """Tell Redis this worker is alive and renew its jobs' leases, also while a long job runs (torch releases
+    the GIL)."""
     while True:
         try:
             store.heartbeat(name)
+            leases.renew(store.redis, leases.held_delivery_tags())
         except redis.RedisError:
             log.warning("heartbeat failed: Redis unreachable")
-        time.sleep(HEARTBEAT_S)
+        time.sleep(settings.heartbeat_s)

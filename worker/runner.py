@@ -71,9 +71,10 @@ class JobRunner:
                 prompt = self.engine.prepare(images, job.question, job.max_new_tokens)
             images_ms = (time.perf_counter() - started) * 1000
             future = self.batcher.submit(job.id, prompt)
-        # Not job_timeout_s: it sizes the redelivery timeout and is no hard limit. By visibility_timeout_s the
-        # message has gone to another worker anyway, so a thread stuck this long is only released.
-        completion = future.result(timeout=self.settings.visibility_timeout_s)
+        try:
+            completion = future.result(timeout=self.settings.job_timeout_s)
+        except TimeoutError:
+            raise InferenceFailed(f"the model did not finish the job within {self.settings.job_timeout_s} s") from None
         if completion.canceled:
             log.info("job %s was canceled while it ran", job.id)
             return

@@ -13,11 +13,10 @@ from shared.launcher import Stack
 from shared.store import JobStore, connect
 from tests.conftest import settings_env
 
-# Jobs long enough to kill mid-run on the tiny model, short enough to end before their message is redelivered;
-# abandoned ones are redelivered after 6 s.
-FAULT_ENV = {"VISIONQ_JOB_TIMEOUT_S": "5", "VISIONQ_VISIBILITY_TIMEOUT_S": "6", "VISIONQ_RESTORE_INTERVAL_S": "1",
-             "VISIONQ_MAX_ATTEMPTS": "2", "VISIONQ_QUEUE": "visionq-faults",
-             "VISIONQ_MAX_NEW_TOKENS_LIMIT": "1200"}
+# Jobs long enough to kill mid-run on the tiny model; abandoned ones are redelivered after 3 s (a live worker
+# renews its jobs' leases every 0.5 s, so the long jobs of a live batch are never redelivered).
+FAULT_ENV = {"VISIONQ_VISIBILITY_TIMEOUT_S": "3", "VISIONQ_RESTORE_INTERVAL_S": "1", "VISIONQ_HEARTBEAT_S": "0.5",
+             "VISIONQ_MAX_ATTEMPTS": "2", "VISIONQ_QUEUE": "visionq-faults", "VISIONQ_MAX_NEW_TOKENS_LIMIT": "1200"}
 LONG = 1200  # tokens: a second or two on the tiny model, unless a row meets its end-of-sequence token first
 
 

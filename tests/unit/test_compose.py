@@ -40,10 +40,16 @@ def test_each_built_service_runs_a_real_visionq_command(compose, service):
     assert spec["environment"]["VISIONQ_REDIS_URL"] == "redis://redis:6379/0"
 
 
-def test_worker_reserves_one_gpu_and_caches_models(compose):
+def test_worker_scales_with_one_gpu_per_replica_and_caches_models(compose):
     worker = compose["services"]["worker"]
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and len(device["device_ids"]) == 1
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == "all"
+    args = build_parser().parse_args(worker["command"][1:])
+    lock_dir = args.one_gpu_per_replica  # every replica sees every GPU and locks one of them
+    assert args.gpus == "all" and any(volume.startswith("gpu-locks:") and volume.endswith(":" + lock_dir)
+                                      for volume in worker["volumes"])
+    # Nothing that two replicas could not share: a fixed container name or a host port.
+    assert "container_name" not in worker and "ports" not in worker
     assert any(volume.startswith("hf-cache:") for volume in worker["volumes"])
     assert worker["environment"]["HF_HOME"] in worker["volumes"][0]
 
@@ -52,7 +58,7 @@ def test_redis_keeps_an_append_only_file_on_a_volume(compose):
     redis = compose["services"]["redis"]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
-    assert set(compose["volumes"]) == {"redis-data", "hf-cache"}
+    assert set(compose["volumes"]) == {"redis-data", "hf-cache", "gpu-locks"}
 
 
 def test_webhook_deliveries_run_on_the_image_without_torch_and_reserve_no_gpu(compose):

@@ -13,7 +13,8 @@ def test_defaults(monkeypatch):
     assert settings.model == DEFAULT_MODEL
     assert settings.broker_url == LOCAL_REDIS_URL
     assert settings.result_ttl_s == 24 * 3600
-    assert settings.visibility_timeout_s > settings.job_timeout_s
+    assert settings.visibility_timeout_s >= 3 * settings.heartbeat_s
+    assert settings.served_models == [DEFAULT_MODEL]
 
 
 def test_environment_overrides(monkeypatch):
@@ -24,9 +25,15 @@ def test_environment_overrides(monkeypatch):
     assert (settings.model, settings.broker_url, settings.max_images) == ("some/model", "redis://example:6379/3", 4)
 
 
-def test_redelivery_timeout_must_outlast_the_longest_job():
+def test_a_lease_must_outlast_several_heartbeats():
     with pytest.raises(ValidationError):
-        Settings(job_timeout_s=600, visibility_timeout_s=600)
+        Settings(heartbeat_s=10, visibility_timeout_s=20)
+    assert Settings(heartbeat_s=1, visibility_timeout_s=3).visibility_timeout_s == 3
+
+
+def test_served_models_put_the_default_first_without_repeats():
+    settings = Settings(model="a/one", models=" b/two, a/one,,c/three ")
+    assert settings.served_models == ["a/one", "b/two", "c/three"]
 
 
 def test_attention_auto_is_sdpa_without_flash_attn_or_cuda():

@@ -82,3 +82,29 @@ def test_token_bucket_allows_the_burst_then_says_how_long_to_wait(store):
     assert 0 < wait <= 0.1 + 0.01  # one token comes back every 1/rate seconds
     time.sleep(wait + 0.01)
     assert store.take_token(charge) == 0
+
+
+def test_status_counts_move_with_each_transition(store):
+    job = make_job()
+    before = store.status_counts()
+    store.create(job, UNCONSUMED_QUEUE)
+    store.mark_running(job.id, "w")
+    store.mark_running(job.id, "w")  # a redelivery: still one job running
+    after_running = store.status_counts()
+    store.mark_failed(job.id, JobFailure(code="x", message="y"))
+    store.mark_failed(job.id, JobFailure(code="x", message="y"))  # refused: no second count
+    after = store.status_counts()
+
+    def moved(counts: dict, status: str) -> int:
+        return counts.get(status, 0) - before.get(status, 0)
+
+    assert (moved(after_running, "queued"), moved(after_running, "running")) == (0, 1)
+    assert (moved(after, "queued"), moved(after, "running"), moved(after, "failed")) == (0, 0, 1)
+
+
+def test_queue_depths_count_waiting_messages(store):
+    queue = f"{UNCONSUMED_QUEUE}-depth"
+    store.redis.delete(queue)
+    store.create(make_job(), queue)
+    store.create(make_job(), queue)
+    assert store.queue_depths([queue, f"{queue}-empty"]) == {queue: 2, f"{queue}-empty": 0}

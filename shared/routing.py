@@ -1,0 +1,30 @@
+"""Several models at once: which model a job is for, and the queue that model's workers consume.
+
+Each model has a queue of its own, named from the model alone (`<VISIONQ_QUEUE>:<model>`), so that the API and
+every worker, on any host, agree on it without talking to each other. A worker serves exactly one model (its
+VISIONQ_MODEL) and consumes only that model's queue.
+"""
+
+from __future__ import annotations
+
+from shared.config import Settings
+from shared.errors import UnknownModel
+
+
+def queue_for(settings: Settings, model: str) -> str:
+    """The queue (a Redis list) of one model's jobs."""
+    return f"{settings.queue}:{model}"
+
+
+def worker_queue(settings: Settings) -> str:
+    """The queue a worker of these settings consumes: its own model's."""
+    return queue_for(settings, settings.model)
+
+
+def resolve_model(settings: Settings, requested: str | None) -> str:
+    """The model a job runs on: the one it names, else the default; one the server does not list is refused."""
+    if requested is None:
+        return settings.model
+    if requested not in settings.served_models:
+        raise UnknownModel(f"model must be one of: {', '.join(settings.served_models)}")
+    return requested

@@ -1,0 +1,67 @@
+"""deploy/k8s cannot run here (no cluster): check that the manifests parse, run real visionq commands, reserve a
+GPU each, and that KEDA watches the queue the API actually routes the default model's jobs to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.cli import build_parser
+from shared.config import DEFAULT_MODEL, Settings
+from shared.routing import queue_for
+
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+
+
+def load(name: str) -> dict:
+    (document,) = list(yaml.safe_load_all((K8S / name).read_text()))
+    return document
+
+
+@pytest.fixture(scope="module")
+def deployment() -> dict:
+    return load("worker.yaml")
+
+
+@pytest.fixture(scope="module")
+def worker_container(deployment) -> dict:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_every_manifest_parses_and_has_a_kind():
+    documents = [doc for path in K8S.glob("*.yaml") for doc in yaml.safe_load_all(path.read_text())]
+    assert len(documents) == 2 and all(doc["apiVersion"] and doc["kind"] for doc in documents)
+
+
+def test_worker_pod_runs_the_supervisor_on_its_one_gpu(deployment, worker_container):
+    command = worker_container["command"]
+    assert command[:2] == ["visionq", "workers"]
+    args = build_parser().parse_args(command[1:])
+    assert args.gpus == "all" and args.func.__name__ == "cmd_workers"
+    assert worker_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_worker_pod_gets_its_settings_and_time_to_finish_a_job(deployment, worker_container):
+    env = {item["name"]: item for item in worker_container["env"]}
+    assert env["VISIONQ_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "redis-url"
+    assert env["VISIONQ_MODEL"]["value"] == DEFAULT_MODEL
+    port = int(env["VISIONQ_METRICS_PORT"]["value"])
+    assert {p["containerPort"] for p in worker_container["ports"]} == {port}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= Settings().job_timeout_s  # SIGTERM lets the job finish
+
+
+def test_keda_scales_the_worker_deployment_on_its_models_queue(deployment):
+    scaled = load("keda-scaledobject.yaml")
+    assert scaled["kind"] == "ScaledObject" and scaled["apiVersion"].startswith("keda.sh/")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["listName"] == queue_for(Settings(model=DEFAULT_MODEL), DEFAULT_MODEL)
+    assert int(trigger["metadata"]["listLength"]) > 0
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
