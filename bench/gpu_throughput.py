@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -144,31 +145,29 @@ def run_jobs(client: Client, store: JobStore, count: int, new_tokens: int, image
             "first_bad": bad[0].model_dump(mode="json") if bad else None}
 
 
-def start_workers(stack: Stack, gpus: list[str], cap: int) -> list[str]:
-    """One worker process per GPU, pinned with CUDA_VISIBLE_DEVICES, as the launcher runs them."""
-    from shared.launcher import worker_command
-
-    names = []
-    for gpu in gpus:
-        name = f"gpu{gpu}@bench"
-        env = {**stack.extra_env, "CUDA_VISIBLE_DEVICES": gpu, "VISIONQ_MAX_BATCH": str(cap)}
-        settings = stack.settings.model_copy(update={"max_batch": cap})
-        log = open(stack.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-        stack.processes[name] = subprocess.Popen(worker_command(settings, name), stdout=log, stderr=subprocess.STDOUT,
-                                                 env={**os.environ, **env, "VISIONQ_REDIS_URL": stack.redis_url})
-        names.append(name)
+def start_workers(stack: Stack, gpus: list[str], cap: int, cpu: bool = False) -> list[str]:
+    """`visionq workers --gpus ...`: the launcher, one worker per GPU pinned with CUDA_VISIBLE_DEVICES."""
+    which = ["--cpu-workers", str(len(gpus))] if cpu else ["--gpus", ",".join(gpus)]
+    env = {**os.environ, **stack.extra_env, "VISIONQ_MAX_BATCH": str(cap), "VISIONQ_REDIS_URL": stack.redis_url}
+    log = open(stack.log_dir / f"workers-{cap}-{len(gpus)}.log", "ab")  # noqa: SIM115 (closed with the process)
+    stack.processes["workers"] = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "workers", *which, "--log-dir", str(stack.log_dir)],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    host = socket.gethostname()
+    names = [f"cpu{i}@{host}" for i in range(len(gpus))] if cpu else [f"gpu{gpu}@{host}" for gpu in gpus]
+    store = JobStore(stack.redis_client(), 60)
     for name in names:
         deadline = time.monotonic() + 300
-        while not JobStore(stack.redis_client(), 60).worker_info(name).get("loads"):
-            if stack.processes[name].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start; see {stack.log_dir / (name + '.log')}")
+        while not store.worker_info(name).get("loads") or store.worker_info(name).get("max_batch") != cap:
+            if stack.processes["workers"].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; see {stack.log_dir}")
             time.sleep(0.2)
     return names
 
 
 def stop_workers(stack: Stack, names: list[str]) -> None:
-    for name in names:
-        stack.stop_process(name)
+    """SIGTERM to the supervisor: a warm stop of every worker."""
+    stack.stop_process("workers", timeout_s=120)
 
 
 def main() -> None:
@@ -210,7 +209,7 @@ def main() -> None:
         store = JobStore(stack.redis_client(), 3600)
         for cap in [int(c) for c in args.caps.split(",")]:
             for count in range(1, len(gpus) + 1):
-                names = start_workers(stack, gpus[:count], cap)
+                names = start_workers(stack, gpus[:count], cap, cpu=not torch.cuda.is_available())
                 jobs = max(16, min(args.jobs, 4 * cap)) * count
                 run_jobs(client, store, min(jobs, cap * count), args.new_tokens, images)  # capture this cap's graphs
                 with GpuSampler(",".join(gpus[:count])) as sampler:

@@ -153,7 +153,7 @@ class Stack:
         while time.monotonic() < deadline:
             self._check_alive(process)
             info = store.worker_info(name)
-            if worker_is_ready(info, self.processes[process].pid) and ready(info):
+            if info.get("pid") == self.processes[process].pid and ready(info):
                 return info
             time.sleep(0.2)
         raise RuntimeError(f"the {process} process did not start; see {self.log_dir / (process + '.log')}")
