@@ -109,21 +109,24 @@ class Batcher:
         try:
             stats = self.decoder.generate([t.prompt for t in batch], self._resolver(batch), self._canceled_rows(batch))
         except Exception as exc:
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                self.decoder.out_of_memory(len(batch))
-            open_tickets = [t for t in batch if not t.future.done()]
-            if len(open_tickets) == 1:
-                _fail(open_tickets[0], exc)
-                return
-            # One bad prompt must not fail its neighbours, nor one batch too big for memory all of its jobs:
-            # halve it until the halves run or the bad job is alone.
-            log.warning("batch of %d failed (%s: %s); running it in halves", len(open_tickets), type(exc).__name__, exc)
-            half = len(open_tickets) // 2
-            self._run(open_tickets[:half])
-            self._run(open_tickets[half:])
+            failure = exc.with_traceback(None)  # its frames hold the batch's GPU tensors: let them go
+        else:
+            stats.idle_s = idle_s
+            self.on_batch(stats)
             return
-        stats.idle_s = idle_s
-        self.on_batch(stats)
+        if isinstance(failure, torch.cuda.OutOfMemoryError):
+            self.decoder.out_of_memory(len(batch))
+        open_tickets = [t for t in batch if not t.future.done()]
+        if len(open_tickets) == 1:
+            _fail(open_tickets[0], failure)
+            return
+        # One bad prompt must not fail its neighbours, nor one batch too big for memory all of its jobs:
+        # halve it until the halves run or the bad job is alone.
+        log.warning("batch of %d failed (%s: %s); running it in halves", len(open_tickets),
+                    type(failure).__name__, failure)
+        half = len(open_tickets) // 2
+        self._run(open_tickets[:half])
+        self._run(open_tickets[half:])
 
     @staticmethod
     def _resolver(batch: list[Ticket]) -> Callable[[int, Completion], None]:

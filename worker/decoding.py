@@ -8,6 +8,7 @@ eagerly, so the tests exercise everything but the capture.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import time
@@ -320,6 +321,7 @@ class Decoder:
         self.slots.clear()
         self.kv_budget_bytes = int(min(self.kv_budget_bytes, asked) * 0.8)
         log.warning("out of GPU memory with %d rows; KV budget lowered to %.1f GiB", rows, self.kv_budget_bytes / 2**30)
+        gc.collect()  # cycles that still hold tensors of the failed batch
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
