@@ -41,7 +41,8 @@ def alone(model, processor, one: Prompt) -> list[int]:
 def test_a_burst_is_decoded_in_batches_up_to_the_cap(tiny):
     processor, model = tiny
     sizes = []
-    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=0.5, on_batch=lambda stats: sizes.append(stats.rows))
+    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=0.5,
+                      on_batch=lambda stats: sizes.append(stats.rows))
     prompts = [prompt(processor, seed) for seed in range(6)]
     futures = [batcher.submit(f"job{i}", p) for i, p in enumerate(prompts)]
     results = [future.result(timeout=60).tokens for future in futures]
