@@ -16,8 +16,10 @@ tiny random model. While the jobs are being submitted:
 Submissions refused while Redis is down (503) are retried with the same Idempotency-Key, so a submission whose
 answer was lost is not made twice. At the end the drill reads every accepted job from Redis and every worker's
 JSON log (one `job running` line per attempt started, one `job ended` line per outcome written, with whether the
-compare-and-set applied) and prints the figures. Timeouts are short (3 s leases) so that it runs in a minute;
-production uses 60 s leases, so there a killed worker's job waits about a minute before it runs again.
+compare-and-set applied) and what the webhook receiver got (every job carries a webhook: one signed event per
+job, one webhook-id, retries of it counted) and prints the figures. Timeouts are short (3 s leases) so that it
+runs in a minute; production uses 60 s leases, so there a killed worker's job waits about a minute before it runs
+again.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+from standardwebhooks import Webhook
 
 from shared.client import ApiError, Client
 from shared.config import Settings
@@ -44,6 +47,7 @@ from shared.launcher import Stack, env_for
 from shared.samples import write_samples
 from shared.store import STATUS_COUNTS_KEY, JobStore, KeyStore, connect
 from shared.supervisor import Supervisor, gpu_workers
+from shared.webhook_listen import WebhookReceiver
 
 DRILL_FIELDS = ("redis_url", "model", "image_root", "data_dir", "queue", "visibility_timeout_s", "heartbeat_s",
                 "restore_interval_s", "max_attempts", "device", "api_workers", "api_threads")
@@ -97,15 +101,20 @@ class Drill:
                                  data_dir=folder, queue="drill", visibility_timeout_s=3, heartbeat_s=0.5,
                                  restore_interval_s=1, max_attempts=3, device="cpu", api_workers=1, api_threads=16)
         env = {**env_for(self.settings, DRILL_FIELDS), "OMP_NUM_THREADS": "1", "VISIONQ_RATE_PER_S": "100000",
-               "VISIONQ_RATE_BURST": "100000"}
+               "VISIONQ_RATE_BURST": "100000",
+               # Every job carries a webhook to the drill's receiver on loopback; retries come quickly.
+               "VISIONQ_ALLOW_HTTP": "true", "VISIONQ_URL_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
+               "VISIONQ_WEBHOOK_RETRY_BASE_S": "0.5", "VISIONQ_WEBHOOK_RETRY_MAX_S": "2"}
         self.api = Stack(self.settings, env=env, api_port=free_port(), log_dir=folder / "logs", worker=False)
         self.supervisor = Supervisor(self.settings, gpu_workers([str(i) for i in range(config.workers)],
                                                                 self.settings), log_dir=folder / "workers", env=env)
+        self.receiver = WebhookReceiver()  # verifies once the key's secret is known (see `client`)
         self.faults: list[Fault] = []
         self.started = time.monotonic()
         self._supervising = threading.Event()
 
     def __enter__(self) -> Drill:
+        self.receiver.start()
         self.redis.start()
         self.api.start()
         self.supervisor.start()
@@ -119,6 +128,7 @@ class Drill:
         self.supervisor.stop(timeout_s=30)
         self.api.stop()
         self.redis.stop()
+        self.receiver.stop()
 
     def _supervise(self) -> None:
         while not self._supervising.wait(0.2):
@@ -130,7 +140,10 @@ class Drill:
     def client(self) -> Client:
         secret, _ = KeyStore(connect(self.settings)).create("drill", rate_per_s=100000, burst=100000,
                                                            max_active_jobs=10**6)
-        return Client(self.api.api_url, key=secret, timeout_s=30)
+        client = Client(self.api.api_url, key=secret, timeout_s=30)
+        self.receiver.verifier = Webhook(client.webhook_secret())
+        client.webhook = {"url": self.receiver.url}
+        return client
 
     def now_s(self) -> float:
         return round(time.monotonic() - self.started, 1)
@@ -190,7 +203,7 @@ def submit_until_accepted(client: Client, max_new_tokens: int, idempotency_key: 
     while True:
         try:
             return client.submit("describe", ["bar_chart.png"], max_new_tokens=max_new_tokens,
-                                 idempotency_key=idempotency_key)["id"]
+                                 idempotency_key=idempotency_key, webhook=getattr(client, "webhook", None))["id"]
         except (ApiError, requests.RequestException) as exc:
             if time.monotonic() > deadline:
                 raise
@@ -273,10 +286,12 @@ class DrillReport:
     retried_submits: Counter
     status_counts: dict[str, int]
     wall_s: float
+    events: Events
 
     def ok(self) -> bool:
-        """None lost, none ended twice (or never), Redis and the workers agree on every outcome."""
-        return not (self.lost or self.ended_not_once or self.mismatched)
+        """None lost, none ended twice (or never), Redis and the workers agree on every outcome, and every job's
+        end reached the webhook receiver as one event (one webhook-id, signed, of the job's final status)."""
+        return not (self.lost or self.ended_not_once or self.mismatched or self.events.problems())
 
     def attempts_of(self, job_id: str) -> int:
         return len(self.run_again.get(job_id, [""]))
@@ -295,9 +310,55 @@ class DrillReport:
         out += [f"  {job_id}: {'; '.join(starts)}" for job_id, starts in self.run_again.items()]
         out.append(f"outcome writes refused by compare-and-set: {self.refused_writes}")
         out.append(f"Redis job counts by status (metrics hash): {self.status_counts}")
+        out += self.events.lines()
         out.append(f"wall time {self.wall_s:.1f} s; {self.accepted / self.wall_s:.1f} jobs/s")
         out.append("RESULT: " + ("PASS" if self.ok() else "FAIL"))
         return out
+
+
+@dataclass
+class Events:
+    """What the webhook receiver got, per job: requests, distinct webhook-ids, and whether each matched."""
+
+    requests: Counter  # job id -> requests received (retries of one event included)
+    ids: dict[str, set[str]]  # job id -> distinct webhook-ids
+    unsigned: int  # requests whose signature did not verify
+    wrong: list[str]  # jobs whose event type is not their final status
+    missing: list[str]  # jobs with no event at all
+
+    def problems(self) -> list[str]:
+        twice = [job_id for job_id, ids in self.ids.items() if len(ids) != 1]
+        return self.missing + self.wrong + twice + (["unsigned"] if self.unsigned else [])
+
+    def lines(self) -> list[str]:
+        repeats = Counter(self.requests.values())
+        return [f"webhook events: {len(self.ids)} jobs with one, {len(self.missing)} missing, "
+                f"{sum(len(ids) != 1 for ids in self.ids.values())} with more than one webhook-id, "
+                f"{len(self.wrong)} of the wrong type, {self.unsigned} not verified; requests per job: "
+                + ", ".join(f"{n}x: {count}" for n, count in sorted(repeats.items()))]
+
+
+def webhook_events(receiver: WebhookReceiver, jobs: dict[str, dict], timeout_s: float) -> Events:
+    """Wait (up to timeout_s) until every job's event has arrived, then tally what the receiver saw."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with receiver.lock:
+            received = list(receiver.received)
+        seen = {r.event["data"]["id"] for r in received if r.event}
+        if seen >= set(jobs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    requests_seen, ids, wrong = Counter(), {}, set()
+    for r in received:
+        if not r.event:
+            continue
+        job_id = r.event["data"]["id"]
+        requests_seen[job_id] += 1
+        ids.setdefault(job_id, set()).add(r.webhook_id)
+        if job_id in jobs and r.event["type"] != f"job.{jobs[job_id].get('status')}":
+            wrong.add(job_id)
+    return Events(requests_seen, ids, sum(r.verified is False for r in received), sorted(wrong),
+                  [job_id for job_id in jobs if job_id not in ids])
 
 
 def run_again(jobs: dict[str, dict]) -> dict[str, int]:
@@ -319,7 +380,7 @@ def report(drill: Drill, subs: Submissions, timeout_s: float) -> DrillReport:
         refused_writes=sum(evidence.refused.values()), faults=drill.faults,
         run_again={j: sorted(evidence.attempts.get(j, [])) for j in run_again(jobs)}, retried_submits=subs.retried,
         status_counts={k: int(v) for k, v in store.redis.hgetall(STATUS_COUNTS_KEY).items()},
-        wall_s=time.monotonic() - drill.started)
+        wall_s=time.monotonic() - drill.started, events=webhook_events(drill.receiver, jobs, timeout_s))
 
 
 def run_drill(config: DrillConfig, folder: Path, model: Path, image_root: Path) -> DrillReport:

@@ -145,6 +145,43 @@ def run_jobs(client: Client, store: JobStore, count: int, new_tokens: int, image
             "first_bad": bad[0].model_dump(mode="json") if bad else None}
 
 
+class ServerLoad:
+    """Redis commands/s and CPU, and the API's CPU (gunicorn, all its processes), over a run: is either the
+    bottleneck? CPU is in cores (1.0 = one core busy the whole run)."""
+
+    def __init__(self, redis_client, api_pid: int):
+        self.redis, self.api_pid = redis_client, api_pid
+
+    def __enter__(self):
+        self.started, self.before = time.perf_counter(), self._sample()
+        return self
+
+    def __exit__(self, *_exc):
+        self.seconds = time.perf_counter() - self.started
+        self.after = self._sample()
+
+    def _sample(self) -> tuple[int, float, float]:
+        stats, cpu = self.redis.info("stats"), self.redis.info("cpu")
+        return (int(stats["total_commands_processed"]), float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+                _tree_cpu_s(self.api_pid))
+
+    def summary(self) -> str:
+        commands, redis_cpu, api_cpu = (b - a for a, b in zip(self.before, self.after, strict=True))
+        return (f"Redis {commands / self.seconds:.0f} commands/s, {redis_cpu / self.seconds:.2f} cores; "
+                f"API {api_cpu / self.seconds:.2f} cores")
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (Linux /proc), 0 where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(_tree_cpu_s(int(child)) for child in children)
+
+
 def start_workers(stack: Stack, gpus: list[str], cap: int, cpu: bool = False) -> list[str]:
     """`visionq workers --gpus ...`: the launcher, one worker per GPU pinned with CUDA_VISIBLE_DEVICES."""
     which = ["--cpu-workers", str(len(gpus))] if cpu else ["--gpus", ",".join(gpus)]
@@ -212,7 +249,8 @@ def main() -> None:
                 names = start_workers(stack, gpus[:count], cap, cpu=not torch.cuda.is_available())
                 jobs = max(16, min(args.jobs, 4 * cap)) * count
                 run_jobs(client, store, min(jobs, cap * count), args.new_tokens, images)  # capture this cap's graphs
-                with GpuSampler(",".join(gpus[:count])) as sampler:
+                with GpuSampler(",".join(gpus[:count])) as sampler, \
+                        ServerLoad(stack.redis_client(), stack.processes["api"].pid) as load:
                     result = run_jobs(client, store, jobs, args.new_tokens, images)
                 infos = [store.worker_info(name) for name in names]
                 ratio = f", {result['jobs_s'] / seed_rate:.0f}x seed loop" if seed_rate else ""
@@ -223,6 +261,7 @@ def main() -> None:
                       f"worker peak {max(float(i.get('gpu_peak_gib', 0)) for i in infos):.1f} GiB; "
                       f"submit {result['submit_s']:.2f} s; not succeeded with {args.new_tokens} tokens: "
                       f"{result['bad']}, ran twice: {result['twice']}", flush=True)
+                print(f"  {load.summary()}", flush=True)
                 batches = sum(int(i.get("batches", 0)) for i in infos)
                 print(f"  per batch: {sum(int(i.get('batched_jobs', 0)) for i in infos) / max(batches, 1):.1f} rows, "
                       f"prefill {sum(float(i.get('prefill_s', 0)) for i in infos) / max(batches, 1):.2f} s, "
