@@ -154,9 +154,16 @@ class Drill:
         """Submit a long job, wait until a worker runs it, and signal that worker's process."""
         job_id = submit_until_accepted(client, self.config.long_tokens, f"drill-{kind}")
         store = self.store()
-        job = wait_for(lambda: running(store, job_id), timeout_s=120, what=f"the {kind} job to start")
-        pid = store.worker_info(job.worker)["pid"]
-        os.kill(pid, sig)
+        while True:
+            job = wait_for(lambda: running(store, job_id), timeout_s=120, what=f"the {kind} job to start")
+            pid = store.worker_info(job.worker)["pid"]
+            try:
+                os.kill(pid, sig)
+                break
+            except ProcessLookupError:
+                # That worker died on its own (kombu 5.7 exits a worker when Redis drops it, see README) and the
+                # supervisor restarts it: aim again once the job runs in a live process.
+                time.sleep(0.5)
         fault = Fault(kind, self.now_s(), worker=job.worker, job_id=job_id, pid=pid)
         self.faults.append(fault)
         return fault
@@ -282,6 +289,7 @@ class DrillReport:
     attempts_histogram: Counter
     refused_writes: int
     run_again: dict[str, list[str]]  # jobs Redis counts more than one attempt of: when and where each started
+    redis_attempts: dict[str, int]  # those jobs' attempts as Redis counts them (a SIGKILL can beat a log line)
     faults: list[Fault]
     retried_submits: Counter
     status_counts: dict[str, int]
@@ -294,7 +302,7 @@ class DrillReport:
         return not (self.lost or self.ended_not_once or self.mismatched or self.events.problems())
 
     def attempts_of(self, job_id: str) -> int:
-        return len(self.run_again.get(job_id, [""]))
+        return self.redis_attempts.get(job_id, 1)
 
     def lines(self) -> list[str]:
         out = [f"accepted jobs: {self.accepted} (submissions retried: {dict(self.retried_submits) or 0})"]
@@ -307,7 +315,8 @@ class DrillReport:
         out.append("attempts started per job (worker logs): "
                    + ", ".join(f"{n}x: {count}" for n, count in sorted(self.attempts_histogram.items())))
         out.append(f"jobs started more than once: {len(self.run_again)}")
-        out += [f"  {job_id}: {'; '.join(starts)}" for job_id, starts in self.run_again.items()]
+        out += [f"  {job_id}: {self.redis_attempts[job_id]} attempts in Redis; starts logged: {'; '.join(starts)}"
+                for job_id, starts in self.run_again.items()]
         out.append(f"outcome writes refused by compare-and-set: {self.refused_writes}")
         out.append(f"Redis job counts by status (metrics hash): {self.status_counts}")
         out += self.events.lines()
@@ -378,7 +387,8 @@ def report(drill: Drill, subs: Submissions, timeout_s: float) -> DrillReport:
         mismatched=[j for j in subs.accepted if evidence.written.get(j) != jobs[j].get("status")],
         attempts_histogram=Counter(evidence.started[j] for j in subs.accepted),
         refused_writes=sum(evidence.refused.values()), faults=drill.faults,
-        run_again={j: sorted(evidence.attempts.get(j, [])) for j in run_again(jobs)}, retried_submits=subs.retried,
+        run_again={j: sorted(evidence.attempts.get(j, [])) for j in run_again(jobs)}, redis_attempts=run_again(jobs),
+        retried_submits=subs.retried,
         status_counts={k: int(v) for k, v in store.redis.hgetall(STATUS_COUNTS_KEY).items()},
         wall_s=time.monotonic() - drill.started, events=webhook_events(drill.receiver, jobs, timeout_s))
 
