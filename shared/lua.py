@@ -90,6 +90,20 @@ local function write_outbox(job_key, status, owner, owner_prefix, due_key, queue
 end
 """
 
+# A job leaves its queue's index of queued jobs; a start also moves the queue's watermark, the highest sequence
+# number a worker has started (messages are taken in order, so a job below it that is still queued after a
+# while lost its message: see REQUEUE_LOST).
+_LEAVE_QUEUED = """
+local function leave_queued(job_key, status)
+  local index = redis.call('HGET', job_key, 'queued_in')
+  if not index then return end
+  redis.call('ZREM', index, string.match(job_key, '([^:]+)$'))
+  if status ~= 'running' then return end
+  local seq = tonumber(redis.call('HGET', job_key, 'seq') or '0')
+  if seq > tonumber(redis.call('GET', index .. ':started') or '0') then redis.call('SET', index .. ':started', seq) end
+end
+"""
+
 # Compare-and-set of a job's status, so that two writers can never both win.
 # KEYS: job hash, the webhook due zset, the webhook queue, the count of jobs by status (moved from the old status
 # to the new one).
@@ -98,7 +112,7 @@ end
 # pairs.
 # A terminal move also frees the owner's active-job slot, writes the webhook outbox and publishes on the done
 # channel. Returns {applied (0/1), status before the call ("" when the job does not exist), attempts}.
-TRANSITION = _OUTBOX + """
+TRANSITION = _OUTBOX + _LEAVE_QUEUED + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, '', 0} end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
@@ -109,6 +123,7 @@ end
 if not allowed then return {0, current, attempts} end
 if ARGV[6] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if current == 'queued' then leave_queued(KEYS[1], ARGV[1]) end
 redis.call('HINCRBY', KEYS[4], current, -1)
 redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -128,7 +143,8 @@ return {1, current, attempts}
 # Create a job: the rate limit, idempotency check, the owner's active-job bound, the job hash, its queue
 # message and the owner's index, all or nothing, in one round trip.
 # KEYS: job hash, queue list, owner's job index (zset), owner's active counter, idempotency key ("" for none),
-#       the owner's token bucket key, the count of jobs by status.
+#       the owner's token bucket key, the count of jobs by status, the queue's index of queued jobs (a zset:
+#       job id -> sequence number), the queue's sequence counter.
 # ARGV: job ttl, max active jobs, index score, job id, request hash, idempotency ttl, queue message,
 #       tokens per second, burst, then the job hash's field/value pairs.
 # Returns {"created", ""}, {"existing", "<job id> <request hash>"}, {"queue_full", "<active>"} or
@@ -144,6 +160,9 @@ local active = tonumber(redis.call('GET', KEYS[4]) or '0')
 if active >= tonumber(ARGV[2]) then return {'queue_full', tostring(active)} end
 for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+local seq = redis.call('INCR', KEYS[9])
+redis.call('HSET', KEYS[1], 'seq', seq, 'queued_in', KEYS[8])
+redis.call('ZADD', KEYS[8], seq, ARGV[4])
 redis.call('LPUSH', KEYS[2], ARGV[7])
 redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), ARGV[4])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
@@ -245,5 +264,25 @@ return 'ok'
 ADD_ENDPOINT = """
 if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
+# Put a job's message on its queue again, if the job is still queued and no worker holds its message: the
+# sweeper's last word on a job whose message was lost (a Redis crash between a worker's BRPOP and its write of
+# the unacknowledged copy, or an AOF that kept the job but not the message). It gets a new sequence number.
+# KEYS: job hash, queue list, the queue's index of queued jobs, its sequence counter, kombu's unacked hash.
+# ARGV: job id, the message. Returns 1 when requeued, 0 when not (no longer queued, or a worker holds it).
+REQUEUE_LOST = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 0
+end
+for _, held in ipairs(redis.call('HVALS', KEYS[5])) do
+  if string.find(held, ARGV[1], 1, true) then return 0 end
+end
+local seq = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], 'seq', seq)
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+redis.call('LPUSH', KEYS[2], ARGV[2])
 return 1
 """

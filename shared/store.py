@@ -80,6 +80,19 @@ def owner_active_key(owner: str) -> str:
     return f"{OWNER_PREFIX}{owner}:active"
 
 
+def queued_index_key(queue: str) -> str:
+    """Zset of a queue's jobs still queued (job id -> sequence number); `<it>:started` holds the highest sequence
+    number a worker has started, `<it>:suspects` when each job below it was first seen still queued."""
+    return f"{PREFIX}:queued:{queue}"
+
+
+def queue_seq_key(queue: str) -> str:
+    return f"{PREFIX}:queue-seq:{queue}"
+
+
+KOMBU_UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages (visionq sets no key prefix)
+
+
 def idempotency_key(owner: str, key: str) -> str:
     return f"{PREFIX}:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
@@ -159,6 +172,7 @@ class JobStore:
         self.webhook_queue = webhook_queue  # where a job's end puts its webhook dispatch message
         self._transition = client.register_script(lua.TRANSITION)
         self._create = client.register_script(lua.CREATE_JOB)
+        self._requeue_lost = client.register_script(lua.REQUEUE_LOST)
         self._take_token = client.register_script(lua.TAKE_TOKEN)
         self._charged_get = client.register_script(lua.CHARGED_GET)
         # Its thread starts on the first wait, so workers, which never wait, never run one.
@@ -172,7 +186,7 @@ class JobStore:
         owner = job.owner or ""
         keys = [job_key(job.id), queue, owner_jobs_key(owner), owner_active_key(owner),
                 idempotency_key(owner, idempotency) if idempotency else "", rate_key(charge.owner),
-                STATUS_COUNTS_KEY]
+                STATUS_COUNTS_KEY, queued_index_key(queue), queue_seq_key(queue)]
         fields = [item for pair in job.to_hash().items() for item in pair]
         args = [self.ttl_s, max_active, job.created_at.timestamp(), job.id, request_hash, self.idempotency_ttl_s,
                 run_job_message(job.id, queue), charge.rate_per_s, charge.burst, *fields]
@@ -296,6 +310,36 @@ class JobStore:
             return job
         finally:
             self.completions.unregister(job_id, event)
+
+    def requeue_lost(self, queue: str, grace_s: float, now: float | None = None) -> list[str]:
+        """Find the queue's jobs whose message was lost and queue them again; returns their ids.
+
+        Workers take messages in order, so a job whose sequence number is below the highest one started, or that
+        waits while the queue is empty, should be running within moments. Such a job still queued `grace_s`
+        after it was first seen so (long enough for a dead worker's message to come back through its lease) and
+        whose message no worker holds has lost it. A job requeued while its message was merely slow to come back
+        can run twice; the compare-and-set transitions still store one outcome.
+        """
+        now = time.time() if now is None else now
+        index = queued_index_key(queue)
+        started = int(self.redis.get(f"{index}:started") or 0)
+        behind = set(self.redis.zrangebyscore(index, "-inf", f"({started}", start=0, num=500))
+        if self.redis.llen(queue) == 0:
+            behind |= set(self.redis.zrange(index, 0, 499))
+        suspects = {job_id: float(first) for job_id, first in self.redis.hgetall(f"{index}:suspects").items()}
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in set(suspects) - behind:
+            pipe.hdel(f"{index}:suspects", job_id)
+        for job_id in behind - set(suspects):
+            pipe.hset(f"{index}:suspects", job_id, now)
+        pipe.execute()
+        requeued = []
+        for job_id in sorted(job_id for job_id in behind & set(suspects) if now - suspects[job_id] >= grace_s):
+            keys = [job_key(job_id), queue, index, queue_seq_key(queue), KOMBU_UNACKED]
+            if self._requeue_lost(keys=keys, args=[job_id, run_job_message(job_id, queue)]):
+                requeued.append(job_id)
+            self.redis.hdel(f"{index}:suspects", job_id)
+        return requeued
 
     def status_counts(self) -> dict[str, int]:
         """Jobs queued and running now, and jobs ended in each terminal status so far (for metrics)."""

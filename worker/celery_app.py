@@ -20,6 +20,7 @@ from celery.signals import worker_init
 from shared.config import get_settings
 from shared.image_decode import configure_pillow
 from shared.queue import make_celery
+from shared.routing import worker_queue
 from shared.store import connect
 from shared.uploads import UploadStore
 from worker import leases, metrics
@@ -87,6 +88,8 @@ def beat_forever(name: str) -> None:
         try:
             store.heartbeat(name)
             leases.renew(store.redis, leases.held_delivery_tags())
+            for job_id in leases.sweep_lost_messages(store, worker_queue(settings), name, settings):
+                log.warning("job %s had lost its queue message (Redis crash?): queued again", job_id)
         except redis.RedisError:
             log.warning("heartbeat failed: Redis unreachable")
         time.sleep(settings.heartbeat_s)

@@ -37,3 +37,13 @@ def renew(client: redis.Redis, tags: list[str]) -> int:
         return 0
     now = time.time()
     return client.zadd(UNACKED_INDEX, dict.fromkeys(tags, now), xx=True, ch=True)
+
+
+def sweep_lost_messages(store, queue: str, worker: str, settings) -> list[str]:
+    """Requeue the queue's jobs whose message was lost (JobStore.requeue_lost), one worker at a time: the lock
+    lasts a heartbeat, so some live worker sweeps each queue about once a heartbeat."""
+    lock = f"{queue}:sweeping"
+    if not store.redis.set(f"visionq:{lock}", worker, nx=True, px=max(1, int(settings.heartbeat_s * 1000))):
+        return []
+    # A dead worker's message comes back within a lease and a sweep; wait twice that before calling one lost.
+    return store.requeue_lost(queue, grace_s=2 * settings.visibility_timeout_s + settings.restore_interval_s)

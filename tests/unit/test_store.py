@@ -108,3 +108,51 @@ def test_queue_depths_count_waiting_messages(store):
     store.create(make_job(), queue)
     store.create(make_job(), queue)
     assert store.queue_depths([queue, f"{queue}-empty"]) == {queue: 2, f"{queue}-empty": 0}
+
+
+def _fresh_queue(store) -> str:
+    queue = f"lost-test-{time.monotonic_ns()}"
+    store.redis.delete(queue)
+    return queue
+
+
+def test_a_job_whose_message_was_lost_is_queued_again_after_the_grace(store):
+    queue = _fresh_queue(store)
+    lost, later = make_job(), make_job()
+    store.create(lost, queue)
+    store.create(later, queue)
+    # A worker took both messages in order; a Redis crash kept the first job but lost its message.
+    store.redis.rpop(queue)
+    store.redis.rpop(queue)
+    store.mark_running(later.id, "w1")
+    assert store.requeue_lost(queue, grace_s=60, now=1000.0) == []  # first seen below the watermark
+    assert store.requeue_lost(queue, grace_s=60, now=1030.0) == []  # within the grace
+    assert store.requeue_lost(queue, grace_s=60, now=1061.0) == [lost.id]
+    assert lost.id in store.redis.lindex(queue, 0)
+    assert store.status(lost.id) == JobStatus.QUEUED
+    assert store.requeue_lost(queue, grace_s=60, now=2000.0) == []  # its new message is newer than the watermark
+
+
+def test_a_job_a_worker_still_holds_or_that_moved_on_is_left_alone(store):
+    queue = _fresh_queue(store)
+    held, started, later = make_job(), make_job(), make_job()
+    for job in (held, started, later):
+        store.create(job, queue)
+    messages = [store.redis.rpop(queue) for _ in range(3)]
+    store.redis.hset("unacked", f"tag-{held.id}", messages[0])  # as kombu keeps a delivered message
+    store.mark_running(later.id, "w1")
+    store.requeue_lost(queue, grace_s=60, now=1000.0)
+    store.mark_running(started.id, "w1")  # its worker was only slow to start it
+    assert store.requeue_lost(queue, grace_s=60, now=1100.0) == []
+    assert store.redis.llen(queue) == 0
+    store.redis.hdel("unacked", f"tag-{held.id}")
+
+
+def test_nothing_is_requeued_while_jobs_wait_their_turn(store):
+    queue = _fresh_queue(store)
+    jobs = [make_job() for _ in range(3)]
+    for job in jobs:
+        store.create(job, queue)
+    assert store.requeue_lost(queue, grace_s=0, now=1000.0) == []
+    assert store.requeue_lost(queue, grace_s=0, now=5000.0) == []  # no job started past them; queue not empty
+    assert store.redis.llen(queue) == 3
