@@ -15,7 +15,6 @@ import requests
 
 from shared.config import Settings
 from shared.embedded_redis import EmbeddedRedis
-from shared.routing import worker_queue
 from shared.store import JobStore, KeyStore, connect
 
 
@@ -30,12 +29,12 @@ def api_command(settings: Settings, port: int | None = None) -> list[str]:
 
 
 def worker_command(settings: Settings, name: str) -> list[str]:
-    """One Celery worker process, prefork disabled: it owns the model and (on a GPU host) one GPU. Its threads
-    prepare jobs for the GPU thread: max_batch of them wait on the running batch while as many load the next."""
+    """One Celery worker process, prefork disabled: it owns the model and (on a GPU host) one GPU. Its pool, its
+    threads and its queue come from the settings the process itself reads (worker/celery_app.py), so that the
+    queue always matches the model it loads, whatever the parent's settings say."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "-P", "threads", "-c", str(2 * settings.max_batch), "-Q", worker_queue(settings), "-n", name,
-        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+        "-n", name, "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
     ]
 
 

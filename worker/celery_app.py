@@ -1,4 +1,4 @@
-"""The worker's Celery app: `celery -A worker.celery_app worker -P threads -c 2xMAX_BATCH` (one process per GPU).
+"""The GPU worker's Celery app: `celery -A worker.celery_app worker` (threads pool, one process per GPU).
 
 The model is loaded once, when the worker starts (worker_init fires in the worker's one process), together with
 the GPU thread that batches the jobs the task threads prepare (worker/batcher.py).
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
+# Threads, not prefork: max_batch task threads wait on the running batch while as many prepare the next one. The
+# queue is this model's (task_default_queue, shared/queue.py).
+app.conf.worker_pool = "threads"
+app.conf.worker_concurrency = 2 * settings.max_batch
 store = ObservedJobStore(connect(settings), settings.result_ttl_s, webhook_queue=settings.webhook_queue)
 runner: JobRunner | None = None  # set once the model is loaded
 uploads = UploadStore(settings)

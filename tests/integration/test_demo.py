@@ -1,0 +1,17 @@
+"""`visionq demo`, the README's main job, as a user runs it: a fresh folder, nothing configured."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def test_the_demo_runs_every_task_through_the_api(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISIONQ_")}
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "demo"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for task in ("describe", "ocr", "compare"):
+        assert f"== {task} job" in done.stdout and "succeeded" in done.stdout
+    assert done.stdout.count(": succeeded") == 3
