@@ -65,3 +65,8 @@ def test_webhook_deliveries_run_on_the_image_without_torch_and_reserve_no_gpu(co
     webhooks = compose["services"]["webhooks"]
     assert webhooks["build"]["target"] == "api" and "deploy" not in webhooks
     assert webhooks["command"][1:] == ["webhooks", "worker"]
+
+
+def test_processes_come_back_after_they_exit(compose):
+    for name in ("api", "webhooks", "worker"):
+        assert compose["services"][name]["restart"] == "unless-stopped", name
