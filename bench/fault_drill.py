@@ -116,7 +116,7 @@ class Drill:
     def __enter__(self) -> Drill:
         self.receiver.start()
         self.redis.start()
-        self.api.start()
+        self.api.start().keep_alive()  # its webhook delivery worker comes back if a Redis restart ends it
         self.supervisor.start()
         threading.Thread(target=self._supervise, daemon=True).start()
         for spec in self.supervisor.specs:
@@ -155,7 +155,8 @@ class Drill:
         job_id = submit_until_accepted(client, self.config.long_tokens, f"drill-{kind}")
         store = self.store()
         while True:
-            job = wait_for(lambda: running(store, job_id), timeout_s=120, what=f"the {kind} job to start")
+            job = wait_for(lambda: running(store, job_id), timeout_s=120,
+                           what=f"the {kind} job to start (as it stands: {store.get(job_id)!r})")
             pid = store.worker_info(job.worker)["pid"]
             try:
                 os.kill(pid, sig)

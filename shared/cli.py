@@ -16,12 +16,12 @@ def cmd_up(args) -> int:
     from shared.launcher import Stack
 
     with Stack(get_settings()) as stack:
+        stack.keep_alive()
         print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, a worker and a webhook delivery worker;"
               f" logs in {stack.log_dir}. Ctrl-C stops.")
         print(f"local API key (shown once): {stack.api_key}")
         try:
-            for process in stack.processes.values():
-                process.wait()
+            stack.processes["api"].wait()  # the others are restarted when they exit
         except KeyboardInterrupt:
             print("stopping")
     return 0

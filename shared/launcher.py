@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class Stack:
         self.worker_name = default_worker_name()
         self.webhooks_name = default_webhooks_name()
         self.api_key: str | None = None
+        self._stopping = threading.Event()
 
     @property
     def api_url(self) -> str:
@@ -118,6 +120,23 @@ class Stack:
     def start_webhooks(self) -> None:
         """(Re)start the webhook delivery worker."""
         self.spawn("webhooks", webhooks_command(self.settings, self.webhooks_name))
+
+    def keep_alive(self, every_s: float = 1.0) -> Stack:
+        """Restart the worker and the webhook delivery worker when they exit on their own, until `stop` (kombu 5.7
+        exits a Celery worker whose Redis connection drops, so a Redis restart would leave them down). Not for
+        tests that stop and restart those processes themselves."""
+        restart = {"worker": self.start_worker, "webhooks": self.start_webhooks}
+
+        def watch() -> None:
+            while not self._stopping.wait(every_s):
+                for name, start in restart.items():
+                    process = self.processes.get(name)
+                    if process is not None and process.poll() is not None and not self._stopping.is_set():
+                        print(f"{name} exited with {process.returncode}; restarting it", flush=True)
+                        start()
+
+        threading.Thread(target=watch, name="visionq-keep-alive", daemon=True).start()
+        return self
 
     def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
@@ -179,6 +198,7 @@ class Stack:
 
     def stop(self) -> None:
         """Stop the API and the worker, then Redis."""
+        self._stopping.set()
         for name in list(self.processes):
             self.stop_process(name)
         if self.redis is not None:
