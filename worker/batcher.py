@@ -35,7 +35,6 @@ class Ticket:
     job_id: str
     prompt: Prompt
     future: Future = field(default_factory=Future)
-    queued_at: float = field(default_factory=time.monotonic)
 
 
 class Batcher:

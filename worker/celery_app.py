@@ -59,8 +59,7 @@ def load_model(sender=None, **_kwargs) -> None:
         os._exit(3)
     batcher = Batcher(engine.decoder, settings.max_batch, settings.batch_wait_ms / 1000,
                       settings.batch_fill_ms / 1000, store.canceled_among, on_batch=batch_recorder(name, engine.device))
-    runner = JobRunner(settings, store, engine, batcher, name,
-                       preparing=threading.BoundedSemaphore(settings.prepare_threads), uploads=uploads)
+    runner = JobRunner(settings, store, engine, batcher, name, uploads=uploads)
     # The GPU thread launches kernels between the task threads' Python: let it have the GIL back sooner.
     sys.setswitchinterval(0.0005)
     store.record_worker(name, fresh=True, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),

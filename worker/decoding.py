@@ -225,14 +225,14 @@ class Decoder:
         steps = max(p.max_new_tokens for p in prompts)
         length = length_bucket(prompt_length + steps)
         started = time.perf_counter()
-        slot, first = self._prefill(prompts, prompt_length, length, steps)
+        slot = self._prefill(prompts, prompt_length, length, steps)
         stats = BatchStats(len(prompts), slot.kv.rows, length, slot.graph is not None,
                            prefill_s=time.perf_counter() - started)
-        stats.steps = self._decode(slot, prompts, first, on_done, canceled)
+        stats.steps = self._decode(slot, prompts, on_done, canceled)
         stats.decode_s = time.perf_counter() - started - stats.prefill_s
         return stats
 
-    def _prefill(self, prompts, prompt_length: int, length: int, steps: int) -> tuple[DecodeSlot, torch.Tensor]:
+    def _prefill(self, prompts, prompt_length: int, length: int, steps: int) -> DecodeSlot:
         slot = None
         first = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
         for start, chunk in self._chunks(prompts, prompt_length):
@@ -254,7 +254,7 @@ class Decoder:
             del cache, out
         slot.tokens[:len(prompts), 0] = first
         slot.history[:len(prompts), 0] = first
-        return slot, first
+        return slot
 
     def _chunks(self, prompts, prompt_length: int):
         """Rows in groups of at most `prefill_tokens` padded tokens: bounds the prefill's activations."""
@@ -262,7 +262,7 @@ class Decoder:
         for start in range(0, len(prompts), rows):
             yield start, prompts[start:start + rows]
 
-    def _decode(self, slot: DecodeSlot, prompts, first, on_done, canceled) -> int:
+    def _decode(self, slot: DecodeSlot, prompts, on_done, canceled) -> int:
         eos = self.eos_ids.to(self.device)
         open_rows = set(range(len(prompts)))
         limit = max(p.max_new_tokens for p in prompts)

@@ -33,10 +33,13 @@ class JobRunner:
     engine: Engine
     batcher: Batcher
     worker_name: str
-    # Few task threads prepare at once: with all 2 x max_batch of them competing for the GIL, the GPU thread
-    # would wait for it between kernel launches of the (eager) prefill.
-    preparing: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(4))
     uploads: UploadStore | None = None  # where upload:// refs are read (None: such jobs fail as invalid)
+    preparing: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Few task threads prepare at once: with all 2 x max_batch of them competing for the GIL, the GPU thread
+        # would wait for it between kernel launches of the (eager) prefill.
+        self.preparing = threading.BoundedSemaphore(self.settings.prepare_threads)
 
     def run(self, job_id: str) -> None:
         """Run one job; a job that is gone, finished or canceled is skipped."""
