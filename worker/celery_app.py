@@ -64,6 +64,7 @@ def load_model(sender=None, **_kwargs) -> None:
     sys.setswitchinterval(0.0005)
     store.record_worker(name, fresh=True, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
                         attention=engine.model.config._attn_implementation, graphs=engine.decoder.use_graphs,
+                        fused=engine.fused,
                         max_batch=settings.max_batch, loads=load_count(), pid=os.getpid())
     threading.Thread(target=beat_forever, args=(name,), name="visionq-heartbeat", daemon=True).start()
 

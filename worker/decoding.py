@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 LENGTH_STEP = 64  # cache lengths are rounded up to this, so that nearby prompt lengths share one graph
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 SYNC_EVERY = 8  # decode steps between looks at the produced tokens (end of sequence, cancellation)
+MAX_SLOTS = 16  # decode graphs kept, least recently used out: each holds a few MB besides its view of the arena
 
 
 def _cache_keyword() -> str:
@@ -70,23 +71,44 @@ class BatchStats:
     idle_s: float = 0.0  # the GPU thread's wait for this batch's first ticket
 
 
+@dataclass(frozen=True)
+class KVShape:
+    """The keys and values a model caches per token: `layers` pairs of [heads, head_dim], from its text config."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model) -> KVShape:
+        config = model.config.get_text_config()
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, heads, head_dim, next(model.parameters()).dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.heads * self.head_dim * self.dtype.itemsize
+
+
 class StaticKV:
-    """A preallocated KV cache, one [rows, heads, length, head_dim] pair per layer.
+    """A preallocated KV cache, one [rows, heads, length, head_dim] pair per layer, laid out in `arena`.
 
     It quacks like transformers' Cache for a decode step: attention layers call `update`, which writes the new
     token's keys and values at `position` (a device tensor, so a captured graph advances it) and returns the
     whole buffers; the 4-D attention mask we pass hides the slots that are padding or not written yet.
     """
 
-    def __init__(self, like: DynamicCache, rows: int, length: int):
-        self.keys = [torch.zeros(**_with_rows_length(layer.keys, rows, length)) for layer in like.layers]
-        self.values = [torch.zeros(**_with_rows_length(layer.values, rows, length)) for layer in like.layers]
-        self.position = torch.zeros((), dtype=torch.long, device=self.keys[0].device)
+    def __init__(self, shape: KVShape, rows: int, length: int, arena: torch.Tensor):
+        size = rows * shape.heads * length * shape.head_dim
+        if 2 * shape.layers * size > arena.numel():
+            raise ValueError(f"a KV cache of {rows} x {length} does not fit the arena")
+        views = [arena[i * size:(i + 1) * size].view(rows, shape.heads, length, shape.head_dim)
+                 for i in range(2 * shape.layers)]
+        self.keys, self.values = views[:shape.layers], views[shape.layers:]
+        self.position = torch.zeros((), dtype=torch.long, device=arena.device)
         self.rows, self.length = rows, length
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
         slot = self.position.view(1)
@@ -97,18 +119,20 @@ class StaticKV:
     def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor:
         return self.position
 
-    def load_prefill(self, first_row: int, prefill: DynamicCache) -> None:
-        """Copy a prefill's keys and values (rows first_row.., slots 0..L-1) into the buffers."""
-        for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
-            source = prefill.layers[layer]
-            rows, length = source.keys.shape[0], source.keys.shape[2]
-            keys[first_row:first_row + rows, :, :length].copy_(source.keys)
-            values[first_row:first_row + rows, :, :length].copy_(source.values)
+    def prefill_sink(self, first_row: int) -> DynamicCache:
+        """A cache for one prefill chunk (rows first_row..) that writes each layer's keys and values straight into
+        these buffers, at slots 0..L-1, and hands them back to attention unchanged: what a fresh DynamicCache would
+        return, without its copy and ours. transformers sizes the prefill's mask from the (empty) cache first."""
+        cache = DynamicCache()
 
+        def update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
+            rows, length = key_states.shape[0], key_states.shape[2]
+            self.keys[layer_idx][first_row:first_row + rows, :, :length].copy_(key_states)
+            self.values[layer_idx][first_row:first_row + rows, :, :length].copy_(value_states)
+            return key_states, value_states
 
-def _with_rows_length(like: torch.Tensor, rows: int, length: int) -> dict:
-    heads, dim = like.shape[1], like.shape[3]
-    return {"size": (rows, heads, length, dim), "dtype": like.dtype, "device": like.device}
+        cache.update = update
+        return cache
 
 
 class DecodeSlot:
@@ -209,13 +233,12 @@ class Decoder:
         self.kv_budget_bytes = kv_budget_bytes
         self.prefill_tokens = prefill_tokens
         self.slots: OrderedDict[tuple[int, int], DecodeSlot] = OrderedDict()
-        self.kv_bytes_per_token: int | None = None  # learnt from the first prefill
+        self.arena: torch.Tensor | None = None
+        self.kv_shape = KVShape.of(model)
 
     def max_rows(self, length: int) -> int:
-        """How many rows of this total length fit in the KV budget (unknown until the first prefill)."""
-        if self.kv_bytes_per_token is None:
-            return ROW_BUCKETS[-1]
-        return max(1, self.kv_budget_bytes // (self.kv_bytes_per_token * length_bucket(length)))
+        """How many rows of this total length fit in the KV budget."""
+        return max(1, self.kv_budget_bytes // (self.kv_shape.bytes_per_token * length_bucket(length)))
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], on_done: Callable[[int, Completion], None],
@@ -233,25 +256,21 @@ class Decoder:
         return stats
 
     def _prefill(self, prompts, prompt_length: int, length: int, steps: int) -> DecodeSlot:
-        slot = None
+        slot = self._slot(len(prompts), length)
+        slot.reset(prompt_length)
         first = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
         for start, chunk in self._chunks(prompts, prompt_length):
             inputs = collate([p.inputs for p in chunk], prompt_length, self.pad_id)
             inputs = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)
                       for k, v in inputs.items()}
             mask = inputs["attention_mask"]
-            cache = DynamicCache()
             out = self.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
-                             logits_to_keep=1, **{CACHE_KW: cache})
-            if slot is None:
-                slot = self._slot(cache, len(prompts), length, steps)
-                slot.reset(prompt_length)
-            slot.kv.load_prefill(start, cache)
+                             logits_to_keep=1, **{CACHE_KW: slot.kv.prefill_sink(start)})
             rows = slice(start, start + len(chunk))
             slot.mask[rows, 0, 0, :prompt_length] = mask.bool()
             slot.positions[rows, 0] = mask.sum(-1)
             first[rows] = out.logits[:, -1].argmax(-1)
-            del cache, out
+            del out
         slot.tokens[:len(prompts), 0] = first
         slot.history[:len(prompts), 0] = first
         return slot
@@ -287,13 +306,15 @@ class Decoder:
                 open_rows.discard(row)
                 on_done(row, Completion(history[row][:ends], prompts[row].length, canceled=row in canceled))
 
-    def _slot(self, prefill: DynamicCache, rows: int, length: int, steps: int) -> DecodeSlot:
-        key = (row_bucket(rows), length)
+    def _slot(self, rows: int, length: int) -> DecodeSlot:
+        # Never more rows than the arena holds at this length (the batcher keeps batches within max_rows).
+        key = (min(row_bucket(rows), self.max_rows(length)), length)
+        if rows > key[0]:
+            raise ValueError(f"{rows} rows of {length} tokens do not fit the KV budget")
         if key in self.slots:
             self.slots.move_to_end(key)
             return self.slots[key]
-        self._make_room(prefill, *key)
-        slot = DecodeSlot(self.model, StaticKV(prefill, *key), length)
+        slot = DecodeSlot(self.model, StaticKV(self.kv_shape, *key, self._arena()), length)
         if self.use_graphs and self.graphable(length):
             try:
                 slot.capture()
@@ -301,25 +322,23 @@ class Decoder:
                 log.exception("could not capture the decode step of %s in a CUDA graph; it runs eagerly", key)
                 slot.graph = None
         self.slots[key] = slot
+        while len(self.slots) > MAX_SLOTS:
+            self.slots.popitem(last=False)
         return slot
 
-    def _make_room(self, prefill: DynamicCache, rows: int, length: int) -> None:
-        """Evict least recently used slots until one of this size fits the KV budget (the batcher sizes batches
-        with `max_rows`, so a lone slot always fits)."""
-        layer = prefill.layers[0]
-        per_token = 2 * len(prefill.layers) * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
-        self.kv_bytes_per_token = per_token
-        need = per_token * rows * length
-        while self.slots and sum(s.kv.nbytes for s in self.slots.values()) + need > self.kv_budget_bytes:
-            self.slots.popitem(last=False)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    def _arena(self) -> torch.Tensor:
+        """The KV budget as one zeroed buffer, allocated at the first batch: every slot is a view of it (one batch
+        decodes at a time), so changing buckets costs no allocation and the memory cannot fragment. Zeroed, so
+        the slots that a mask hides hold finite numbers (0 x NaN would reach the output)."""
+        if self.arena is None:
+            self.arena = torch.zeros(self.kv_budget_bytes // self.dtype.itemsize, dtype=self.dtype, device=self.device)
+        return self.arena
 
     def out_of_memory(self, rows: int) -> None:
-        """A batch of `rows` did not fit: drop every slot and lower the KV budget below what that batch asked."""
-        asked = max((slot.kv.nbytes for slot in self.slots.values()), default=self.kv_budget_bytes)
+        """A batch of `rows` did not fit: give back the arena and the graphs, with a smaller KV budget."""
         self.slots.clear()
-        self.kv_budget_bytes = int(min(self.kv_budget_bytes, asked) * 0.8)
+        self.arena = None
+        self.kv_budget_bytes = int(self.kv_budget_bytes * 0.8)
         log.warning("out of GPU memory with %d rows; KV budget lowered to %.1f GiB", rows, self.kv_budget_bytes / 2**30)
         gc.collect()  # cycles that still hold tensors of the failed batch
         if self.device.type == "cuda":

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 import worker.models.phi3v  # noqa: F401  (registers the native Phi-3-vision port with the Auto classes)
 from shared.config import Settings
 from shared.task_specs import chat_messages, phi3_prompt
+from worker import kernels
 from worker.decoding import Completion, Decoder, Prompt
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ class Engine:
         started = time.perf_counter()
         self.model_id = settings.model
         self.device = resolve_device(settings.device)
+        if self.device.type == "cuda":
+            # The CPU side is the processor, run by several task threads at once: one intra-op thread each, or
+            # their thread pools oversubscribe the cores and delay the GPU thread's kernel launches.
+            torch.set_num_threads(1)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         remote = settings.trust_remote_code
         self.config = AutoConfig.from_pretrained(self.model_id, trust_remote_code=remote)
@@ -78,6 +83,7 @@ class Engine:
                                                                                    self.device),
             trust_remote_code=remote,
         ).to(self.device).eval()
+        self.fused = kernels.fuse(self.model) if settings.fused_kernels else []
         pad = self.processor.tokenizer.pad_token_id
         self.decoder = Decoder(self.model, _eos_ids(self.model), pad if pad is not None else 0,
                                use_graphs=settings.cuda_graphs, kv_budget_bytes=_kv_budget(settings, self.device),

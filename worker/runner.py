@@ -37,8 +37,8 @@ class JobRunner:
     preparing: threading.BoundedSemaphore = field(init=False)
 
     def __post_init__(self) -> None:
-        # Few task threads prepare at once: with all 2 x max_batch of them competing for the GIL, the GPU thread
-        # would wait for it between kernel launches of the (eager) prefill.
+        # Few task threads prepare at once: with all 2 x max_batch of them competing for the GIL and the cores,
+        # the GPU thread would wait between kernel launches of the (eager) prefill.
         self.preparing = threading.BoundedSemaphore(self.settings.prepare_threads)
 
     def run(self, job_id: str) -> None:

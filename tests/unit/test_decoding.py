@@ -151,3 +151,23 @@ def test_cuda_graph_replay_equals_eager_steps_in_bf16(tiny):
     assert graphed == batched(decoder_for(model, processor, use_graphs=False), processor, batch)
     firsts = [unbatched(model, processor, job)[0] for job in batch]
     assert [graphed[row][0] for row in range(len(batch))] == firsts
+
+
+@CUDA
+def test_cuda_fused_kernels_keep_the_first_tokens_and_graph_like_eager_in_bf16(tiny):
+    from worker import kernels
+
+    arch, path, processor = tiny
+    model = load(path, "cuda", torch.bfloat16)
+    batch = jobs(arch)
+    plain = batched(decoder_for(model, processor, use_graphs=True), processor, batch)
+    assert kernels.fuse(model)
+    graphed_decoder = decoder_for(model, processor, use_graphs=True)
+    fused = batched(graphed_decoder, processor, batch)
+    assert all(slot.graph is not None for slot in graphed_decoder.slots.values())
+    assert fused == batched(decoder_for(model, processor, use_graphs=False), processor, batch)
+    assert [fused[row][0] for row in range(len(batch))] == [plain[row][0] for row in range(len(batch))]
+    same = [next((i for i, (a, b) in enumerate(zip(fused[r], plain[r], strict=False)) if a != b), len(plain[r]))
+            for r in range(len(batch))]
+    print(f"{arch}: leading tokens equal, fused vs unfused kernels, per row: {same} of "
+          f"{[len(plain[r]) for r in range(len(batch))]}")
