@@ -258,6 +258,7 @@ def main() -> None:
                       f"{result['jobs_s']:.2f} jobs/s{ratio}; "
                       f"latency p50 {result['p50']:.2f} s, p95 {result['p95']:.2f} s; {sampler.summary()}; "
                       f"largest batch {max(int(i.get('largest_batch', 0)) for i in infos)}, "
+                      f"fused kernels {infos[0].get('fused')}, "
                       f"worker peak {max(float(i.get('gpu_peak_gib', 0)) for i in infos):.1f} GiB; "
                       f"submit {result['submit_s']:.2f} s; not succeeded with {args.new_tokens} tokens: "
                       f"{result['bad']}, ran twice: {result['twice']}", flush=True)

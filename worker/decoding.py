@@ -314,7 +314,8 @@ class Decoder:
         if key in self.slots:
             self.slots.move_to_end(key)
             return self.slots[key]
-        slot = DecodeSlot(self.model, StaticKV(self.kv_shape, *key, self._arena()), length)
+        arena = self._arena(key[0] * length * self.kv_shape.bytes_per_token // self.dtype.itemsize)
+        slot = DecodeSlot(self.model, StaticKV(self.kv_shape, *key, arena), length)
         if self.use_graphs and self.graphable(length):
             try:
                 slot.capture()
@@ -326,12 +327,17 @@ class Decoder:
             self.slots.popitem(last=False)
         return slot
 
-    def _arena(self) -> torch.Tensor:
-        """The KV budget as one zeroed buffer, allocated at the first batch: every slot is a view of it (one batch
-        decodes at a time), so changing buckets costs no allocation and the memory cannot fragment. Zeroed, so
-        the slots that a mask hides hold finite numbers (0 x NaN would reach the output)."""
-        if self.arena is None:
-            self.arena = torch.zeros(self.kv_budget_bytes // self.dtype.itemsize, dtype=self.dtype, device=self.device)
+    def _arena(self, elements: int) -> torch.Tensor:
+        """The memory that slots view: on CUDA the whole KV budget as one buffer, allocated at the first batch (one
+        batch decodes at a time, so changing buckets allocates nothing and nothing fragments); on the CPU, where
+        nothing is captured, only as much as the largest slot so far. Zeroed: slots that a mask hides must hold
+        finite numbers (0 x NaN would reach the output)."""
+        if self.arena is None or self.arena.numel() < elements:
+            if self.device.type == "cuda":
+                elements = max(elements, self.kv_budget_bytes // self.dtype.itemsize)
+            self.slots.clear()  # views of the old arena
+            self.arena = None
+            self.arena = torch.zeros(elements, dtype=self.dtype, device=self.device)
         return self.arena
 
     def out_of_memory(self, rows: int) -> None:
