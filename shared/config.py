@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=64, ge=1)  # jobs decoded together; the worker runs 2x this many task threads
     batch_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill: a lone job's extra delay
     batch_fill_ms: float = Field(default=200.0, ge=0)  # longer, but only for jobs the worker is already preparing
-    prepare_threads: int = Field(default=8, ge=1)  # task threads running the processor at once (it releases the GIL)
+    prepare_threads: int = Field(default=4, ge=1)  # task threads running the processor or storing a result at once
     cuda_graphs: bool = True  # capture the decode step per (rows, length) bucket on CUDA
     fused_kernels: bool = True  # Triton kernels for norms, rotary and activations on CUDA (worker/kernels.py)
     # Of the GPU memory left after loading the weights; the rest holds a prefill chunk's activations and cache.

@@ -34,12 +34,13 @@ class JobRunner:
     batcher: Batcher
     worker_name: str
     uploads: UploadStore | None = None  # where upload:// refs are read (None: such jobs fail as invalid)
-    preparing: threading.BoundedSemaphore = field(init=False)
+    cpu_work: threading.BoundedSemaphore = field(init=False)
 
     def __post_init__(self) -> None:
-        # Few task threads prepare at once: with all 2 x max_batch of them competing for the GIL and the cores,
-        # the GPU thread would wait between kernel launches of the (eager) prefill.
-        self.preparing = threading.BoundedSemaphore(self.settings.prepare_threads)
+        # Few task threads do Python work at once (the processor, storing a result): with all 2 x max_batch of
+        # them runnable, the GPU thread would get the GIL between kernel launches of the (eager) prefill too rarely
+        # to keep the GPU busy; the end of a batch wakes max_batch of them at once.
+        self.cpu_work = threading.BoundedSemaphore(self.settings.prepare_threads)
 
     def run(self, job_id: str) -> None:
         """Run one job; a job that is gone, finished or canceled is skipped."""
@@ -70,7 +71,7 @@ class JobRunner:
         queue_ms = (utcnow() - job.created_at).total_seconds() * 1000
         with self.batcher.expect():  # submitted inside: the GPU thread sees either a preparer or a ticket
             images = self._load_images(job)  # mostly waiting on I/O and C decoders, not on the GIL
-            with self.preparing:
+            with self.cpu_work:
                 prompt = self.engine.prepare(images, job.question, job.max_new_tokens)
             images_ms = (time.perf_counter() - started) * 1000
             future = self.batcher.submit(job.id, prompt)
@@ -81,7 +82,14 @@ class JobRunner:
         if completion.canceled:
             log.info("job %s was canceled while it ran", job.id)
             return
-        generation = self.engine.generation(completion, (time.perf_counter() - started) * 1000 - images_ms)
+        with self.cpu_work:  # storing the result is Python work that competes with the GPU thread too
+            stored = self._store_result(job, completion, (time.perf_counter() - started) * 1000 - images_ms,
+                                        queue_ms, images_ms)
+        if stored and self.settings.results_s3_uri:
+            archive_result(self.store.get(job.id) or job, self.settings)
+
+    def _store_result(self, job: Job, completion, inference_ms: float, queue_ms: float, images_ms: float) -> bool:
+        generation = self.engine.generation(completion, inference_ms)
         result = JobResult(
             text=generation.text,
             model=self.engine.model_id,
@@ -91,8 +99,8 @@ class JobRunner:
         )
         if not self.store.mark_succeeded(job.id, result).applied:
             log.info("job %s was ended elsewhere (canceled?) while it ran; result dropped", job.id)
-        elif self.settings.results_s3_uri:
-            archive_result(self.store.get(job.id) or job, self.settings)
+            return False
+        return True
 
     def _load_images(self, job: Job) -> list[Image.Image]:
         try:
