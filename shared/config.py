@@ -60,11 +60,11 @@ class Settings(BaseSettings):
     # Batching and decoding in the GPU worker.
     max_batch: int = Field(default=64, ge=1)  # jobs decoded together; the worker runs 2x this many task threads
     batch_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill: a lone job's extra delay
-    batch_fill_ms: float = Field(default=200.0, ge=0)  # longer, but only for jobs the worker is already preparing
+    batch_fill_ms: float = Field(default=20.0, ge=0)  # longer, but only for jobs the worker is already preparing
     prepare_threads: int = Field(default=4, ge=1)  # task threads running the processor or storing a result at once
     cuda_graphs: bool = True  # capture the decode step per (rows, length) bucket on CUDA
     fused_kernels: bool = True  # Triton kernels for norms, rotary and activations on CUDA (worker/kernels.py)
-    # Of the GPU memory left after loading the weights; the rest holds a prefill chunk's activations and cache.
+    # Of the GPU memory left after loading the weights, for the KV arena; the rest holds a prefill chunk's activations.
     kv_cache_fraction: float = Field(default=0.75, gt=0, le=1)
     cpu_kv_cache_mb: int = Field(default=2048, gt=0)
     prefill_tokens: int = Field(default=16384, gt=0)  # padded prompt tokens per prefill forward

@@ -3,8 +3,9 @@
 Celery runs the worker with a threads pool of 2 x max_batch: each task thread loads its job's images and runs the
 processor (CPU work that overlaps the GPU), then waits here for its own completion. The GPU thread takes whatever
 is waiting, up to `max_batch` rows (and what fits the KV budget), waiting at most `batch_wait_ms` for more (longer,
-up to `batch_fill_ms`, only while other task threads are still preparing tickets), and
-resolves each job's future as soon as that row ends. A message is acknowledged only when its task returns, after
+up to `batch_fill_ms`, only while other task threads are still preparing tickets); tickets that arrive while the
+batch prefills join it between prefill chunks (so a burst makes full batches without the GPU idling to gather
+them); and it resolves each job's future as soon as that row ends. A message is acknowledged only when its task returns, after
 the result is stored, so a worker killed mid-batch leaves every unfinished job to be redelivered.
 """
 
@@ -14,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -47,7 +49,7 @@ class Batcher:
         self.fill_wait_s = max(wait_s, fill_wait_s)
         self.canceled, self.on_batch = canceled, on_batch
         self.waiting: queue.Queue[Ticket] = queue.Queue()
-        self.held: Ticket | None = None  # a ticket that did not fit the last batch goes first in the next
+        self.deferred: deque[Ticket] = deque()  # tickets that did not fit the last batch go first in the next
         self.preparing = 0  # task threads loading images for a ticket right now (see `expect`)
         self.lock = threading.Lock()
         self.idle_since = time.monotonic()
@@ -84,7 +86,7 @@ class Batcher:
 
     def _collect(self) -> list[Ticket]:
         """Block for one ticket, then take more until max_batch, the KV budget or the wait runs out."""
-        first, self.held = self.held or self.waiting.get(), None
+        first = self.deferred.popleft() if self.deferred else self.waiting.get()
         batch, deadline = [first], time.monotonic() + self.wait_s
         fill_deadline = time.monotonic() + self.fill_wait_s
         longest = first.prompt.length + first.prompt.max_new_tokens
@@ -98,15 +100,16 @@ class Batcher:
                 break
             need = max(longest, ticket.prompt.length + ticket.prompt.max_new_tokens)
             if len(batch) + 1 > self.decoder.max_rows(need):
-                self.held = ticket
+                self.deferred.append(ticket)
                 break
             batch.append(ticket)
             longest = need
         return batch
 
-    def _run(self, batch: list[Ticket], idle_s: float = 0.0) -> None:
+    def _run(self, batch: list[Ticket], idle_s: float = 0.0, join: bool = True) -> None:
         try:
-            stats = self.decoder.generate([t.prompt for t in batch], self._resolver(batch), self._canceled_rows(batch))
+            stats = self.decoder.generate([t.prompt for t in batch], self._resolver(batch), self._canceled_rows(batch),
+                                          more=self._joiner(batch) if join else None, max_rows=self.max_batch)
         except Exception as exc:
             failure = exc.with_traceback(None)  # its frames hold the batch's GPU tensors: let them go
         else:
@@ -124,8 +127,25 @@ class Batcher:
         log.warning("batch of %d failed (%s: %s); running it in halves", len(open_tickets),
                     type(failure).__name__, failure)
         half = len(open_tickets) // 2
-        self._run(open_tickets[:half])
-        self._run(open_tickets[half:])
+        self._run(open_tickets[:half], join=False)
+        self._run(open_tickets[half:], join=False)
+
+    def _joiner(self, batch: list[Ticket]):
+        """Tickets waiting now that fit the batch (no longer prompt, room for their tokens) join it: appended to
+        `batch`, so their rows follow and resolve like the first ones."""
+        def more(room: int, prompt_length: int, length: int) -> list[Prompt]:
+            joined, unfit = [], []
+            while len(joined) < room:
+                try:
+                    ticket = self.deferred.popleft() if self.deferred else self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                fits = ticket.prompt.length <= prompt_length and prompt_length + ticket.prompt.max_new_tokens <= length
+                (joined if fits else unfit).append(ticket)
+            self.deferred.extend(unfit)
+            batch.extend(joined)
+            return [ticket.prompt for ticket in joined]
+        return more
 
     @staticmethod
     def _resolver(batch: list[Ticket]) -> Callable[[int, Completion], None]:

@@ -92,6 +92,11 @@ class KVShape:
         return 2 * self.layers * self.heads * self.head_dim * self.dtype.itemsize
 
 
+# more(room, prompt_length, length): prompts waiting now (at most `room`) that fit a batch padded to prompt_length
+# with caches of `length`; the batcher's, for prompts that join a batch while it prefills.
+Joiner = Callable[[int, int, int], list[Prompt]]
+
+
 class StaticKV:
     """A preallocated KV cache, one [rows, heads, length, head_dim] pair per layer, laid out in `arena`.
 
@@ -101,10 +106,14 @@ class StaticKV:
     """
 
     def __init__(self, shape: KVShape, rows: int, length: int, arena: torch.Tensor):
-        size = rows * shape.heads * length * shape.head_dim
-        if 2 * shape.layers * size > arena.numel():
+        # Each layer's keys (and values) get the same share of the arena whatever `rows` is, so that caches of
+        # one length but different row counts view the same memory row by row: a prefill into many rows can
+        # decode in a slot of fewer.
+        row = shape.heads * length * shape.head_dim
+        stride = arena.numel() // (2 * shape.layers * row) * row
+        if rows * row > stride:
             raise ValueError(f"a KV cache of {rows} x {length} does not fit the arena")
-        views = [arena[i * size:(i + 1) * size].view(rows, shape.heads, length, shape.head_dim)
+        views = [arena[i * stride:i * stride + rows * row].view(rows, shape.heads, length, shape.head_dim)
                  for i in range(2 * shape.layers)]
         self.keys, self.values = views[:shape.layers], views[shape.layers:]
         self.position = torch.zeros((), dtype=torch.long, device=arena.device)
@@ -168,14 +177,19 @@ class DecodeSlot:
             self.step()
 
     def capture(self) -> None:
-        """Warm up on a side stream, then record one step; the state it scribbles on is reset per batch."""
+        """Warm up on a side stream, then record one step. The state it scribbles on is reset per batch; the keys
+        and values it writes go to the last column, which no prompt fills (a job makes at least one token) and a
+        decode writes before reading: a slot can be captured after a prefill into the same memory."""
         self.mask[:, :, :, 0] = True
+        last = self.kv.length - 1
         with _static_rope(self.model):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
+                    self.kv.position.fill_(last)
                     self.step()
+                self.kv.position.fill_(last)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             # A private memory pool per graph: graphs come and go with their slots, and a pool shared with a
@@ -242,44 +256,59 @@ class Decoder:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], on_done: Callable[[int, Completion], None],
-                 canceled: Callable[[], set[int]] = lambda: set()) -> BatchStats:
-        """Greedy-decode every prompt; `on_done(i, completion)` fires as each row ends (the rest go on)."""
+                 canceled: Callable[[], set[int]] = lambda: set(), more: Joiner | None = None,
+                 max_rows: int = 0) -> BatchStats:
+        """Greedy-decode every prompt; `on_done(i, completion)` fires as each row ends (the rest go on).
+
+        With `more`, prompts that arrive while the batch is prefilling join it (up to `max_rows` rows and what fits
+        the cache of the first ones): a burst makes one full batch without the GPU waiting for it to gather.
+        """
+        prompts = list(prompts)
         prompt_length = max(p.length for p in prompts)
-        steps = max(p.max_new_tokens for p in prompts)
-        length = length_bucket(prompt_length + steps)
+        length = length_bucket(prompt_length + max(p.max_new_tokens for p in prompts))
+        capacity = min(self.max_rows(length), max_rows) if more else len(prompts)
         started = time.perf_counter()
-        slot = self._prefill(prompts, prompt_length, length, steps)
+        slot = self._prefill(prompts, prompt_length, length, capacity, more)
         stats = BatchStats(len(prompts), slot.kv.rows, length, slot.graph is not None,
                            prefill_s=time.perf_counter() - started)
         stats.steps = self._decode(slot, prompts, on_done, canceled)
         stats.decode_s = time.perf_counter() - started - stats.prefill_s
         return stats
 
-    def _prefill(self, prompts, prompt_length: int, length: int, steps: int) -> DecodeSlot:
-        slot = self._slot(len(prompts), length)
-        slot.reset(prompt_length)
-        first = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-        for start, chunk in self._chunks(prompts, prompt_length):
+    def _prefill(self, prompts: list[Prompt], prompt_length: int, length: int, capacity: int,
+                 more: Joiner | None) -> DecodeSlot:
+        """Prefill chunk by chunk into the arena's rows, taking in joiners between chunks; then the decode slot
+        for the rows there are."""
+        rows_capacity = max(len(prompts), min(row_bucket(capacity), self.max_rows(length)))
+        kv = StaticKV(self.kv_shape, rows_capacity, length,
+                      self._arena(rows_capacity * length * self.kv_shape.bytes_per_token // self.dtype.itemsize))
+        masks, firsts = [], []
+        start = 0
+        while start < len(prompts):
+            chunk = prompts[start:start + self._chunk_rows(prompt_length)]
             inputs = collate([p.inputs for p in chunk], prompt_length, self.pad_id)
             inputs = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)
                       for k, v in inputs.items()}
             mask = inputs["attention_mask"]
             out = self.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
-                             logits_to_keep=1, **{CACHE_KW: slot.kv.prefill_sink(start)})
-            rows = slice(start, start + len(chunk))
-            slot.mask[rows, 0, 0, :prompt_length] = mask.bool()
-            slot.positions[rows, 0] = mask.sum(-1)
-            first[rows] = out.logits[:, -1].argmax(-1)
+                             logits_to_keep=1, **{CACHE_KW: kv.prefill_sink(start)})
+            masks.append(mask.bool())
+            firsts.append(out.logits[:, -1].argmax(-1))
             del out
-        slot.tokens[:len(prompts), 0] = first
-        slot.history[:len(prompts), 0] = first
+            start += len(chunk)
+            if more and len(prompts) < capacity:
+                prompts += more(capacity - len(prompts), prompt_length, length)
+        slot = self._slot(len(prompts), length)
+        slot.reset(prompt_length)
+        rows = slice(0, len(prompts))
+        slot.mask[rows, 0, 0, :prompt_length] = torch.cat(masks)
+        slot.positions[rows, 0] = slot.mask[rows, 0, 0, :prompt_length].sum(-1)
+        slot.tokens[rows, 0] = slot.history[rows, 0] = torch.cat(firsts)
         return slot
 
-    def _chunks(self, prompts, prompt_length: int):
-        """Rows in groups of at most `prefill_tokens` padded tokens: bounds the prefill's activations."""
-        rows = max(1, self.prefill_tokens // prompt_length)
-        for start in range(0, len(prompts), rows):
-            yield start, prompts[start:start + rows]
+    def _chunk_rows(self, prompt_length: int) -> int:
+        """Rows per prefill forward: at most `prefill_tokens` padded tokens, which bounds its activations."""
+        return max(1, self.prefill_tokens // prompt_length)
 
     def _decode(self, slot: DecodeSlot, prompts, on_done, canceled) -> int:
         eos = self.eos_ids.to(self.device)

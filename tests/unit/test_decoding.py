@@ -171,3 +171,30 @@ def test_cuda_fused_kernels_keep_the_first_tokens_and_graph_like_eager_in_bf16(t
             for r in range(len(batch))]
     print(f"{arch}: leading tokens equal, fused vs unfused kernels, per row: {same} of "
           f"{[len(plain[r]) for r in range(len(batch))]}")
+
+
+def test_prompts_that_join_during_the_prefill_decode_like_the_first_ones(tiny):
+    arch, path, processor = tiny
+    model = load(path, "cpu", torch.float32)
+    batch = jobs(arch, 6)
+    prompts = [Prompt(dict(processor(text=t, images=im, return_tensors="pt")), m) for t, im, m in batch]
+    # The first row sizes the batch (padded prompt length, cache length): start with the longest prompt.
+    order = sorted(range(len(batch)), key=lambda i: (prompts[i].length, prompts[i].max_new_tokens), reverse=True)
+    decoder = decoder_for(model, processor, use_graphs=False)
+    decoder.prefill_tokens = 1  # a prefill chunk per row: joiners come in between
+    rooms: list[int] = []
+    joined: list[int] = []
+
+    def more(room: int, prompt_length: int, length: int) -> list[Prompt]:
+        rooms.append(room)
+        fitting = [i for i in order[1:] if i not in joined and prompts[i].length <= prompt_length
+                   and prompt_length + prompts[i].max_new_tokens <= length]
+        joined.extend(fitting[:1])
+        return [prompts[i] for i in fitting[:1]]
+
+    done: dict[int, list[int]] = {}
+    stats = decoder.generate([prompts[order[0]]], lambda row, c: done.__setitem__(row, c.tokens), more=more,
+                             max_rows=4)
+    assert rooms == [3, 2, 1] and stats.rows == len(done) == 4  # one joiner per chunk, up to max_rows
+    rows = [order[0]] + joined
+    assert [done[row] for row in range(4)] == [unbatched(model, processor, batch[i]) for i in rows]
