@@ -5,8 +5,8 @@ processor (CPU work that overlaps the GPU), then waits here for its own completi
 is waiting, up to `max_batch` rows (and what fits the KV budget), waiting at most `batch_wait_ms` for more (longer,
 up to `batch_fill_ms`, only while other task threads are still preparing tickets); tickets that arrive while the
 batch prefills join it between prefill chunks (so a burst makes full batches without the GPU idling to gather
-them); and it resolves each job's future as soon as that row ends. A message is acknowledged only when its task returns, after
-the result is stored, so a worker killed mid-batch leaves every unfinished job to be redelivered.
+them); and it resolves each job's future as soon as that row ends. A message is acknowledged only when its task
+returns, after the result is stored, so a worker killed mid-batch leaves every unfinished job to be redelivered.
 """
 
 from __future__ import annotations
