@@ -145,7 +145,7 @@ def prefill_parts(model, decoder: Decoder, prompts: list[Prompt], out: Path) -> 
         batch = prompts[:max(1, 65536 // length)]
         decoder.generate(batch[:2], lambda _r, _c: None)
         started = synced()
-        slot = decoder._prefill(batch, length, length_bucket(length + NEW_TOKENS), NEW_TOKENS)
+        slot = decoder._prefill(list(batch), length, length_bucket(length + NEW_TOKENS), len(batch), None)
         seconds = synced() - started
         print(f"    prefill of {len(batch)} rows in chunks of {chunk} tokens: {seconds / len(batch) * 1000:.1f} ms/row",
               flush=True)
@@ -159,7 +159,7 @@ def prefill_parts(model, decoder: Decoder, prompts: list[Prompt], out: Path) -> 
 def decode_backends(model, decoder: Decoder, prompts: list[Prompt], out: Path) -> DecodeSlot:
     length = max(p.length for p in prompts)
     total = length_bucket(length + NEW_TOKENS)
-    slot = decoder._prefill(prompts, length, total, NEW_TOKENS)
+    slot = decoder._prefill(list(prompts), length, total, len(prompts), None)
     kv = slot.kv
     results = {}
     for name, backends in (("default", None), ("efficient", [SDPBackend.EFFICIENT_ATTENTION]),
