@@ -280,8 +280,7 @@ class Decoder:
         """Prefill chunk by chunk into the arena's rows, taking in joiners between chunks; then the decode slot
         for the rows there are."""
         rows_capacity = max(len(prompts), min(row_bucket(capacity), self.max_rows(length)))
-        kv = StaticKV(self.kv_shape, rows_capacity, length,
-                      self._arena(rows_capacity * length * self.kv_shape.bytes_per_token // self.dtype.itemsize))
+        kv = StaticKV(self.kv_shape, rows_capacity, length, self._arena(rows_capacity, length))
         masks, firsts = [], []
         start = 0
         while start < len(prompts):
@@ -343,8 +342,7 @@ class Decoder:
         if key in self.slots:
             self.slots.move_to_end(key)
             return self.slots[key]
-        arena = self._arena(key[0] * length * self.kv_shape.bytes_per_token // self.dtype.itemsize)
-        slot = DecodeSlot(self.model, StaticKV(self.kv_shape, *key, arena), length)
+        slot = DecodeSlot(self.model, StaticKV(self.kv_shape, *key, self._arena(*key)), length)
         if self.use_graphs and self.graphable(length):
             try:
                 slot.capture()
@@ -356,11 +354,12 @@ class Decoder:
             self.slots.popitem(last=False)
         return slot
 
-    def _arena(self, elements: int) -> torch.Tensor:
+    def _arena(self, rows: int, length: int) -> torch.Tensor:
         """The memory that slots view: on CUDA the whole KV budget as one buffer, allocated at the first batch (one
         batch decodes at a time, so changing buckets allocates nothing and nothing fragments); on the CPU, where
         nothing is captured, only as much as the largest slot so far. Zeroed: slots that a mask hides must hold
         finite numbers (0 x NaN would reach the output)."""
+        elements = rows * length * self.kv_shape.bytes_per_token // self.dtype.itemsize
         if self.arena is None or self.arena.numel() < elements:
             if self.device.type == "cuda":
                 elements = max(elements, self.kv_budget_bytes // self.dtype.itemsize)
