@@ -40,14 +40,14 @@ from pathlib import Path
 import requests
 from standardwebhooks import Webhook
 
-from shared.client import ApiError, Client
+from cli.client import ApiError, Client
+from cli.embedded_redis import EmbeddedRedis, free_port
+from cli.samples import write_samples
+from cli.stack import Stack, env_for
+from cli.supervisor import Supervisor, gpu_workers
+from cli.webhook_listener import WebhookReceiver
 from shared.config import Settings
-from shared.embedded_redis import EmbeddedRedis, free_port
-from shared.launcher import Stack, env_for
-from shared.samples import write_samples
 from shared.store import STATUS_COUNTS_KEY, JobStore, KeyStore, connect
-from shared.supervisor import Supervisor, gpu_workers
-from shared.webhook_listen import WebhookReceiver
 
 DRILL_FIELDS = ("redis_url", "model", "image_root", "data_dir", "queue", "visibility_timeout_s", "heartbeat_s",
                 "restore_interval_s", "max_attempts", "device", "api_workers", "api_threads")
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--submit-s", type=float, default=30.0)
     args = parser.parse_args(argv)
-    from worker.tiny_model import build_tiny_model
+    from cli.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="visionq-drill-") as tmp:
         folder = Path(tmp)

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from bench.phi3v_gpu import CONFIG, build_and_save, image, synced
-from shared.client import Client
+from cli.client import Client
+from cli.embedded_redis import free_port
+from cli.stack import Stack
 from shared.config import Settings
-from shared.embedded_redis import free_port
 from shared.jobs import JobStatus
-from shared.launcher import Stack
 from shared.store import JobStore
 from shared.task_specs import phi3_prompt
 
@@ -43,8 +43,8 @@ def build_model(folder: Path, num_crops: int) -> None:
     """Random real-shape weights, the Phi-3-V processor at `num_crops`, and no end-of-sequence token."""
     from transformers import GenerationConfig
 
+    from cli.tiny_model import build_phi3v_tokenizer
     from worker.models.phi3v import Phi3VImageProcessor, Phi3VProcessor
-    from worker.tiny_model import build_phi3v_tokenizer
 
     print(f"build + save_pretrained: {build_and_save(folder, CONFIG, 'cuda'):.1f} s", flush=True)
     Phi3VProcessor(Phi3VImageProcessor(num_crops=num_crops), build_phi3v_tokenizer()).save_pretrained(folder)
@@ -188,7 +188,7 @@ def start_workers(stack: Stack, gpus: list[str], cap: int, cpu: bool = False) ->
     env = {**os.environ, **stack.extra_env, "VISIONQ_MAX_BATCH": str(cap), "VISIONQ_REDIS_URL": stack.redis_url}
     log = open(stack.log_dir / f"workers-{cap}-{len(gpus)}.log", "ab")  # noqa: SIM115 (closed with the process)
     stack.processes["workers"] = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "workers", *which, "--log-dir", str(stack.log_dir)],
+        [sys.executable, "-m", "cli.main", "workers", *which, "--log-dir", str(stack.log_dir)],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     host = socket.gethostname()
     names = [f"cpu{i}@{host}" for i in range(len(gpus))] if cpu else [f"gpu{gpu}@{host}" for gpu in gpus]

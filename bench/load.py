@@ -27,10 +27,10 @@ from pathlib import Path
 import requests
 from PIL import Image
 
+from cli.embedded_redis import EmbeddedRedis, free_port
+from cli.stack import api_command
 from shared.config import Settings
-from shared.embedded_redis import EmbeddedRedis, free_port
 from shared.jobs import Job, JobResult, JobStatus, Timings, TokenCounts, new_job_id, utcnow
-from shared.launcher import api_command
 from shared.store import JobStore, KeyStore, connect
 
 WRK_SCRIPT = """

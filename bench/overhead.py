@@ -25,9 +25,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from cli.embedded_redis import EmbeddedRedis, free_port
+from cli.stack import Stack
 from shared.config import Settings
-from shared.embedded_redis import EmbeddedRedis, free_port
-from shared.launcher import Stack
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -118,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=300)
     args = parser.parse_args()
-    from worker.tiny_model import build_tiny_model
+    from cli.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as redis_server:
         tmp_path = Path(tmp)

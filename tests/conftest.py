@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from cli.embedded_redis import EmbeddedRedis, free_port
+from cli.samples import write_samples
+from cli.stack import Stack
 from shared.config import Settings
-from shared.embedded_redis import EmbeddedRedis, free_port
-from shared.launcher import Stack
-from shared.samples import write_samples
 from shared.store import JobStore, connect
 
 
@@ -23,7 +23,7 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
-    from worker.tiny_model import build_tiny_model
+    from cli.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llava")
 
@@ -116,7 +116,7 @@ def auth(stack) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def client(stack):
-    from shared.client import Client
+    from cli.client import Client
 
     return Client(stack.api_url, key=stack.api_key, timeout_s=30)
 
@@ -129,7 +129,7 @@ def store(settings) -> JobStore:
 @pytest.fixture
 def make_client(stack, settings):
     """A client with a fresh API key of its own (limits may be given)."""
-    from shared.client import Client
+    from cli.client import Client
     from shared.store import KeyStore
 
     def make(**limits) -> Client:

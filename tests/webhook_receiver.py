@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from shared.webhook_listen import Received, WebhookReceiver
+from cli.webhook_listener import Received, WebhookReceiver
 
 
 class ScriptedReceiver(WebhookReceiver):

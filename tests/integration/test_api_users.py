@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from shared.client import ApiError
+from cli.client import ApiError
 from shared.store import KeyStore, connect
 from tests.conftest import PARKED_MODEL
 

@@ -9,7 +9,7 @@ import sys
 
 def test_the_demo_runs_every_task_through_the_api(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VISIONQ_")}
-    done = subprocess.run([sys.executable, "-m", "shared.cli", "demo"], cwd=tmp_path, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "cli.main", "demo"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for task in ("describe", "ocr", "compare"):

@@ -14,7 +14,7 @@ import boto3
 import pytest
 import requests
 
-from shared.client import ApiError
+from cli.client import ApiError
 from shared.jobs import Job, JobStatus, utcnow
 from shared.s3 import parse_s3_uri
 from shared.store import KeyStore, connect
@@ -138,12 +138,12 @@ def test_s3_refs_follow_the_keys_bucket_allowlist(make_client, bucket):
 
 def test_keys_create_takes_s3_buckets(settings, stack):
     env = {**os.environ, "VISIONQ_REDIS_URL": settings.redis_url}
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "keys", "create", "--name", "cli",
+    out = subprocess.run([sys.executable, "-m", "cli.main", "keys", "create", "--name", "cli",
                           "--s3-buckets", "photos-a, photos-b"], env=env, capture_output=True, text=True,
                          check=True, timeout=60).stdout
     key_id = out.split()[2]
     assert KeyStore(connect(settings)).get(key_id).s3_buckets == ["photos-a", "photos-b"]
-    listed = subprocess.run([sys.executable, "-m", "shared.cli", "keys", "list"], env=env, capture_output=True,
+    listed = subprocess.run([sys.executable, "-m", "cli.main", "keys", "list"], env=env, capture_output=True,
                             text=True, check=True, timeout=60).stdout
     assert any(json.loads(line)["s3_buckets"] == ["photos-a", "photos-b"] for line in listed.splitlines())
 

@@ -10,7 +10,7 @@ import requests
 import torch
 from PIL import Image
 
-from shared.client import file_to_data_uri
+from cli.client import file_to_data_uri
 from shared.store import JobStore, connect
 
 

@@ -7,15 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.client import Client
-from shared.embedded_redis import free_port
-from shared.launcher import Stack
+from cli.client import Client
+from cli.embedded_redis import free_port
+from cli.stack import Stack
 from tests.conftest import settings_env
 
 
 @pytest.fixture(scope="module")
 def phi3v_path(tmp_path_factory):
-    from worker.tiny_model import build_tiny_phi3v
+    from cli.tiny_model import build_tiny_phi3v
 
     return build_tiny_phi3v(tmp_path_factory.mktemp("models") / "tiny-phi3v")
 

@@ -17,9 +17,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.client import ApiError, Client
-from shared.embedded_redis import free_port
-from shared.launcher import Stack, worker_is_ready
+from cli.client import ApiError, Client
+from cli.embedded_redis import free_port
+from cli.stack import Stack, worker_is_ready
 from shared.routing import queue_for
 from shared.store import JobStore, connect
 from tests.conftest import settings_env
@@ -34,7 +34,7 @@ NAMES = [f"gpu0@{HOST}", f"gpu1@{HOST}"]
 
 @pytest.fixture(scope="module")
 def second_model(tmp_path_factory) -> Path:
-    from worker.tiny_model import build_tiny_model
+    from cli.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-b", seed=1)
 
@@ -49,7 +49,7 @@ def scaled(settings, second_model, tmp_path_factory):
     metrics_port = free_port()
     workers_env = {**os.environ, **env, "VISIONQ_MODEL": str(second_model), "VISIONQ_DEVICE": "cpu",
                    "VISIONQ_METRICS_PORT": str(metrics_port)}
-    supervisor = subprocess.Popen([sys.executable, "-m", "shared.cli", "workers", "--gpus", "0,1", "--log-dir",
+    supervisor = subprocess.Popen([sys.executable, "-m", "cli.main", "workers", "--gpus", "0,1", "--log-dir",
                                    str(logs)], env=workers_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         with Stack(base, env=env, api_port=free_port(), log_dir=logs, worker=False) as api:

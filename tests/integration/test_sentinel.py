@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
+from cli.embedded_redis import EmbeddedRedis, free_port, server_binary
 from shared.config import Settings
-from shared.embedded_redis import EmbeddedRedis, free_port, server_binary
 from shared.queue import make_celery
 from shared.routing import worker_queue
 from shared.store import JobStore, connect

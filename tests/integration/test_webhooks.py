@@ -10,9 +10,9 @@ from datetime import datetime
 import pytest
 from standardwebhooks import Webhook
 
-from shared.client import ApiError, Client
-from shared.embedded_redis import free_port
-from shared.launcher import Stack
+from cli.client import ApiError, Client
+from cli.embedded_redis import free_port
+from cli.stack import Stack
 from shared.store import KeyStore, connect
 from tests.conftest import settings_env
 from tests.webhook_receiver import ScriptedReceiver

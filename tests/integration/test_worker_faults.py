@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from shared.client import Client
-from shared.embedded_redis import free_port
-from shared.launcher import Stack
+from cli.client import Client
+from cli.embedded_redis import free_port
+from cli.stack import Stack
 from shared.store import JobStore, connect
 from tests.conftest import settings_env
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from shared.embedded_redis import EmbeddedRedis
+from cli.embedded_redis import EmbeddedRedis
 from shared.jobs import JobFailure, JobStatus
 from shared.store import JobStore, connect
 from tests.unit.test_jobs import UNCONSUMED_QUEUE, make_job

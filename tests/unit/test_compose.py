@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.cli import build_parser
+from cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def subcommands() -> set[str]:
 
 def test_visionq_script_points_at_the_cli():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["visionq"] == "shared.cli:main"
+    assert scripts["visionq"] == "cli.main:main"
 
 
 @pytest.mark.parametrize("service", ["api", "worker", "webhooks"])

@@ -26,7 +26,7 @@ QUESTIONS = ["Describe this image in detail.", "What is the difference between t
 
 @pytest.fixture(scope="module", params=["llava", "phi3v"])
 def tiny(request, tmp_path_factory):
-    from worker.tiny_model import build_tiny_model, build_tiny_phi3v
+    from cli.tiny_model import build_tiny_model, build_tiny_phi3v
 
     build = build_tiny_model if request.param == "llava" else build_tiny_phi3v
     path = build(tmp_path_factory.mktemp(request.param) / "model")

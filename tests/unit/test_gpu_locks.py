@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from shared.gpu_locks import NoFreeGpu, claim_gpu
+from cli.gpu_locks import NoFreeGpu, claim_gpu
 
 
 def test_each_claim_takes_the_next_free_gpu_until_none_is_left(tmp_path):
@@ -23,7 +23,7 @@ def test_each_claim_takes_the_next_free_gpu_until_none_is_left(tmp_path):
 
 def test_a_killed_holder_leaves_its_gpu_free(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from shared.gpu_locks import claim_gpu; "
+        "import sys, time; from pathlib import Path; from cli.gpu_locks import claim_gpu; "
         f"gpu, lock = claim_gpu(Path({str(tmp_path)!r}), ['0']); print(gpu, flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "0"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.cli import build_parser
+from cli.main import build_parser
 from shared.config import DEFAULT_MODEL, Settings
 from shared.routing import queue_for
 

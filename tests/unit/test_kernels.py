@@ -90,8 +90,8 @@ def test_kernels_equal_eager_on_cuda(dtype):
 def test_nothing_is_fused_on_the_cpu(tmp_path):
     from transformers import AutoModelForImageTextToText
 
+    from cli.tiny_model import build_tiny_phi3v
     from worker import kernels
-    from worker.tiny_model import build_tiny_phi3v
 
     model = AutoModelForImageTextToText.from_pretrained(build_tiny_phi3v(tmp_path / "model"))
     forwards = [m.forward for m in model.modules()]

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from cli.supervisor import Supervisor, cpu_workers, gpu_workers, visible_gpus
 from shared.config import Settings
-from shared.supervisor import Supervisor, cpu_workers, gpu_workers, visible_gpus
 
 
 def no_gpus() -> int:
@@ -80,7 +80,7 @@ def test_a_worker_that_dies_after_running_a_while_is_restarted_at_once(tmp_path)
 
 
 def test_visionq_workers_on_a_host_without_gpus_says_to_use_cpu_workers(monkeypatch, capsys):
-    from shared.cli import main
+    from cli.main import main
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert main(["workers", "--gpus", "all"]) == 2

@@ -7,13 +7,13 @@ import sys
 
 import requests
 
-from shared.embedded_redis import free_port
+from cli.embedded_redis import free_port
 from shared.webhooks import new_secret, payload, signed_headers
 
 
 def test_listen_verifies_and_prints_events_and_refuses_bad_signatures():
     secret, port = new_secret(), free_port()
-    command = [sys.executable, "-m", "shared.cli", "webhooks", "listen", "--port", str(port), "--secret", secret]
+    command = [sys.executable, "-m", "cli.main", "webhooks", "listen", "--port", str(port), "--secret", secret]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert "listening for webhooks" in process.stdout.readline()

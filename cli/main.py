@@ -13,7 +13,7 @@ from shared.config import get_settings
 
 
 def cmd_up(args) -> int:
-    from shared.launcher import Stack
+    from cli.stack import Stack
 
     with Stack(get_settings()) as stack:
         stack.keep_alive()
@@ -28,14 +28,14 @@ def cmd_up(args) -> int:
 
 
 def cmd_api(args) -> int:
-    from shared.launcher import api_command
+    from cli.stack import api_command
 
     command = api_command(get_settings(), args.port)
     os.execv(command[0], command)
 
 
 def cmd_worker(args) -> int:
-    from shared.launcher import default_worker_name, worker_command
+    from cli.stack import default_worker_name, worker_command
 
     command = worker_command(get_settings(), args.name or default_worker_name())
     os.execv(command[0], command)
@@ -43,16 +43,16 @@ def cmd_worker(args) -> int:
 
 def cmd_webhooks(args) -> int:
     if args.webhooks_command == "listen":
-        from shared.webhook_listen import listen
+        from cli.webhook_listener import listen
 
         return listen(args.host, args.port, args.secret or os.environ.get("VISIONQ_WEBHOOK_SECRET"))
-    from shared.launcher import default_webhooks_name, webhooks_command
+    from cli.stack import default_webhooks_name, webhooks_command
 
     command = webhooks_command(get_settings(), args.name or default_webhooks_name())
     os.execv(command[0], command)
 def cmd_workers(args) -> int:
-    from shared.gpu_locks import NoFreeGpu
-    from shared.supervisor import Supervisor, cpu_workers, gpu_workers
+    from cli.gpu_locks import NoFreeGpu
+    from cli.supervisor import Supervisor, cpu_workers, gpu_workers
 
     settings = get_settings()
     try:
@@ -70,8 +70,8 @@ _held_locks: list = []  # the lock files of claimed GPUs, open for the life of t
 
 def chosen_gpus(args) -> list[str]:
     """The GPUs --gpus names, or the one of them this replica claimed (--one-gpu-per-replica)."""
-    from shared.gpu_locks import claim_gpu
-    from shared.supervisor import nvidia_gpu_count, visible_gpus
+    from cli.gpu_locks import claim_gpu
+    from cli.supervisor import nvidia_gpu_count, visible_gpus
 
     gpus = visible_gpus(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), nvidia_gpu_count)
     if not args.one_gpu_per_replica:
@@ -82,19 +82,19 @@ def chosen_gpus(args) -> list[str]:
 
 
 def cmd_demo(args) -> int:
-    from shared.demo import run_demo
+    from cli.demo import run_demo
 
     return run_demo(get_settings(), max_new_tokens=args.max_new_tokens)
 
 
 def client_of(args):
-    from shared.client import Client
+    from cli.client import Client
 
     return Client(args.url, key=args.key)
 
 
 def cmd_submit(args) -> int:
-    from shared.client import image_arg_to_ref
+    from cli.client import image_arg_to_ref
 
     client = client_of(args)
     refs = [image_arg_to_ref(a) for a in args.images]
@@ -118,7 +118,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from shared.batch import run_batch
+    from cli.batch import run_batch
 
     return run_batch(client_of(args), Path(args.folder), args.task, Path(args.out), concurrency=args.concurrency,
                      question=args.question, max_new_tokens=args.max_new_tokens)
@@ -145,7 +145,7 @@ def cmd_keys(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from worker.tiny_model import build_tiny_model, build_tiny_phi3v
+    from cli.tiny_model import build_tiny_model, build_tiny_phi3v
 
     build = {"llava": build_tiny_model, "phi3v": build_tiny_phi3v}[args.arch]
     print(build(Path(args.path), seed=args.seed))
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:  # the client's errors are shown plainly, without a traceback
-        from shared.client import ApiError
+        from cli.client import ApiError
 
         if isinstance(exc, ApiError):
             print(f"error: {exc}", file=sys.stderr)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from shared.client import Client, file_to_data_uri
+from cli.client import Client, file_to_data_uri
+from cli.embedded_redis import free_port
+from cli.samples import write_samples
+from cli.stack import Stack
 from shared.config import Settings
-from shared.embedded_redis import free_port
-from shared.launcher import Stack
-from shared.samples import write_samples
 
 
 def demo_jobs(images: dict) -> list[tuple[str, list[str]]]:
@@ -23,7 +23,7 @@ def demo_jobs(images: dict) -> list[tuple[str, list[str]]]:
 
 def run_demo(settings: Settings, max_new_tokens: int = 32) -> int:
     """Run the demo; returns the process exit code (0 when every job succeeded)."""
-    from worker.tiny_model import build_tiny_model  # the demo builds the model; the API never imports torch
+    from cli.tiny_model import build_tiny_model  # the demo builds the model; the API never imports torch
 
     image_root = settings.data_dir / "demo-images"
     images = write_samples(image_root)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import requests
 
+from cli.embedded_redis import EmbeddedRedis
 from shared.config import Settings
-from shared.embedded_redis import EmbeddedRedis
 from shared.store import JobStore, KeyStore, connect
 
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.stack import worker_command, worker_is_ready
 from shared.config import Settings
-from shared.launcher import worker_command, worker_is_ready
 from shared.store import JobStore, connect
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shared.client import TERMINAL_STATUSES, ApiError, Client, file_to_data_uri
+from cli.client import TERMINAL_STATUSES, ApiError, Client, file_to_data_uri
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
