@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from shared.config import Settings, get_settings
-from shared.image_decode import configure_pillow
+from shared.images.decode import configure_pillow
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -3,41 +3,16 @@
 from __future__ import annotations
 
 import math
-import threading
-import time
 from datetime import UTC, datetime
 
 from flask import g, request
 
 from api.context import services
 from shared.errors import RateLimited, Unauthorized
-from shared.keys import ANONYMOUS_ID, ApiKey, hash_secret
-from shared.store import Charge, KeyStore
+from shared.keys import ANONYMOUS_ID, ApiKey
+from shared.store.rates import Charge
 
 ANONYMOUS = ApiKey(id=ANONYMOUS_ID, name="anonymous", created_at=datetime(2026, 1, 1, tzinfo=UTC))
-
-
-class KeyCache:
-    """Key lookups remembered for a couple of seconds, so that a request does not always cost a Redis read."""
-
-    def __init__(self, keys: KeyStore, ttl_s: float):
-        self.keys, self.ttl_s = keys, ttl_s
-        self._entries: dict[str, tuple[float, ApiKey | None]] = {}
-        self._lock = threading.Lock()
-
-    def lookup(self, secret: str) -> ApiKey | None:
-        cache_key = hash_secret(secret)
-        now = time.monotonic()
-        with self._lock:
-            hit = self._entries.get(cache_key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        key = self.keys.lookup(secret)
-        with self._lock:
-            if len(self._entries) > 10_000:  # unknown secrets must not grow it without bound
-                self._entries.clear()
-            self._entries[cache_key] = (now + self.ttl_s, key)
-        return key
 
 
 def authenticate() -> None:
@@ -51,7 +26,7 @@ def authenticate() -> None:
 
 def charge_now() -> None:
     """Take this request from the bucket on its own (views with no Redis work to share the trip with)."""
-    check_rate(services().store.take_token(g.charge))
+    check_rate(services().rates.take(g.charge))
 
 
 def check_rate(wait_s: float) -> None:

@@ -1,26 +1,32 @@
-"""Where request handlers get the settings and the job store: one of each per process."""
+"""Where request handlers get the settings and the stores: one of each per process, made by the app factory."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from flask import Flask, current_app
 
 from api.job_cache import FinishedJobs
+from api.key_cache import KeyCache
 from shared.config import Settings
-from shared.store import JobStore, KeyStore, connect
-from shared.uploads import UploadStore
-from shared.webhook_store import WebhookStore
-
-if TYPE_CHECKING:
-    from api.auth import KeyCache
+from shared.images.uploads import UploadStore
+from shared.routing import webhook_queue
+from shared.store.api_keys import KeyStore
+from shared.store.broker import Broker
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
+from shared.store.rates import RateLimiter
+from shared.store.workers import WorkerRegistry
+from shared.webhooks.store import WebhookStore
 
 
 @dataclass
 class Services:
     settings: Settings
     store: JobStore
+    rates: RateLimiter
+    workers: WorkerRegistry
+    broker: Broker
     key_cache: KeyCache
     finished: FinishedJobs
     uploads: UploadStore
@@ -28,14 +34,13 @@ class Services:
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Create the process's Redis clients, job store, key cache, upload store and webhook store."""
-    from api.auth import KeyCache
-
+    """Create the process's Redis client and every store on it, the key cache and the finished-job cache."""
     client = connect(settings)
-    store = JobStore(client, settings.result_ttl_s, settings.idempotency_ttl_s, settings.webhook_queue)
-    app.extensions["visionq"] = Services(settings, store, KeyCache(KeyStore(client), settings.key_cache_s),
-                                         FinishedJobs(settings.result_ttl_s), UploadStore(settings),
-                                         WebhookStore(client, settings.webhook_queue))
+    app.extensions["visionq"] = Services(
+        settings=settings, store=JobStore.from_settings(client, settings), rates=RateLimiter(client),
+        workers=WorkerRegistry(client), broker=Broker(client),
+        key_cache=KeyCache(KeyStore(client), settings.key_cache_s), finished=FinishedJobs(settings.result_ttl_s),
+        uploads=UploadStore(settings), hooks=WebhookStore(client, webhook_queue(settings)))
 
 
 def services() -> Services:

@@ -9,7 +9,7 @@ from api.auth import authenticate, charge_now
 from api.context import services
 from api.jobs import owned
 from shared.errors import DeliveryInProgress, NotFound
-from shared.webhooks import Delivery
+from shared.webhooks.endpoints import Delivery
 
 bp = Blueprint("deliveries", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)

@@ -25,7 +25,7 @@ def readyz():
     store = services().store
     try:
         store.redis.ping()
-        workers = store.live_workers(LIVE_WITHIN_S)
+        workers = services().workers.live(LIVE_WITHIN_S)
     except redis.RedisError as exc:
         return {"status": "unavailable", "reason": f"Redis cannot be reached ({type(exc).__name__})"}, 503
     if not workers:

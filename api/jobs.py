@@ -29,12 +29,12 @@ from shared.errors import (
     VisionqError,
     WrongImageCount,
 )
-from shared.images import NO_ACCESS, Access, validate_ref
+from shared.images.refs import NO_ACCESS, Access, validate_ref
 from shared.jobs import Job, JobFailure, JobRequest, JobStatus, new_job_id, utcnow
 from shared.routing import queue_for, resolve_model
-from shared.store import UNLIMITED
-from shared.task_specs import TASKS
-from shared.webhooks import check_webhook
+from shared.store.rates import UNLIMITED
+from shared.tasks import TASKS
+from shared.webhooks.targets import check_webhook
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")

@@ -78,9 +78,9 @@ class StoreCollector:
         svc = services()
         up = GaugeMetricFamily("visionq_store_up", "Whether Redis answered this scrape")
         try:
-            depths = svc.store.queue_depths([queue_for(svc.settings, model) for model in svc.settings.served_models])
+            depths = svc.broker.depths([queue_for(svc.settings, model) for model in svc.settings.served_models])
             counts = svc.store.status_counts()
-            workers = svc.store.live_workers(LIVE_WITHIN_S)
+            workers = svc.workers.live(LIVE_WITHIN_S)
         except redis.RedisError:
             up.add_metric([], 0)
             yield up

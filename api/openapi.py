@@ -11,10 +11,10 @@ from flask import Blueprint, current_app
 from pydantic import BaseModel
 
 from api.context import services
+from api.schemas import DeliveryList, EndpointList, EndpointRequest, ErrorBody, JobPage, SigningSecret, UploadList
 from shared.config import Settings
-from shared.jobs import ErrorBody, Job, JobPage, JobRequest, JobStatus
-from shared.uploads import UploadList
-from shared.webhooks import Delivery, DeliveryList, Endpoint, EndpointList, EndpointRequest, SigningSecret
+from shared.jobs import Job, JobRequest, JobStatus
+from shared.webhooks.endpoints import Delivery, Endpoint
 
 bp = Blueprint("openapi", __name__)
 

@@ -8,10 +8,11 @@ from werkzeug.datastructures import FileStorage
 
 from api.auth import authenticate, charge_now
 from api.context import services
+from api.schemas import UploadList
 from shared.config import Settings
 from shared.errors import ImageTooLarge, InvalidRequest, UnsupportedMediaType, WrongImageCount
-from shared.image_decode import open_image
-from shared.uploads import Upload, UploadList
+from shared.images.decode import open_image
+from shared.images.uploads import Upload
 
 bp = Blueprint("uploads", __name__, url_prefix="/v1/uploads")
 bp.before_request(authenticate)

@@ -10,8 +10,9 @@ from pydantic import ValidationError
 from api.auth import authenticate, charge_now
 from api.context import services
 from api.jobs import invalid_fields
+from api.schemas import EndpointRequest
 from shared.errors import NotFound, TooManyEndpoints, UnsupportedMediaType
-from shared.webhooks import EndpointRequest, check_webhook
+from shared.webhooks.targets import check_webhook
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1/webhooks")
 bp.before_request(authenticate)

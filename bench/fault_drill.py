@@ -47,7 +47,11 @@ from cli.stack import Stack, env_for
 from cli.supervisor import Supervisor, gpu_workers
 from cli.webhook_listener import WebhookReceiver
 from shared.config import Settings
-from shared.store import STATUS_COUNTS_KEY, JobStore, KeyStore, connect
+from shared.store.api_keys import KeyStore
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
+from shared.store.keys import STATUS_COUNTS_KEY
+from shared.store.workers import WorkerRegistry
 
 DRILL_FIELDS = ("redis_url", "model", "image_root", "data_dir", "queue", "visibility_timeout_s", "heartbeat_s",
                 "restore_interval_s", "max_attempts", "device", "api_workers", "api_threads")
@@ -157,7 +161,7 @@ class Drill:
         while True:
             job = wait_for(lambda: running(store, job_id), timeout_s=120,
                            what=f"the {kind} job to start (as it stands: {store.get(job_id)!r})")
-            pid = store.worker_info(job.worker)["pid"]
+            pid = WorkerRegistry(store.redis).info(job.worker)["pid"]
             try:
                 os.kill(pid, sig)
                 break
@@ -180,9 +184,9 @@ class Drill:
 
     def wait_restarted(self, fault: Fault, timeout_s: float = 120) -> None:
         """Wait until the signalled worker's new process has loaded its model."""
-        store = self.store()
-        wait_for(lambda: (store.worker_info(fault.worker).get("pid") not in (None, fault.pid)
-                          and store.worker_info(fault.worker).get("loads")), timeout_s, f"{fault.worker} to restart")
+        registry = WorkerRegistry(self.store().redis)
+        wait_for(lambda: (registry.info(fault.worker).get("pid") not in (None, fault.pid)
+                          and registry.info(fault.worker).get("loads")), timeout_s, f"{fault.worker} to restart")
 
 
 def running(store: JobStore, job_id: str):

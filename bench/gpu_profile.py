@@ -22,10 +22,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.phi3v_gpu import CONFIG, image, synced
 from cli.tiny_model import build_phi3v_tokenizer
-from shared.task_specs import phi3_prompt
 from worker import kernels
 from worker.decoding import Decoder, DecodeSlot, Prompt, collate, length_bucket
 from worker.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
+from worker.prompts import phi3_prompt
 
 NEW_TOKENS = 128
 

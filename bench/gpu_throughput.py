@@ -33,8 +33,9 @@ from cli.embedded_redis import free_port
 from cli.stack import Stack
 from shared.config import Settings
 from shared.jobs import JobStatus
-from shared.store import JobStore
-from shared.task_specs import phi3_prompt
+from shared.store.jobs import JobStore
+from shared.store.workers import WorkerRegistry
+from worker.prompts import phi3_prompt
 
 QUESTION = "Describe this image in detail."
 
@@ -192,10 +193,10 @@ def start_workers(stack: Stack, gpus: list[str], cap: int, cpu: bool = False) ->
         stdout=log, stderr=subprocess.STDOUT, env=env)
     host = socket.gethostname()
     names = [f"cpu{i}@{host}" for i in range(len(gpus))] if cpu else [f"gpu{gpu}@{host}" for gpu in gpus]
-    store = JobStore(stack.redis_client(), 60)
+    registry = WorkerRegistry(stack.redis_client())
     for name in names:
         deadline = time.monotonic() + 300
-        while not store.worker_info(name).get("loads") or store.worker_info(name).get("max_batch") != cap:
+        while not registry.info(name).get("loads") or registry.info(name).get("max_batch") != cap:
             if stack.processes["workers"].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start; see {stack.log_dir}")
             time.sleep(0.2)
@@ -252,7 +253,7 @@ def main() -> None:
                 with GpuSampler(",".join(gpus[:count])) as sampler, \
                         ServerLoad(stack.redis_client(), stack.processes["api"].pid) as load:
                     result = run_jobs(client, store, jobs, args.new_tokens, images)
-                infos = [store.worker_info(name) for name in names]
+                infos = [WorkerRegistry(store.redis).info(name) for name in names]
                 ratio = f", {result['jobs_s'] / seed_rate:.0f}x seed loop" if seed_rate else ""
                 print(f"visionq cap {cap:>3}, {count} GPU worker(s), {jobs} jobs: "
                       f"{result['jobs_s']:.2f} jobs/s{ratio}; "

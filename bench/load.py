@@ -31,7 +31,9 @@ from cli.embedded_redis import EmbeddedRedis, free_port
 from cli.stack import api_command
 from shared.config import Settings
 from shared.jobs import Job, JobResult, JobStatus, Timings, TokenCounts, new_job_id, utcnow
-from shared.store import JobStore, KeyStore, connect
+from shared.store.api_keys import KeyStore
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
 
 WRK_SCRIPT = """
 wrk.method = "{method}"

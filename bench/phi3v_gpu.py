@@ -23,8 +23,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from cli.tiny_model import build_phi3v_tokenizer
-from shared.task_specs import phi3_prompt
 from worker.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
+from worker.prompts import phi3_prompt
 
 CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "phi3_vision_128k_config.json"
 QUESTIONS = {

@@ -125,7 +125,8 @@ def cmd_batch(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from shared.store import KeyStore, connect
+    from shared.store.api_keys import KeyStore
+    from shared.store.connection import connect
 
     keys = KeyStore(connect(get_settings()))
     if args.keys_command == "create":

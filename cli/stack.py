@@ -16,7 +16,10 @@ import requests
 
 from cli.embedded_redis import EmbeddedRedis
 from shared.config import Settings
-from shared.store import JobStore, KeyStore, connect
+from shared.routing import webhook_queue
+from shared.store.api_keys import KeyStore
+from shared.store.connection import connect
+from shared.store.workers import WorkerRegistry
 
 
 def api_command(settings: Settings, port: int | None = None) -> list[str]:
@@ -42,8 +45,8 @@ def worker_command(settings: Settings, name: str) -> list[str]:
 def webhooks_command(settings: Settings, name: str) -> list[str]:
     """The webhook delivery worker: a CPU process with a pool of threads (sending is waiting on the network)."""
     return [
-        sys.executable, "-m", "celery", "-A", "worker.webhook_app", "worker",
-        "-P", "threads", "-c", str(settings.webhook_concurrency), "-Q", settings.webhook_queue, "-n", name,
+        sys.executable, "-m", "celery", "-A", "shared.webhooks.delivery_app", "worker",
+        "-P", "threads", "-c", str(settings.webhook_concurrency), "-Q", webhook_queue(settings), "-n", name,
         "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
     ]
 
@@ -166,11 +169,11 @@ class Stack:
         return self._wait_until_published("webhooks", self.webhooks_name, timeout_s, lambda info: True)
 
     def _wait_until_published(self, process: str, name: str, timeout_s: float, ready) -> dict:
-        store = JobStore(self.redis_client(), 60)
+        registry = WorkerRegistry(self.redis_client())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive(process)
-            info = store.worker_info(name)
+            info = registry.info(name)
             if info.get("pid") == self.processes[process].pid and ready(info):
                 return info
             time.sleep(0.2)

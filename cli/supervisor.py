@@ -19,7 +19,8 @@ from pathlib import Path
 
 from cli.stack import worker_command, worker_is_ready
 from shared.config import Settings
-from shared.store import JobStore, connect
+from shared.store.connection import connect
+from shared.store.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +172,11 @@ class Supervisor:
 
     def wait_ready(self, name: str, timeout_s: float = 120.0) -> None:
         """Wait until this worker's current process has loaded its model and said so in Redis."""
-        store = JobStore(connect(self.settings), 60)
+        registry = WorkerRegistry(connect(self.settings))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             process = self.children[name].process
-            if process is not None and worker_is_ready(store.worker_info(name), process.pid):
+            if process is not None and worker_is_ready(registry.info(name), process.pid):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"worker {name} did not become ready in {timeout_s:g} s")

@@ -158,11 +158,6 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def webhook_queue(self) -> str:
-        """The Celery queue of webhook deliveries (consumed by CPU workers, never by the GPU worker)."""
-        return f"{self.queue}-webhooks"
-
-    @property
     def webhook_horizon_s(self) -> float:
         """When retries stop: give_up_s, but never after the job (and its delivery records) expires."""
         return min(self.webhook_give_up_s, self.result_ttl_s * 0.9)

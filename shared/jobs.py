@@ -9,8 +9,6 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.webhooks import WebhookSpec
-
 
 class JobStatus(StrEnum):
     """Where a job stands; a terminal status is written once and never changes."""
@@ -86,6 +84,15 @@ class JobFailure(BaseModel):
     message: str
 
 
+class WebhookSpec(BaseModel):
+    """A job's own webhook: where to POST its terminal event, and which events (default: every one)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    url: str = Field(description="https URL of a public host (the server's SSRF guard decides)")
+    events: list[str] | None = Field(default=None, description="any of job.succeeded, job.failed, job.canceled")
+
+
 class JobRequest(BaseModel):
     """The body of POST /v1/jobs, as a client sends it; bounds that depend on settings are checked in the API."""
 
@@ -149,22 +156,3 @@ class Job(BaseModel):
             if key in data:
                 data[key] = json.loads(data[key])
         return cls.model_validate(data)
-
-
-class JobPage(BaseModel):
-    """One page of GET /v1/jobs."""
-
-    jobs: list[Job]
-    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
-
-
-class ErrorDetail(BaseModel):
-    code: str = Field(description="stable, machine-readable")
-    message: str
-    details: list[dict] | None = None
-
-
-class ErrorBody(BaseModel):
-    """Every error answer."""
-
-    error: ErrorDetail

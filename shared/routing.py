@@ -1,4 +1,4 @@
-"""Several models at once: which model a job is for, and the queue that model's workers consume.
+"""Which model a job is for, and which queue carries it: a queue per model, and one for webhook deliveries.
 
 Each model has a queue of its own, named from the model alone (`<VISIONQ_QUEUE>:<model>`), so that the API and
 every worker, on any host, agree on it without talking to each other. A worker serves exactly one model (its
@@ -9,16 +9,23 @@ from __future__ import annotations
 
 from shared.config import Settings
 from shared.errors import UnknownModel
+from shared.store.keys import job_queue
+from shared.store.keys import webhook_queue as webhook_queue_of
 
 
 def queue_for(settings: Settings, model: str) -> str:
     """The queue (a Redis list) of one model's jobs."""
-    return f"{settings.queue}:{model}"
+    return job_queue(settings.queue, model)
 
 
 def worker_queue(settings: Settings) -> str:
     """The queue a worker of these settings consumes: its own model's."""
     return queue_for(settings, settings.model)
+
+
+def webhook_queue(settings: Settings) -> str:
+    """The Celery queue of webhook deliveries (consumed by CPU workers, never by the GPU worker)."""
+    return webhook_queue_of(settings.queue)
 
 
 def resolve_model(settings: Settings, requested: str | None) -> str:

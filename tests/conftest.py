@@ -12,7 +12,8 @@ from cli.embedded_redis import EmbeddedRedis, free_port
 from cli.samples import write_samples
 from cli.stack import Stack
 from shared.config import Settings
-from shared.store import JobStore, connect
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
 
 
 @pytest.fixture(scope="session")
@@ -123,14 +124,14 @@ def client(stack):
 
 @pytest.fixture
 def store(settings) -> JobStore:
-    return JobStore(connect(settings), settings.result_ttl_s, webhook_queue=settings.webhook_queue)
+    return JobStore.from_settings(connect(settings), settings)
 
 
 @pytest.fixture
 def make_client(stack, settings):
     """A client with a fresh API key of its own (limits may be given)."""
     from cli.client import Client
-    from shared.store import KeyStore
+    from shared.store.api_keys import KeyStore
 
     def make(**limits) -> Client:
         secret, key = KeyStore(connect(settings)).create("test", **limits)

@@ -9,7 +9,7 @@ import logging
 
 from shared.config import Settings
 from shared.jobs import Job
-from shared.s3 import parse_s3_uri, s3_client
+from shared.outbound.s3 import parse_s3_uri, s3_client
 
 log = logging.getLogger(__name__)
 

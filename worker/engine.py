@@ -13,9 +13,9 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import worker.models.phi3v  # noqa: F401  (registers the native Phi-3-vision port with the Auto classes)
 from shared.config import Settings
-from shared.task_specs import chat_messages, phi3_prompt
 from worker import kernels
 from worker.decoding import Completion, Decoder, Prompt
+from worker.prompts import chat_messages, phi3_prompt
 
 log = logging.getLogger(__name__)
 

@@ -1,19 +1,17 @@
 """What a worker tells operators: JSON logs tagged with the job id, and metrics of each job's transitions.
 
 Both hang off the job store's named transitions and Celery's signals, so the task and the runner stay as they
-are: the worker's store is an ObservedJobStore, and importing this module connects the signal handlers.
+are: the worker's store is an ObservedJobStore, and worker/celery_app.py connects the handlers below.
 """
 
 from __future__ import annotations
 
 import logging
 
-from celery.signals import setup_logging, task_postrun, task_prerun, worker_init
-
 from shared import logs
-from shared.config import get_settings
+from shared.config import Settings, get_settings
 from shared.jobs import JobFailure, JobResult
-from shared.store import JobStore, Transition
+from shared.store.jobs import JobStore, Transition
 from worker import metrics
 
 log = logging.getLogger("visionq.jobs")
@@ -54,8 +52,7 @@ class ObservedJobStore(JobStore):
                                      "applied": transition.applied, "previous": previous, **fields})
 
 
-@setup_logging.connect
-def _configure_logging(loglevel=None, **_kwargs) -> None:
+def configure_logging(loglevel=None, **_kwargs) -> None:
     """Celery leaves the logging to us when this signal has a receiver."""
     logs.configure(loglevel or get_settings().log_level, get_settings().log_format)
 
@@ -63,22 +60,20 @@ def _configure_logging(loglevel=None, **_kwargs) -> None:
 _tokens: dict[str, object] = {}
 
 
-@task_prerun.connect
-def _enter_job(task_id=None, **_kwargs) -> None:
+def enter_job(task_id=None, **_kwargs) -> None:
+    """Celery's task_prerun: tag this thread's log lines with the job id."""
     _tokens[task_id] = logs.enter_job(task_id)  # the task id is the job id
 
 
-@task_postrun.connect
-def _leave_job(task_id=None, **_kwargs) -> None:
+def leave_job(task_id=None, **_kwargs) -> None:
+    """Celery's task_postrun."""
     token = _tokens.pop(task_id, None)
     if token is not None:
         logs.leave_job(token)
 
 
-@worker_init.connect
-def _start_observing(sender=None, **_kwargs) -> None:
-    settings = get_settings()
-    name = str(getattr(sender, "hostname", None) or "worker")
+def start(settings: Settings, name: str) -> None:
+    """Tag every log line with the worker's name, and serve its metrics when a port is set."""
     logs.bind(worker=name)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, name, settings.model, settings.device)

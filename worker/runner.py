@@ -13,10 +13,12 @@ from PIL import Image
 
 from shared.config import Settings
 from shared.errors import ImageUnreadable, InferenceFailed, VisionqError, WorkerLost
-from shared.images import Access, load_images
+from shared.images.refs import Access, load_images
+from shared.images.uploads import UploadStore
 from shared.jobs import Job, JobFailure, JobResult, Timings, TokenCounts, utcnow
-from shared.store import JobStore, KeyStore
-from shared.uploads import UploadStore
+from shared.store.api_keys import KeyStore
+from shared.store.jobs import JobStore
+from shared.store.workers import WorkerRegistry
 from worker.archive import archive_result
 from worker.batcher import Batcher
 from worker.engine import Engine, load_count
@@ -30,6 +32,7 @@ class JobRunner:
 
     settings: Settings
     store: JobStore
+    workers: WorkerRegistry
     engine: Engine
     batcher: Batcher
     worker_name: str
@@ -64,7 +67,7 @@ class JobRunner:
             log.exception("job %s failed in inference", job_id)
             self._fail(job_id, InferenceFailed())
         finally:
-            self.store.count_worker_job(self.worker_name, loads=load_count())
+            self.workers.count_job(self.worker_name, loads=load_count())
 
     def _execute(self, job: Job) -> None:
         started = time.perf_counter()

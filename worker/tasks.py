@@ -5,8 +5,8 @@ from __future__ import annotations
 import redis
 from celery.exceptions import Reject
 
-from shared.queue import RUN_JOB_TASK
-from worker import celery_app
+from shared.store.broker import RUN_JOB_TASK
+from worker import context
 from worker.celery_app import app
 
 
@@ -14,7 +14,7 @@ from worker.celery_app import app
 def run_job(job_id: str) -> None:
     """Run one job by id; its outcome goes to the job store, not to a Celery result backend."""
     try:
-        celery_app.runner.run(job_id)
+        context.current().runner.run(job_id)
     except redis.ConnectionError as exc:
         # The store is unreachable: keep the message so that the job runs again once Redis is back.
         raise Reject(exc, requeue=True) from exc

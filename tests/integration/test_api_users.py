@@ -10,7 +10,9 @@ import pytest
 import requests
 
 from cli.client import ApiError
-from shared.store import KeyStore, connect
+from shared.store.api_keys import KeyStore
+from shared.store.connection import connect
+from shared.store.workers import WorkerRegistry
 from tests.conftest import PARKED_MODEL
 
 IMAGE = ["bar_chart.png"]
@@ -122,7 +124,7 @@ def test_cancel_a_queued_job_means_it_never_runs(make_client, store):
 
 
 def test_cancel_a_running_job_stops_its_generation(make_client, stack, settings):
-    from shared.store import JobStore
+    from shared.store.jobs import JobStore
 
     client, store = make_client(), JobStore(connect(settings), settings.result_ttl_s)
     full = client.wait(client.submit("describe", IMAGE, max_new_tokens=1024)["id"], 120)
@@ -130,10 +132,10 @@ def test_cancel_a_running_job_stops_its_generation(make_client, stack, settings)
     job = client.submit("describe", IMAGE, max_new_tokens=1024)
     while client.get(job["id"])["status"] != "running":
         time.sleep(0.01)
-    jobs_before = store.worker_info(stack.worker_name)["jobs"]
+    jobs_before = WorkerRegistry(store.redis).info(stack.worker_name)["jobs"]
     canceled_at = time.monotonic()
     assert client.cancel(job["id"])["status"] == "canceled"
-    while store.worker_info(stack.worker_name)["jobs"] == jobs_before:  # the runner is done with it
+    while WorkerRegistry(store.redis).info(stack.worker_name)["jobs"] == jobs_before:  # the runner is done with it
         time.sleep(0.01)
     assert time.monotonic() - canceled_at < full_s / 2, "generation ran on after the cancel"
     ended = client.get(job["id"])

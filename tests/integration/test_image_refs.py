@@ -16,8 +16,9 @@ import requests
 
 from cli.client import ApiError
 from shared.jobs import Job, JobStatus, utcnow
-from shared.s3 import parse_s3_uri
-from shared.store import KeyStore, connect
+from shared.outbound.s3 import parse_s3_uri
+from shared.store.api_keys import KeyStore
+from shared.store.connection import connect
 from tests.http_server import Route
 from tests.images import encode, png, random_image
 from worker.archive import archive_result

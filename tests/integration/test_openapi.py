@@ -28,7 +28,8 @@ def test_openapi_document_is_3_1_and_built_from_the_request_model(api_url):
 
 @pytest.fixture(scope="module")
 def fuzz_auth(stack, settings):
-    from shared.store import KeyStore, connect
+    from shared.store.api_keys import KeyStore
+    from shared.store.connection import connect
 
     secret, _ = KeyStore(connect(settings)).create("fuzz", rate_per_s=100_000, burst=100_000)
     return {"Authorization": f"Bearer {secret}"}

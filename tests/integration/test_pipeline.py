@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from cli.client import file_to_data_uri
-from shared.store import JobStore, connect
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
+from shared.store.workers import WorkerRegistry
 
 
 @pytest.fixture(scope="session")
@@ -135,19 +137,19 @@ def test_bad_image_fails_the_job_and_the_worker_carries_on(client):
 
 def test_model_is_loaded_once_per_worker_process(client, stack, settings):
     store = JobStore(connect(settings), settings.result_ttl_s)
-    before = store.worker_info(stack.worker_name)
+    before = WorkerRegistry(store.redis).info(stack.worker_name)
     jobs = [client.submit("describe", ["bar_chart.png"], max_new_tokens=2) for _ in range(12)]
     assert all(client.wait(job["id"], 60)["status"] == "succeeded" for job in jobs)
     deadline = time.monotonic() + 10  # a task thread counts its job just after storing the result
-    while store.worker_info(stack.worker_name)["jobs"] - before.get("jobs", 0) < 12:
+    while WorkerRegistry(store.redis).info(stack.worker_name)["jobs"] - before.get("jobs", 0) < 12:
         assert time.monotonic() < deadline, "the worker did not count its 12 jobs"
         time.sleep(0.05)
-    after = store.worker_info(stack.worker_name)
+    after = WorkerRegistry(store.redis).info(stack.worker_name)
     assert after["loads"] == 1
     assert after["pid"] == before["pid"] == stack.processes["worker"].pid
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks the worker chose it, in bf16")
 def test_worker_runs_on_the_gpu_in_bfloat16(stack, settings):
-    info = JobStore(connect(settings), settings.result_ttl_s).worker_info(stack.worker_name)
+    info = WorkerRegistry(connect(settings)).info(stack.worker_name)
     assert info["device"].startswith("cuda") and info["dtype"] == "torch.bfloat16"

@@ -21,7 +21,9 @@ from cli.client import ApiError, Client
 from cli.embedded_redis import free_port
 from cli.stack import Stack, worker_is_ready
 from shared.routing import queue_for
-from shared.store import JobStore, connect
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
+from shared.store.workers import WorkerRegistry
 from tests.conftest import settings_env
 
 HOST = socket.gethostname()
@@ -66,7 +68,7 @@ def wait_ready(store: JobStore, name: str, not_pid: int | None = None, timeout_s
     """The pid of this worker once its (new) process has loaded its model."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        info = store.worker_info(name)
+        info = WorkerRegistry(store.redis).info(name)
         if info.get("pid") not in (None, not_pid) and worker_is_ready(info, info["pid"]):
             return info["pid"]
         time.sleep(0.1)
@@ -82,7 +84,7 @@ def test_each_worker_is_pinned_to_its_gpu_and_named_after_it(scaled):
     for gpu, (name, pid) in enumerate(zip(NAMES, pids, strict=True)):
         environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if item)
         assert environ["CUDA_VISIBLE_DEVICES"] == str(gpu)
-        assert store.worker_info(name)["model"] == str(model)
+        assert WorkerRegistry(store.redis).info(name)["model"] == str(model)
 
 
 def test_jobs_go_to_their_models_queue_and_unknown_models_are_refused(scaled, settings):
@@ -162,7 +164,7 @@ def test_a_job_that_outlasts_its_lease_runs_once_because_its_worker_renews_it(sc
 def test_a_rolling_restart_replaces_every_worker_and_loses_no_job(scaled):
     _, supervisor, store, model, _, _ = scaled
     client = client_of(scaled)
-    before = [store.worker_info(name)["pid"] for name in NAMES]
+    before = [WorkerRegistry(store.redis).info(name)["pid"] for name in NAMES]
     supervisor.send_signal(signal.SIGHUP)
     with ThreadPoolExecutor(4) as pool:
         jobs = list(pool.map(lambda _: client.submit("describe", ["bar_chart.png"], max_new_tokens=4,
@@ -175,7 +177,7 @@ def test_a_rolling_restart_replaces_every_worker_and_loses_no_job(scaled):
 
 def test_sigterm_stops_the_supervisor_and_its_workers_warmly(scaled):
     _, supervisor, store, _, _, _ = scaled
-    pids = [store.worker_info(name)["pid"] for name in NAMES]
+    pids = [WorkerRegistry(store.redis).info(name)["pid"] for name in NAMES]
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(60) == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)

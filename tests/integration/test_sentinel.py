@@ -11,9 +11,10 @@ import redis
 
 from cli.embedded_redis import EmbeddedRedis, free_port, server_binary
 from shared.config import Settings
-from shared.queue import make_celery
 from shared.routing import worker_queue
-from shared.store import JobStore, connect
+from shared.store.broker import make_celery
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
 from tests.unit.test_jobs import make_job
 
 

@@ -13,7 +13,8 @@ from standardwebhooks import Webhook
 from cli.client import ApiError, Client
 from cli.embedded_redis import free_port
 from cli.stack import Stack
-from shared.store import KeyStore, connect
+from shared.store.api_keys import KeyStore
+from shared.store.connection import connect
 from tests.conftest import settings_env
 from tests.webhook_receiver import ScriptedReceiver
 

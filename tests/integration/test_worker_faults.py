@@ -10,7 +10,9 @@ import pytest
 from cli.client import Client
 from cli.embedded_redis import free_port
 from cli.stack import Stack
-from shared.store import JobStore, connect
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
+from shared.store.workers import WorkerRegistry
 from tests.conftest import settings_env
 
 # Jobs long enough to kill mid-run on the tiny model; abandoned ones are redelivered after 3 s (a live worker
@@ -70,7 +72,7 @@ def test_worker_killed_mid_batch_leaves_each_unfinished_job_to_run_again_once(fa
         assert job["status"] == "succeeded"
         again = client.get(job["id"])
         assert again["attempts"] == 1 and again["finished_at"] == job["finished_at"]  # never run a second time
-    info = store.worker_info(fault_stack.worker_name)
+    info = WorkerRegistry(store.redis).info(fault_stack.worker_name)
     assert info["largest_batch"] >= 2, info  # the killed batch held more than one job
 
 

@@ -7,7 +7,8 @@ import time
 
 from cli.embedded_redis import EmbeddedRedis
 from shared.jobs import JobFailure, JobStatus
-from shared.store import JobStore, connect
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
 from tests.unit.test_jobs import UNCONSUMED_QUEUE, make_job
 
 

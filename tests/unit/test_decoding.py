@@ -15,9 +15,9 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import worker.models.phi3v  # noqa: F401  (Auto registration)
-from shared.task_specs import phi3_prompt
 from tests.images import random_image
 from worker.decoding import Decoder, Prompt, collate, length_bucket, row_bucket
+from worker.prompts import phi3_prompt
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs and bf16 kernels")
 QUESTIONS = ["Describe this image in detail.", "What is the difference between these images?",

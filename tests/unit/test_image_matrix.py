@@ -15,9 +15,9 @@ import pytest
 
 from shared.config import Settings
 from shared.errors import ImageError, VisionqError
-from shared.images import Access, load_images, validate_ref
-from shared.store import upload_key
-from shared.uploads import UploadStore, upload_id_of
+from shared.images.refs import Access, load_images, validate_ref
+from shared.images.uploads import UploadStore, upload_id_of
+from shared.store.keys import upload_key
 from tests.http_server import NETWORK, LocalHttpServer, Route
 from tests.images import animated_gif, bomb_png, cmyk_jpeg, encode, png, png_16bit
 

@@ -9,7 +9,7 @@ import pytest
 
 from shared.config import Settings
 from shared.errors import ImageError, ImageTooLarge, InvalidImageRef
-from shared.images import load_image, load_images, validate_ref
+from shared.images.refs import load_image, load_images, validate_ref
 from tests.images import animated_gif, bomb_png, cmyk_jpeg, png, png_16bit, rotated_jpeg, transparent_palette_png
 
 

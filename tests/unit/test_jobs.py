@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from shared.jobs import TERMINAL, TRANSITIONS, Job, JobFailure, JobStatus, can_transition, new_job_id, utcnow
-from shared.store import JobStore
+from shared.store.jobs import JobStore
 
 UNCONSUMED_QUEUE = "unit-tests"  # no worker reads it: these jobs only exercise the store
 

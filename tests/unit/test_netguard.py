@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from shared.config import Settings
-from shared.netguard import ForbiddenAddress, HostNotFound, UrlRefused, check_url, guarded_client
+from shared.outbound.netguard import ForbiddenAddress, HostNotFound, UrlRefused, check_url, guarded_client
 from tests.http_server import NETWORK, LocalHttpServer, Route
 from tests.tls import make_tls
 

@@ -13,10 +13,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from cli.tiny_model import build_tiny_phi3v
-from shared.task_specs import phi3_prompt
 from tests.images import random_image
 from worker.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 from worker.models.phi3v.modeling_phi3_v import merge_2x2
+from worker.prompts import phi3_prompt
 
 # config.json of microsoft/Phi-3-vision-128k-instruct (bench/phi3v_gpu.py builds the real shape from it too).
 CHECKPOINT_CONFIG = json.loads((Path(__file__).resolve().parents[1] / "data" / "phi3_vision_128k_config.json")

@@ -10,9 +10,9 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from shared.task_specs import phi3_prompt
 from tests.images import random_image
 from worker.models.phi3v import Phi3VImageProcessor, Phi3VProcessor
+from worker.prompts import phi3_prompt
 
 # preprocessor_config.json of microsoft/Phi-3-vision-128k-instruct, verbatim.
 CHECKPOINT_CONFIG = {

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from shared.queue import (
+from shared.store.broker import (
     DELIVER_WEBHOOK_TASK,
     DISPATCH_WEBHOOKS_TASK,
     RUN_JOB_TASK,

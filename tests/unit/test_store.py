@@ -5,8 +5,13 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from shared.jobs import JobFailure, JobStatus
-from shared.store import JobStore, job_key
+from shared.store.broker import Broker
+from shared.store.jobs import JobStore
+from shared.store.keys import job_key
+from shared.store.workers import WorkerRegistry
 from tests.unit.test_jobs import UNCONSUMED_QUEUE, make_job
 
 
@@ -59,10 +64,11 @@ def test_wait_on_an_unknown_job_returns_none_at_once(store):
 
 
 def test_worker_facts_round_trip(store):
-    store.record_worker("w1@test", model="m", loads=1)
-    store.count_worker_job("w1@test", loads=1)
-    store.count_worker_job("w1@test", loads=1)
-    assert store.worker_info("w1@test") == {"model": "m", "loads": 1, "jobs": 2}
+    registry = WorkerRegistry(store.redis)
+    registry.record("w1@test", fresh=True, model="m", loads=1)
+    registry.count_job("w1@test", loads=1)
+    registry.count_job("w1@test", loads=1)
+    assert registry.info("w1@test") == {"model": "m", "loads": 1, "jobs": 2}
 
 
 def test_create_queues_the_job_in_the_same_transaction(store):
@@ -74,14 +80,15 @@ def test_create_queues_the_job_in_the_same_transaction(store):
 
 
 def test_token_bucket_allows_the_burst_then_says_how_long_to_wait(store):
-    from shared.store import Charge
+    from shared.store.rates import Charge, RateLimiter
 
     charge = Charge(f"bucket-{time.time_ns()}", rate_per_s=10, burst=3)
-    assert [store.take_token(charge) for _ in range(3)] == [0, 0, 0]
-    wait = store.take_token(charge)
+    rates = RateLimiter(store.redis)
+    assert [rates.take(charge) for _ in range(3)] == [0, 0, 0]
+    wait = rates.take(charge)
     assert 0 < wait <= 0.1 + 0.01  # one token comes back every 1/rate seconds
     time.sleep(wait + 0.01)
-    assert store.take_token(charge) == 0
+    assert rates.take(charge) == 0
 
 
 def test_status_counts_move_with_each_transition(store):
@@ -102,12 +109,17 @@ def test_status_counts_move_with_each_transition(store):
     assert (moved(after, "queued"), moved(after, "running"), moved(after, "failed")) == (0, 0, 1)
 
 
-def test_queue_depths_count_waiting_messages(store):
+def test_queue_depths_count_waiting_messages(store, broker):
     queue = f"{UNCONSUMED_QUEUE}-depth"
     store.redis.delete(queue)
     store.create(make_job(), queue)
     store.create(make_job(), queue)
-    assert store.queue_depths([queue, f"{queue}-empty"]) == {queue: 2, f"{queue}-empty": 0}
+    assert broker.depths([queue, f"{queue}-empty"]) == {queue: 2, f"{queue}-empty": 0}
+
+
+@pytest.fixture
+def broker(store) -> Broker:
+    return Broker(store.redis)
 
 
 def _fresh_queue(store) -> str:
@@ -116,7 +128,7 @@ def _fresh_queue(store) -> str:
     return queue
 
 
-def test_a_job_whose_message_was_lost_is_queued_again_after_the_grace(store):
+def test_a_job_whose_message_was_lost_is_queued_again_after_the_grace(store, broker):
     queue = _fresh_queue(store)
     lost, later = make_job(), make_job()
     store.create(lost, queue)
@@ -125,15 +137,15 @@ def test_a_job_whose_message_was_lost_is_queued_again_after_the_grace(store):
     store.redis.rpop(queue)
     store.redis.rpop(queue)
     store.mark_running(later.id, "w1")
-    assert store.requeue_lost(queue, grace_s=60, now=1000.0) == []  # first seen below the watermark
-    assert store.requeue_lost(queue, grace_s=60, now=1030.0) == []  # within the grace
-    assert store.requeue_lost(queue, grace_s=60, now=1061.0) == [lost.id]
+    assert broker.requeue_lost(queue, grace_s=60, now=1000.0) == []  # first seen below the watermark
+    assert broker.requeue_lost(queue, grace_s=60, now=1030.0) == []  # within the grace
+    assert broker.requeue_lost(queue, grace_s=60, now=1061.0) == [lost.id]
     assert lost.id in store.redis.lindex(queue, 0)
     assert store.status(lost.id) == JobStatus.QUEUED
-    assert store.requeue_lost(queue, grace_s=60, now=2000.0) == []  # its new message is newer than the watermark
+    assert broker.requeue_lost(queue, grace_s=60, now=2000.0) == []  # its new message is newer than the watermark
 
 
-def test_a_job_a_worker_still_holds_or_that_moved_on_is_left_alone(store):
+def test_a_job_a_worker_still_holds_or_that_moved_on_is_left_alone(store, broker):
     queue = _fresh_queue(store)
     held, started, later = make_job(), make_job(), make_job()
     for job in (held, started, later):
@@ -141,18 +153,18 @@ def test_a_job_a_worker_still_holds_or_that_moved_on_is_left_alone(store):
     messages = [store.redis.rpop(queue) for _ in range(3)]
     store.redis.hset("unacked", f"tag-{held.id}", messages[0])  # as kombu keeps a delivered message
     store.mark_running(later.id, "w1")
-    store.requeue_lost(queue, grace_s=60, now=1000.0)
+    broker.requeue_lost(queue, grace_s=60, now=1000.0)
     store.mark_running(started.id, "w1")  # its worker was only slow to start it
-    assert store.requeue_lost(queue, grace_s=60, now=1100.0) == []
+    assert broker.requeue_lost(queue, grace_s=60, now=1100.0) == []
     assert store.redis.llen(queue) == 0
     store.redis.hdel("unacked", f"tag-{held.id}")
 
 
-def test_nothing_is_requeued_while_jobs_wait_their_turn(store):
+def test_nothing_is_requeued_while_jobs_wait_their_turn(store, broker):
     queue = _fresh_queue(store)
     jobs = [make_job() for _ in range(3)]
     for job in jobs:
         store.create(job, queue)
-    assert store.requeue_lost(queue, grace_s=0, now=1000.0) == []
-    assert store.requeue_lost(queue, grace_s=0, now=5000.0) == []  # no job started past them; queue not empty
+    assert broker.requeue_lost(queue, grace_s=0, now=1000.0) == []
+    assert broker.requeue_lost(queue, grace_s=0, now=5000.0) == []  # no job started past them; queue not empty
     assert store.redis.llen(queue) == 3

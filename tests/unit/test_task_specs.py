@@ -1,6 +1,7 @@
 """Task definitions and the Phi-3 cookbook prompts."""
 
-from shared.task_specs import TASKS, chat_messages, phi3_prompt
+from shared.tasks import TASKS
+from worker.prompts import chat_messages, phi3_prompt
 
 
 def test_phi3_prompt_for_one_image_is_the_cookbook_string():

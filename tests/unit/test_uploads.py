@@ -8,8 +8,8 @@ import pytest
 
 from shared.config import Settings
 from shared.errors import ImageNotFound, UploadQuotaExceeded
-from shared.store import upload_key
-from shared.uploads import UploadStore, upload_id_of
+from shared.images.uploads import UploadStore, upload_id_of
+from shared.store.keys import upload_key
 
 UPLOADS_BUCKET = "visionq-uploads"
 

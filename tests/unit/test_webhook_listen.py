@@ -8,7 +8,7 @@ import sys
 import requests
 
 from cli.embedded_redis import free_port
-from shared.webhooks import new_secret, payload, signed_headers
+from shared.webhooks.events import new_secret, payload, signed_headers
 
 
 def test_listen_verifies_and_prints_events_and_refuses_bad_signatures():

@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 from standardwebhooks import Webhook
 
-from shared.jobs import JobFailure
-from shared.netguard import guarded_client
-from shared.store import JobStore, connect, job_key
-from shared.webhook_store import WebhookStore
-from shared.webhooks import WebhookSpec
+from shared.jobs import JobFailure, WebhookSpec
+from shared.outbound.netguard import guarded_client
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
+from shared.store.keys import job_key
+from shared.webhooks.sender import Sender
+from shared.webhooks.store import WebhookStore
 from tests.unit.test_jobs import UNCONSUMED_QUEUE, make_job
 from tests.webhook_receiver import ScriptedReceiver
-from worker.webhooks import Sender
 
 HOOK_QUEUE = "unit-tests-sender-webhooks"  # no delivery worker reads it
 

@@ -8,11 +8,13 @@ import time
 
 import pytest
 
-from shared.jobs import JobFailure, JobStatus
-from shared.queue import DISPATCH_WEBHOOKS_TASK
-from shared.store import JobStore, connect, deliveries_key
-from shared.webhook_store import WebhookStore, attempt_entry
-from shared.webhooks import WebhookSpec
+from shared.jobs import JobFailure, JobStatus, WebhookSpec
+from shared.store.broker import DISPATCH_WEBHOOKS_TASK
+from shared.store.connection import connect
+from shared.store.jobs import JobStore
+from shared.store.keys import deliveries_key
+from shared.webhooks.endpoints import attempt_entry
+from shared.webhooks.store import WebhookStore
 from tests.unit.test_jobs import UNCONSUMED_QUEUE, make_job
 
 HOOK_QUEUE = "unit-tests-webhooks"  # no delivery worker reads it

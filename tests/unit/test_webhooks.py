@@ -13,17 +13,10 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from shared.config import Settings
 from shared.errors import InvalidWebhookEvents, WebhookUrlRefused
-from shared.webhooks import (
-    EVENTS,
-    WebhookSpec,
-    backoff_s,
-    check_webhook,
-    new_secret,
-    payload,
-    retry_after_s,
-    retryable,
-    signed_headers,
-)
+from shared.jobs import WebhookSpec
+from shared.webhooks.events import EVENTS, new_secret, payload, signed_headers
+from shared.webhooks.retries import backoff_s, retry_after_s, retryable
+from shared.webhooks.targets import check_webhook
 
 
 def test_signed_headers_verify_with_the_standardwebhooks_package():
@@ -85,7 +78,7 @@ def test_the_ssrf_guard_refuses_webhook_urls_by_default(url):
 
 
 def test_the_delivery_worker_imports_no_torch():
-    code = ("import sys, worker.webhook_app; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, shared.webhooks.delivery_app; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'torch', 'transformers'} or m in {'worker.engine', 'worker.celery_app'}); print(bad); "
             "sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -17,8 +17,9 @@ from pydantic import BaseModel, Field
 from shared.config import Settings
 from shared.errors import ImageFetchFailed, ImageNotFound, UploadQuotaExceeded
 from shared.jobs import utcnow
-from shared.s3 import parse_s3_uri, s3_client
-from shared.store import connect, upload_bytes_key, upload_key
+from shared.outbound.s3 import parse_s3_uri, s3_client
+from shared.store.connection import connect
+from shared.store.keys import upload_bytes_key, upload_key
 
 SCHEME = "upload://"
 NOT_FOUND = "no such upload for this API key (it may have expired)"

@@ -31,12 +31,12 @@ from shared.errors import (
     ImageUnreadable,
     InvalidImageRef,
 )
-from shared.image_decode import ALLOWED_FORMATS, decode_image
-from shared.image_fetch import Budget, check_bucket, fetch_s3, fetch_url
-from shared.netguard import ForbiddenAddress, HostNotFound, UrlRefused, check_url
-from shared.s3 import S3Location, parse_s3_uri
-from shared.uploads import SCHEME as UPLOAD_SCHEME
-from shared.uploads import UploadStore, upload_id_of
+from shared.images.decode import ALLOWED_FORMATS, decode_image
+from shared.images.fetch import Budget, check_bucket, fetch_s3, fetch_url
+from shared.images.uploads import SCHEME as UPLOAD_SCHEME
+from shared.images.uploads import UploadStore, upload_id_of
+from shared.outbound.netguard import ForbiddenAddress, HostNotFound, UrlRefused, check_url
+from shared.outbound.s3 import S3Location, parse_s3_uri
 
 __all__ = ["ALLOWED_FORMATS", "Access", "decode_image", "load_image", "load_images", "validate_ref"]
 

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import httpx
 
 from shared.config import Settings
-from shared.netguard import HostNotFound, UrlRefused
-from shared.store import JobStore
-from shared.webhook_store import Claim, WebhookStore, attempt_entry
-from shared.webhooks import backoff_s, payload, retry_after_s, retryable, signed_headers
+from shared.outbound.netguard import HostNotFound, UrlRefused
+from shared.store.jobs import JobStore
+from shared.webhooks.endpoints import attempt_entry
+from shared.webhooks.events import payload, signed_headers
+from shared.webhooks.retries import backoff_s, retry_after_s, retryable
+from shared.webhooks.store import Claim, WebhookStore
 
 log = logging.getLogger(__name__)
 

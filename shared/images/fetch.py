@@ -21,8 +21,8 @@ from shared.errors import (
     ImageUnsupportedFormat,
     InvalidImageRef,
 )
-from shared.netguard import ForbiddenAddress, HostNotFound, UrlRefused, guarded_client
-from shared.s3 import S3Location, error_code, s3_client
+from shared.outbound.netguard import ForbiddenAddress, HostNotFound, UrlRefused, guarded_client
+from shared.outbound.s3 import S3Location, error_code, s3_client
 
 S3_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 

@@ -1,6 +1,5 @@
 """Webhooks in Redis: an API key's registered endpoints and signing secrets, and each job's deliveries (the outbox
-the terminal transition writes, see shared/lua.py) with their schedule and attempt log. Key names are in
-shared/store.py with every other."""
+the terminal transition writes, shared/store/lua/outbox.lua) with their schedule and attempt log."""
 
 from __future__ import annotations
 
@@ -9,10 +8,10 @@ from datetime import UTC, datetime
 
 import redis
 
-from shared import lua
 from shared.jobs import utcnow
-from shared.queue import DELIVER_WEBHOOK_TASK, DISPATCH_WEBHOOKS_TASK, task_message
-from shared.store import (
+from shared.store import scripts
+from shared.store.broker import DELIVER_WEBHOOK_TASK, DISPATCH_WEBHOOKS_TASK, task_message
+from shared.store.keys import (
     deliveries_key,
     delivery_key,
     delivery_log_key,
@@ -20,7 +19,8 @@ from shared.store import (
     job_webhook_secret_key,
     webhooks_due_key,
 )
-from shared.webhooks import Attempt, Delivery, Endpoint, new_endpoint_id, new_secret
+from shared.webhooks.endpoints import Attempt, Delivery, Endpoint, new_endpoint_id
+from shared.webhooks.events import new_secret
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,11 @@ class WebhookStore:
         self.redis = client
         self.queue = webhook_queue
         self.due_key = webhooks_due_key(webhook_queue)
-        self._take_due = client.register_script(lua.TAKE_DUE)
-        self._claim = client.register_script(lua.CLAIM_DELIVERY)
-        self._record = client.register_script(lua.RECORD_ATTEMPT)
-        self._retry = client.register_script(lua.RETRY_DELIVERY)
-        self._add_endpoint = client.register_script(lua.ADD_ENDPOINT)
+        self._take_due = scripts.register(client, "take_due")
+        self._claim = scripts.register(client, "claim_delivery")
+        self._record = scripts.register(client, "record_attempt")
+        self._retry = scripts.register(client, "retry_delivery")
+        self._add_endpoint = scripts.register(client, "add_endpoint")
 
     # --- endpoints and secrets ----------------------------------------------------------------------------
 
@@ -155,10 +155,4 @@ class WebhookStore:
         keys = [delivery_key(job_id, delivery_id), delivery_log_key(job_id, delivery_id), self.due_key, self.queue]
         message = task_message(DISPATCH_WEBHOOKS_TASK, [], self.queue)
         return self._retry(keys=keys, args=[member(job_id, delivery_id), message, min_ttl_s])
-
-
-def attempt_entry(attempt: int, status_code: int | None, latency_ms: float, error: str | None) -> Attempt:
-    """One attempt as logged (its outcome is settled by the store)."""
-    return Attempt(attempt=attempt, at=utcnow(), status_code=status_code, latency_ms=round(latency_ms, 3),
-                   error=error, outcome="")
 

@@ -1,0 +1,59 @@
+"""The bodies the HTTP API answers with, besides the job itself (shared/jobs.py): pages, lists, errors. They
+exist for the OpenAPI document and the views; nothing outside api/ uses them."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from shared.images.uploads import Upload
+from shared.jobs import Job, WebhookSpec
+from shared.webhooks.endpoints import Delivery, Endpoint
+
+
+class JobPage(BaseModel):
+    """One page of GET /v1/jobs."""
+
+    jobs: list[Job]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, machine-readable")
+    message: str
+    details: list[dict] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    error: ErrorDetail
+
+
+class UploadList(BaseModel):
+    """What POST /v1/uploads answers."""
+
+    uploads: list[Upload]
+
+
+class EndpointRequest(WebhookSpec):
+    """The body of POST /v1/webhooks."""
+
+    description: str | None = Field(default=None, max_length=200)
+
+
+class EndpointList(BaseModel):
+    """GET /v1/webhooks (secrets are never listed)."""
+
+    endpoints: list[Endpoint]
+
+
+class DeliveryList(BaseModel):
+    """GET /v1/jobs/<id>/deliveries."""
+
+    deliveries: list[Delivery]
+
+
+class SigningSecret(BaseModel):
+    """GET /v1/webhooks/secret."""
+
+    secret: str = Field(description="whsec_...: verifies the events sent to jobs' own webhook URLs")

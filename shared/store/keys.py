@@ -1,0 +1,158 @@
+"""Every Redis key, channel and queue name visionq uses, built here and nowhere else.
+
+Lua scripts receive their keys from these functions. Where a script learns part of a name only while it runs (the
+owner of the job it ends, the ids of that owner's endpoints), it gets a template from here with a `{placeholder}`
+and fills it in (shared/store/lua/fill.lua). visionq runs on one Redis (or a primary with replicas), not Cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "visionq"
+OWNER_PREFIX = f"{PREFIX}:owner:"
+
+# --- jobs ----------------------------------------------------------------------------------------------------
+
+
+def job_key(job_id: str) -> str:
+    """Hash of one job (shared/jobs.py's Job.to_hash)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_done_channel(job_id: str) -> str:
+    """Pub/sub channel on which a job's terminal transition publishes (the API's ?wait listens)."""
+    return f"{PREFIX}:job:{job_id}:done"
+
+
+JOB_DONE_PATTERN = job_done_channel("*")
+
+
+def job_id_from_done_channel(channel: str) -> str:
+    return channel[len(f"{PREFIX}:job:"):-len(":done")]
+
+
+# hash: status -> how many jobs are in it (queued, running) or have ended in it (terminal ones, since the start)
+STATUS_COUNTS_KEY = f"{PREFIX}:stats:status"
+
+
+def idempotency_key(owner: str, key: str) -> str:
+    return f"{PREFIX}:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+# --- owners (API keys) ---------------------------------------------------------------------------------------
+
+
+def owner_jobs_key(owner: str) -> str:
+    """Zset of an owner's jobs by creation time (GET /v1/jobs)."""
+    return f"{OWNER_PREFIX}{owner}:jobs"
+
+
+def owner_active_key(owner: str) -> str:
+    """How many of an owner's jobs are queued or running (its max_active_jobs bound)."""
+    return f"{OWNER_PREFIX}{owner}:active"
+
+
+def rate_key(owner: str) -> str:
+    """An owner's token bucket (shared/store/rates.py)."""
+    return f"{PREFIX}:rate:{owner}"
+
+
+def api_key_key(secret_hash: str) -> str:
+    return f"{PREFIX}:apikey:{secret_hash}"
+
+
+API_KEY_IDS = f"{PREFIX}:apikeys"  # hash: key id -> secret hash
+
+# --- the queue: Celery's Redis transport and visionq's index of queued jobs ---------------------------------
+
+KOMBU_UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages (visionq sets no key prefix)
+KOMBU_UNACKED_INDEX = "unacked_index"  # kombu's zset of their delivery times
+
+
+def job_queue(queue_prefix: str, model: str) -> str:
+    """The queue (a Redis list, Celery's queue) of one model's jobs: named from the model alone, so that the API
+    and every worker, on any host, agree on it without talking to each other."""
+    return f"{queue_prefix}:{model}"
+
+
+def webhook_queue(queue_prefix: str) -> str:
+    """The Celery queue of webhook deliveries (consumed by CPU workers, never by a GPU worker)."""
+    return f"{queue_prefix}-webhooks"
+
+
+def queued_index_key(queue: str) -> str:
+    """Zset of a queue's jobs still queued: job id -> sequence number."""
+    return f"{PREFIX}:queued:{queue}"
+
+
+def queue_watermark_key(queue: str) -> str:
+    """The highest sequence number a worker has started in this queue."""
+    return f"{queued_index_key(queue)}:started"
+
+
+def queue_suspects_key(queue: str) -> str:
+    """Hash: job id -> when the sweep first saw it still queued below the watermark."""
+    return f"{queued_index_key(queue)}:suspects"
+
+
+def queue_seq_key(queue: str) -> str:
+    return f"{PREFIX}:queue-seq:{queue}"
+
+
+def sweep_lock_key(queue: str) -> str:
+    """Held by the one worker sweeping this queue for lost messages."""
+    return f"{PREFIX}:{queue}:sweeping"
+
+
+# --- workers -------------------------------------------------------------------------------------------------
+
+WORKERS_KEY = f"{PREFIX}:workers"  # zset: worker name -> time of its last heartbeat
+
+
+def worker_key(name: str) -> str:
+    """Hash of what a worker published about itself (model, pid, loads, batches, ...)."""
+    return f"{PREFIX}:worker:{name}"
+
+
+# --- webhooks ------------------------------------------------------------------------------------------------
+
+
+def delivery_key(job_id: str, delivery_id: str) -> str:
+    return f"{job_key(job_id)}:delivery:{delivery_id}"
+
+
+def delivery_log_key(job_id: str, delivery_id: str) -> str:
+    return f"{delivery_key(job_id, delivery_id)}:log"
+
+
+def deliveries_key(job_id: str) -> str:
+    """List of a job's delivery ids, in the order the outbox wrote them."""
+    return f"{job_key(job_id)}:deliveries"
+
+
+def webhooks_due_key(queue: str) -> str:
+    """The zset of deliveries by due time, one per webhook queue (each stack's delivery workers poll theirs)."""
+    return f"{PREFIX}:webhooks:{queue}:due"
+
+
+def endpoints_key(owner: str) -> str:
+    """Hash of an owner's registered endpoints: endpoint id -> endpoint JSON."""
+    return f"{OWNER_PREFIX}{owner}:webhooks"
+
+
+def job_webhook_secret_key(owner: str) -> str:
+    return f"{OWNER_PREFIX}{owner}:webhook_secret"
+
+
+# --- uploads -------------------------------------------------------------------------------------------------
+
+
+def upload_key(upload_id: str) -> str:
+    """Hash of one upload (shared/images/uploads.py): owner, size, and the bytes or where they are in S3."""
+    return f"{PREFIX}:upload:{upload_id}"
+
+
+def upload_bytes_key(owner: str, window: int) -> str:
+    """Bytes an owner uploaded in one window of upload_ttl_s seconds (the upload quota)."""
+    return f"{PREFIX}:upload-bytes:{owner}:{window}"

@@ -1,0 +1,32 @@
+-- requires: token_bucket
+-- Create a job: the rate limit, idempotency check, the owner's active-job bound, the job hash, its queue
+-- message and the owner's index, all or nothing, in one round trip.
+-- KEYS: 1 job hash, 2 queue list, 3 owner's job index (zset), 4 owner's active counter, 5 idempotency key ("" for
+--       none), 6 the owner's token bucket key, 7 the count of jobs by status, 8 the queue's index of queued jobs
+--       (a zset: job id -> sequence number), 9 the queue's sequence counter.
+-- ARGV: 1 job ttl, 2 max active jobs, 3 index score, 4 job id, 5 request hash, 6 idempotency ttl, 7 queue message,
+--       8 tokens per second, 9 burst, then the job hash's field/value pairs.
+-- Returns {"created", ""}, {"existing", "<job id> <request hash>"}, {"queue_full", "<active>"} or
+-- {"rate_limited", "<seconds to wait>"}.
+local wait = take_token(KEYS[6], tonumber(ARGV[8]), tonumber(ARGV[9]))
+if wait ~= '0' then return {'rate_limited', wait} end
+if KEYS[5] ~= '' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then return {'existing', existing} end
+end
+local active = tonumber(redis.call('GET', KEYS[4]) or '0')
+if active >= tonumber(ARGV[2]) then return {'queue_full', tostring(active)} end
+for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+-- The queue: a sequence number in its index (the lost-message sweep's watermark compares against it), then the
+-- message on Celery's list.
+local seq = redis.call('INCR', KEYS[9])
+redis.call('HSET', KEYS[1], 'seq', seq, 'queue', KEYS[2])
+redis.call('ZADD', KEYS[8], seq, ARGV[4])
+redis.call('LPUSH', KEYS[2], ARGV[7])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), ARGV[4])
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
+redis.call('INCR', KEYS[4])
+redis.call('HINCRBY', KEYS[7], 'queued', 1)
+if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[4] .. ' ' .. ARGV[5], 'EX', tonumber(ARGV[6])) end
+return {'created', ''}
