@@ -6,6 +6,7 @@ COPY pyproject.toml README.md ./
 COPY api ./api
 COPY shared ./shared
 COPY worker ./worker
+COPY cli ./cli
 RUN pip install .
 EXPOSE 8000
 CMD ["visionq", "api"]

@@ -20,44 +20,80 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VISIONQ_", extra="ignore")
 
-    # Where jobs live. Empty: `visionq up`/`demo` start an embedded server; `api`/`worker` use LOCAL_REDIS_URL.
+    # --- Redis: where jobs, keys and queues live ---------------------------------------------------------------
+    # Empty: `visionq up`/`demo` start an embedded server; `api`/`worker` use LOCAL_REDIS_URL.
     redis_url: str = ""
-    queue: str = "visionq"
-    data_dir: Path = Path(".visionq")
+    # With redis_url sentinel://host:26379;sentinel://host2:26379, the primary the sentinels know by this name.
+    redis_sentinel_master: str = "mymaster"
+    queue: str = "visionq"  # the prefix of every queue's name (shared/routing.py)
 
-    # The model the worker serves.
-    model: str = DEFAULT_MODEL
+    # --- Models: what the workers serve, and how they load it --------------------------------------------------
+    model: str = DEFAULT_MODEL  # the default model, and the one a worker of these settings serves
+    # Other models the API accepts (comma-separated). A job names one (default: `model`) and goes to that model's
+    # queue; a worker serves its own `model` only.
+    models: str = ""
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa
     trust_remote_code: bool = False
 
-    # Bounds on what a request may ask for.
+    # --- Requests: the bounds of what one request may ask for --------------------------------------------------
     max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_images: int = Field(default=8, ge=2)
     max_question_chars: int = Field(default=2000, gt=0)
     max_new_tokens_limit: int = Field(default=1024, gt=0)
     default_max_new_tokens: int = Field(default=256, gt=0)
-    max_wait_s: float = 60.0
+    max_wait_s: float = 60.0  # the longest ?wait a poll may hold
+    list_max_limit: int = Field(default=100, ge=1)
 
-    # Images.
-    image_root: Path = Path("images")
+    # --- API keys, rate limits and quotas ----------------------------------------------------------------------
+    auth_enabled: bool = True
+    rate_per_s: float = Field(default=200.0, gt=0)  # per key, unless the key says otherwise
+    rate_burst: int = Field(default=400, ge=1)
+    max_active_jobs: int = Field(default=10_000, ge=1)  # queued or running at once, per key
+    idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
+    key_cache_s: float = Field(default=2.0, ge=0)  # a revoked key may work this long in a process that cached it
+
+    # --- Images: sources and bounds (shared/images/) -----------------------------------------------------------
+    image_root: Path = Path("images")  # where plain paths in a job's images are read from
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
+    max_image_side: int = Field(default=16_384, gt=0)  # longest side, in pixels
+    max_job_image_bytes: int = Field(default=40 * 1024 * 1024, gt=0)  # all images of one job together
+    max_job_image_pixels: int = Field(default=80_000_000, gt=0)
+    image_fetch_threads: int = Field(default=4, ge=1)  # images of one job fetched at once
+    upload_ttl_s: int = Field(default=3600, gt=0)
+    max_upload_bytes_per_key: int = Field(default=1024**3, gt=0)  # bytes one key may have stored at once
+    uploads_s3_uri: str = ""  # s3://bucket/prefix: upload bytes go there, their owner and expiry stay in Redis
 
-    # Lifetimes and delivery.
-    result_ttl_s: int = Field(default=24 * 3600, gt=0)
+    # --- Outbound URLs: the SSRF guard (shared/outbound/netguard.py) and S3 -----------------------------------
+    # Lists are JSON in the environment, e.g. VISIONQ_URL_ALLOWED_NETWORKS='["127.0.0.0/8"]'.
+    allow_http: bool = False  # plain http:// URLs (https only by default)
+    url_allowed_networks: list[str] = []  # CIDRs exempt from the non-global-address rule
+    url_allow_hosts: list[str] = []  # non-empty: only these hosts (and their subdomains)
+    url_deny_hosts: list[str] = []  # never these hosts (and their subdomains)
+    url_connect_timeout_s: float = Field(default=5.0, gt=0)
+    url_read_timeout_s: float = Field(default=10.0, gt=0)  # between two reads of one response
+    url_total_timeout_s: float = Field(default=30.0, gt=0)  # one whole fetch, redirects included
+    url_max_redirects: int = Field(default=3, ge=0)
+    s3_endpoint_url: str = ""  # empty: AWS; else MinIO, R2, ... (credentials: boto3's standard chain)
+    s3_region: str = ""  # empty: boto3's default (AWS_DEFAULT_REGION, ~/.aws/config)
+    s3_allowed_buckets: list[str] = []  # buckets every key may read (["*"]: any); keys add their own
+
+    # --- Jobs: lifetimes, delivery to workers and retries ------------------------------------------------------
+    result_ttl_s: int = Field(default=24 * 3600, gt=0)  # how long an ended job and its result are kept
     job_timeout_s: int = Field(default=900, gt=0)
     # Celery's Redis transport redelivers a job unacknowledged for this long. Workers renew the lease of each job
-    # they hold every heartbeat_s (worker/leases.py), so it bounds how long a dead worker's job waits, not job length.
+    # they hold every heartbeat_s (worker/heartbeat.py), so it bounds how long a dead worker's job waits, not job
+    # length.
     visibility_timeout_s: int = Field(default=60, gt=0)
     # How often a worker looks for jobs whose worker vanished (lease not renewed for visibility_timeout_s).
     restore_interval_s: int = Field(default=10, ge=1)
     max_attempts: int = Field(default=3, ge=1)
+    heartbeat_s: float = Field(default=10.0, gt=0)  # workers beat (and renew their jobs' leases) this often
+    results_s3_uri: str = ""  # s3://bucket/prefix: the worker also writes each succeeded job there, as <id>.json
 
-    log_level: str = "INFO"
-
-    # Batching and decoding in the GPU worker.
+    # --- Batching and decoding in the GPU worker (worker/batcher.py, worker/decoding.py) -----------------------
     max_batch: int = Field(default=64, ge=1)  # jobs decoded together; the worker runs 2x this many task threads
     batch_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill: a lone job's extra delay
     batch_fill_ms: float = Field(default=20.0, ge=0)  # longer, but only for jobs the worker is already preparing
@@ -69,45 +105,29 @@ class Settings(BaseSettings):
     cpu_kv_cache_mb: int = Field(default=2048, gt=0)
     prefill_tokens: int = Field(default=16384, gt=0)  # padded prompt tokens per prefill forward
 
-    # API keys, quotas and listing.
-    auth_enabled: bool = True
-    rate_per_s: float = Field(default=200.0, gt=0)  # per key, unless the key says otherwise
-    rate_burst: int = Field(default=400, ge=1)
-    max_active_jobs: int = Field(default=10_000, ge=1)  # queued or running at once, per key
-    idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
-    list_max_limit: int = Field(default=100, ge=1)
-    key_cache_s: float = Field(default=2.0, ge=0)  # a revoked key may work this long in a process that cached it
+    # --- Webhooks (shared/webhooks/) ---------------------------------------------------------------------------
+    # Retries back off exponentially from base to max (with jitter) until give_up_s after the event; then the
+    # delivery is marked failed.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)  # each phase of one request: connect, send, answer
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_max_s: float = Field(default=3600.0, gt=0)
+    webhook_give_up_s: float = Field(default=12 * 3600.0, gt=0)
+    webhook_poll_s: float = Field(default=1.0, gt=0)  # how often the delivery worker looks for due retries
+    webhook_concurrency: int = Field(default=8, ge=1)  # threads of one delivery worker
+    webhook_max_endpoints: int = Field(default=10, ge=0)  # registered endpoints per API key
+    webhook_max_url_chars: int = Field(default=2048, gt=0)
+    webhook_max_log: int = Field(default=50, ge=1)  # attempts kept per delivery (the latest)
 
-    # Local servers started by the CLI.
+    # --- Processes: the API server, logs, metrics, local state -------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_workers: int = 2
     api_threads: int = 16
-
-    # Outbound URLs (SSRF guard): shared/netguard.py. Lists are JSON in the environment, e.g.
-    # VISIONQ_URL_ALLOWED_NETWORKS='["127.0.0.0/8"]'.
-    allow_http: bool = False  # plain http:// URLs (https only by default)
-    url_allowed_networks: list[str] = []  # CIDRs exempt from the non-global-address rule
-    url_allow_hosts: list[str] = []  # non-empty: only these hosts (and their subdomains)
-    url_deny_hosts: list[str] = []  # never these hosts (and their subdomains)
-    url_connect_timeout_s: float = Field(default=5.0, gt=0)
-    url_read_timeout_s: float = Field(default=10.0, gt=0)  # between two reads of one response
-    url_total_timeout_s: float = Field(default=30.0, gt=0)  # one whole fetch, redirects included
-    url_max_redirects: int = Field(default=3, ge=0)
-
-    # Image references (issue 5): https fetches, s3://, uploads, decoding bounds. max_image_bytes and
-    # max_image_pixels above bound each image; these bound a job and the sources.
-    max_image_side: int = Field(default=16_384, gt=0)  # longest side, in pixels
-    max_job_image_bytes: int = Field(default=40 * 1024 * 1024, gt=0)  # all images of one job together
-    max_job_image_pixels: int = Field(default=80_000_000, gt=0)
-    image_fetch_threads: int = Field(default=4, ge=1)  # images of one job fetched at once
-    s3_endpoint_url: str = ""  # empty: AWS; else MinIO, R2, ... (credentials: boto3's standard chain)
-    s3_region: str = ""  # empty: boto3's default (AWS_DEFAULT_REGION, ~/.aws/config)
-    s3_allowed_buckets: list[str] = []  # buckets every key may read (["*"]: any); keys add their own
-    upload_ttl_s: int = Field(default=3600, gt=0)
-    max_upload_bytes_per_key: int = Field(default=1024**3, gt=0)  # bytes one key may have stored at once
-    uploads_s3_uri: str = ""  # s3://bucket/prefix: upload bytes go there, their owner and expiry stay in Redis
-    results_s3_uri: str = ""  # s3://bucket/prefix: the worker also writes each succeeded job there, as <id>.json
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    # A worker serves Prometheus metrics on this port (0: none); `visionq workers` gives its N-th child port + N.
+    metrics_port: int = Field(default=0, ge=0)
+    data_dir: Path = Path(".visionq")  # logs and state of the processes `visionq up` and `demo` start
 
     @field_validator("uploads_s3_uri", "results_s3_uri")
     @classmethod
@@ -127,29 +147,6 @@ class Settings(BaseSettings):
     @classmethod
     def _hosts_lower(cls, value: list[str]) -> list[str]:
         return [host.strip().lower().rstrip(".") for host in value if host.strip()]
-
-    # Webhooks on job completion: shared/webhooks.py, worker/webhook_app.py. Retries back off exponentially from
-    # base to max (with jitter) until give_up_s after the event; then the delivery is marked failed.
-    webhook_timeout_s: float = Field(default=10.0, gt=0)  # each phase of one request: connect, send, answer
-    webhook_retry_base_s: float = Field(default=5.0, gt=0)
-    webhook_retry_max_s: float = Field(default=3600.0, gt=0)
-    webhook_give_up_s: float = Field(default=12 * 3600.0, gt=0)
-    webhook_poll_s: float = Field(default=1.0, gt=0)  # how often the delivery worker looks for due retries
-    webhook_concurrency: int = Field(default=8, ge=1)  # threads of one delivery worker
-    webhook_max_endpoints: int = Field(default=10, ge=0)  # registered endpoints per API key
-    webhook_max_url_chars: int = Field(default=2048, gt=0)
-    webhook_max_log: int = Field(default=50, ge=1)  # attempts kept per delivery (the latest)
-    # --- scale-out (issue 7): several models, one worker per GPU, metrics, logs --------------------------------
-    # The models the API accepts (comma-separated); empty: only `model`. A job names one (default: `model`) and
-    # goes to that model's queue (shared/routing.py); a worker serves its own `model` only.
-    models: str = ""
-    # Workers beat (and renew the leases of the jobs they hold) this often.
-    heartbeat_s: float = Field(default=10.0, gt=0)
-    # A worker serves Prometheus metrics on this port (0: none); `visionq workers` gives its N-th child port + N.
-    metrics_port: int = Field(default=0, ge=0)
-    log_format: Literal["json", "text"] = "json"
-    # With redis_url sentinel://host:26379;sentinel://host2:26379, the primary the sentinels know by this name.
-    redis_sentinel_master: str = "mymaster"
 
     @model_validator(mode="after")
     def _leases_outlast_heartbeats(self) -> Settings:

@@ -25,13 +25,19 @@ class VisionqError(Exception):
         return body
 
 
-# --- rejected requests -----------------------------------------------------------------------------------
+# --- Malformed requests (400, 413, 415) ------------------------------------------------------------------------
 
 
 class InvalidJson(VisionqError):
     """The request body is not valid JSON."""
 
     code, http_status = "invalid_json", 400
+
+
+class InvalidParameter(VisionqError):
+    """A query parameter is malformed or out of range."""
+
+    code, http_status = "invalid_parameter", 400
 
 
 class UnsupportedMediaType(VisionqError):
@@ -44,6 +50,9 @@ class PayloadTooLarge(VisionqError):
     """The request body is larger than the server accepts."""
 
     code, http_status = "payload_too_large", 413
+
+
+# --- Job requests the server refuses (422) ---------------------------------------------------------------------
 
 
 class InvalidRequest(VisionqError):
@@ -82,19 +91,10 @@ class InvalidImageRef(InvalidRequest):
     code = "invalid_image_ref"
 
 
-# --- scale-out (issue 7) ---
-
-
 class UnknownModel(InvalidRequest):
     """The model is not one of the models this server is configured to serve."""
 
     code = "unknown_model"
-
-
-class InvalidParameter(VisionqError):
-    """A query parameter is malformed or out of range."""
-
-    code, http_status = "invalid_parameter", 400
 
 
 class IdempotencyConflict(InvalidRequest):
@@ -103,10 +103,19 @@ class IdempotencyConflict(InvalidRequest):
     code = "idempotency_conflict"
 
 
+# --- Who may do what, and how much (401, 404, 409, 429) --------------------------------------------------------
+
+
 class Unauthorized(VisionqError):
     """A valid API key is required: Authorization: Bearer <key>."""
 
     code, http_status = "unauthorized", 401
+
+
+class NotFound(VisionqError):
+    """No such resource (or it has expired)."""
+
+    code, http_status = "not_found", 404
 
 
 class AlreadyFinished(VisionqError):
@@ -127,13 +136,13 @@ class QueueFull(VisionqError):
     code, http_status = "queue_full", 429
 
 
-class NotFound(VisionqError):
-    """No such resource (or it has expired)."""
+class UploadQuotaExceeded(VisionqError):
+    """This API key has stored as many upload bytes as it may; retry when earlier uploads have expired."""
 
-    code, http_status = "not_found", 404
+    code, http_status = "upload_quota_exceeded", 429
 
 
-# --- webhooks --------------------------------------------------------------------------------------------
+# --- Webhooks (400, 409, 422) ----------------------------------------------------------------------------------
 
 
 class WebhookUrlRefused(VisionqError):
@@ -160,7 +169,7 @@ class DeliveryInProgress(VisionqError):
     code, http_status = "delivery_in_progress", 409
 
 
-# --- failures that end a job -----------------------------------------------------------------------------
+# --- Images that end a job failed (also found at submit, as 422) -----------------------------------------------
 
 
 class ImageError(VisionqError):
@@ -185,15 +194,6 @@ class ImageUnreadable(ImageError):
     """An image of the job could not be read or decoded."""
 
     code = "image_unreadable"
-
-
-# Image references (issue 5): https, s3://, uploads, hardened decoding.
-
-
-class UploadQuotaExceeded(VisionqError):
-    """This API key has stored as many upload bytes as it may; retry when earlier uploads have expired."""
-
-    code, http_status = "upload_quota_exceeded", 429
 
 
 class ImageFetchFailed(ImageError):
@@ -224,6 +224,9 @@ class ImageDecompressionBomb(ImageError):
     """An image declares more pixels than allowed: decoding it would take too much memory."""
 
     code = "image_decompression_bomb"
+
+
+# --- Other ends of a job ---------------------------------------------------------------------------------------
 
 
 class WorkerLost(VisionqError):

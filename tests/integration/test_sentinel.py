@@ -15,7 +15,7 @@ from shared.routing import worker_queue
 from shared.store.broker import make_celery
 from shared.store.connection import connect
 from shared.store.jobs import JobStore
-from tests.unit.test_jobs import make_job
+from tests.jobs import make_job
 
 
 class Replica(EmbeddedRedis):

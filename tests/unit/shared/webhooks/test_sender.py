@@ -13,7 +13,7 @@ from shared.store.jobs import JobStore
 from shared.store.keys import job_key
 from shared.webhooks.sender import Sender
 from shared.webhooks.store import WebhookStore
-from tests.unit.test_jobs import UNCONSUMED_QUEUE, make_job
+from tests.jobs import UNCONSUMED_QUEUE, make_job
 from tests.webhook_receiver import ScriptedReceiver
 
 HOOK_QUEUE = "unit-tests-sender-webhooks"  # no delivery worker reads it

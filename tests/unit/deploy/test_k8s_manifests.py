@@ -3,16 +3,15 @@ GPU each, and that KEDA watches the queue the API actually routes the default mo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from cli.main import build_parser
 from shared.config import DEFAULT_MODEL, Settings
 from shared.routing import queue_for
+from tests.paths import REPO
 
-K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+K8S = REPO / "deploy" / "k8s"
 
 
 def load(name: str) -> dict:

@@ -5,7 +5,6 @@ logits within 1e-4 (fp32) and the same greedy tokens."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import worker.models.phi3v  # noqa: F401  (registers the port with the Auto classes)
+from tests import paths
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "phi3v_tiny"
+DATA = paths.DATA / "phi3v_tiny"
 ORACLE = json.loads((DATA / "oracle.json").read_text())
 CASES = sorted(ORACLE["cases"])
 

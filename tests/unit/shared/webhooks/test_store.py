@@ -15,7 +15,7 @@ from shared.store.jobs import JobStore
 from shared.store.keys import deliveries_key
 from shared.webhooks.endpoints import attempt_entry
 from shared.webhooks.store import WebhookStore
-from tests.unit.test_jobs import UNCONSUMED_QUEUE, make_job
+from tests.jobs import UNCONSUMED_QUEUE, make_job
 
 HOOK_QUEUE = "unit-tests-webhooks"  # no delivery worker reads it
 

@@ -9,7 +9,7 @@ from cli.embedded_redis import EmbeddedRedis
 from shared.jobs import JobFailure, JobStatus
 from shared.store.connection import connect
 from shared.store.jobs import JobStore
-from tests.unit.test_jobs import UNCONSUMED_QUEUE, make_job
+from tests.jobs import UNCONSUMED_QUEUE, make_job
 
 
 def test_many_waiters_share_one_subscription(store):

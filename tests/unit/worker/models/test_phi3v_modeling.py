@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +13,13 @@ from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from cli.tiny_model import build_tiny_phi3v
 from tests.images import random_image
+from tests.paths import DATA
 from worker.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 from worker.models.phi3v.modeling_phi3_v import merge_2x2
 from worker.prompts import phi3_prompt
 
 # config.json of microsoft/Phi-3-vision-128k-instruct (bench/phi3v_gpu.py builds the real shape from it too).
-CHECKPOINT_CONFIG = json.loads((Path(__file__).resolve().parents[1] / "data" / "phi3_vision_128k_config.json")
+CHECKPOINT_CONFIG = json.loads((DATA / "phi3_vision_128k_config.json")
                                .read_text())
 LONG_FACTOR = CHECKPOINT_CONFIG["rope_scaling"]["long_factor"]
 SHORT_FACTOR = CHECKPOINT_CONFIG["rope_scaling"]["short_factor"]

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from api.job_cache import FinishedJobs
 from shared.jobs import JobFailure, JobStatus, utcnow
-from tests.unit.test_jobs import make_job
+from tests.jobs import make_job
 
 
 def ended(**changes):

@@ -73,7 +73,7 @@ def check(report: dict[str, list[float]]) -> None:
 
 @TRITON
 def test_kernels_equal_eager_in_the_triton_interpreter():
-    code = ("import json; from tests.unit.test_kernels import kernel_report; "
+    code = ("import json; from tests.unit.worker.test_kernels import kernel_report; "
             "print(json.dumps(kernel_report('cpu', 'float16')))")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)

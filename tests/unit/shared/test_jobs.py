@@ -7,10 +7,9 @@ import threading
 
 import pytest
 
-from shared.jobs import TERMINAL, TRANSITIONS, Job, JobFailure, JobStatus, can_transition, new_job_id, utcnow
+from shared.jobs import TERMINAL, TRANSITIONS, JobFailure, JobStatus, can_transition
 from shared.store.jobs import JobStore
-
-UNCONSUMED_QUEUE = "unit-tests"  # no worker reads it: these jobs only exercise the store
+from tests.jobs import UNCONSUMED_QUEUE, make_job
 
 LEGAL = {
     (JobStatus.QUEUED, JobStatus.RUNNING), (JobStatus.QUEUED, JobStatus.FAILED),
@@ -19,11 +18,6 @@ LEGAL = {
     (JobStatus.RUNNING, JobStatus.CANCELED),
 }
 ALL_PAIRS = list(itertools.product(JobStatus, JobStatus))
-
-
-def make_job(status: JobStatus = JobStatus.QUEUED) -> Job:
-    return Job(id=new_job_id(), status=status, task="describe", images=["a.png"], image_count=1,
-               question="q?", max_new_tokens=8, created_at=utcnow())
 
 
 def test_terminal_states_are_exactly_the_three_ends():
