@@ -131,7 +131,7 @@ def cancel_batch(batch_id: str):
 
 
 RETRY_REFUSALS = {
-    "validating": BatchNotFinished, "in_progress": BatchNotFinished, "finishing": BatchNotFinished,
+    "validating": BatchNotFinished, "in_progress": BatchNotFinished,
     "failed": NotRetryable, "canceled": NotRetryable, "nothing_failed": NothingToRetry,
 }
 

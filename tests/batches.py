@@ -53,6 +53,10 @@ class Stores:
                 return
         raise AssertionError("the batch's steps never stopped")
 
+    def finish(self, batch_id: str) -> bool:
+        """Run the batch's finish step, as the batch worker does once the last item has ended."""
+        return self.ending.finish(batch_id, int(self.batches.state(batch_id)["attempt"]))
+
     def take_step(self, batch_id: str) -> bool:
         """Remove the batch's queued step messages; whether there was one."""
         found = False

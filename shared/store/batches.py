@@ -205,7 +205,7 @@ class BatchStore:
 
     def reopen(self, batch_id: str) -> str:
         """Start a new attempt for the failed items of a completed batch: "" when it started, else why not
-        ("missing", "finishing", "nothing_failed", or the status that forbids it)."""
+        ("missing", "nothing_failed", or the status that forbids it)."""
         attempt = int(self.redis.hget(batch_key(batch_id), "attempt") or 1) + 1
         keys = [batch_key(batch_id), self.queue, batch_items_key(batch_id), batch_order_key(batch_id),
                 batch_errors_key(batch_id), batch_input_key(batch_id)]
@@ -218,14 +218,18 @@ class BatchStore:
         or now if none is left. False when its input had ended already."""
         return bool(self._finish_input(keys=[batch_key(batch_id)], args=[error]))
 
-    def notify(self, batch_id: str, attempt: int, body: str) -> bool:
-        """Write the webhook outbox of the batch's end (once per attempt), with the event's body."""
+    def notify(self, batch_id: str, attempt: int, read: str, final: BatchStatus, finished_at: float,
+               body: str) -> int:
+        """Set the final status of the batch's `attempt` and write the webhook outbox of its end, with the event's
+        body, once: 1 when told, 0 when not (told already, another attempt), -1 when its status is no longer
+        `read` (a cancel came in between)."""
         event_id = f"msg_{batch_id}" if attempt == 1 else f"msg_{batch_id}_{attempt}"
         keys = [batch_key(batch_id), webhooks_due_key(self.webhook_queue), self.webhook_queue,
                 deliveries_key(batch_id)]
         args = [batch_id, attempt, event_id, delivery_key(batch_id, "{delivery}"), endpoints_key("{owner}"),
-                task_message(DISPATCH_WEBHOOKS_TASK, [], self.webhook_queue), self.ttl_s, body]
-        return bool(self._notify(keys=keys, args=args))
+                task_message(DISPATCH_WEBHOOKS_TASK, [], self.webhook_queue), self.ttl_s, body, read, final,
+                finished_at]
+        return int(self._notify(keys=keys, args=args))
 
     def record_outputs(self, batch_id: str, output_file: str | None, errors_file: str | None) -> None:
         fields = {name: value for name, value in (("output_file", output_file), ("errors_file", errors_file))

@@ -73,9 +73,12 @@ def test_counts_follow_the_transitions_and_the_last_end_ends_the_batch_once(stor
     stores.end_all(batch_id, fail={"item-1"})
     stores.jobs.mark_canceled(first, JobFailure(code="canceled", message="again"))  # ended already: no move
     batch = stores.batches.get(batch_id)
-    assert batch.status == BatchStatus.COMPLETED and batch.finished_at is not None
     assert (batch.counts.succeeded, batch.counts.failed, batch.counts.queued, batch.counts.running) == (2, 1, 0, 0)
-    assert stores.tasks(batch_id).count("visionq.batch_finish") == 1
+    assert stores.tasks(batch_id).count("visionq.batch_finish") == 1  # the last end queued the finish step, once
+    assert batch.status == BatchStatus.IN_PROGRESS and batch.finished_at is None  # until that step has run
+    assert stores.finish(batch_id)
+    batch = stores.batches.get(batch_id)
+    assert batch.status == BatchStatus.COMPLETED and batch.finished_at is not None and batch.eta_s is None
 
 
 def test_the_finish_step_tells_the_end_once_with_the_batch_as_its_body(stores):
@@ -124,6 +127,7 @@ def test_a_canceled_batch_admits_nothing_more_and_ends_when_its_items_have(store
     stores.run(batch_id)  # the step stops reading
     admitted = stores.batches.get(batch_id).counts.items
     stores.ending.cancel(batch_id)
+    assert stores.finish(batch_id)
     batch = stores.batches.get(batch_id)
     assert batch.status == BatchStatus.CANCELED and batch.finished_at is not None and batch.input_done
     assert (batch.counts.items, batch.counts.canceled, batch.counts.queued) == (admitted, admitted, 0)
@@ -135,7 +139,7 @@ def test_retry_gives_the_failed_items_a_new_attempt_with_the_same_custom_ids(sto
     assert stores.batches.reopen(batch_id) == "validating"
     stores.run(batch_id)
     stores.end_all(batch_id, fail={"item-1", "item-4"})
-    assert stores.batches.reopen(batch_id) == "finishing"  # its end is not told yet
+    assert stores.batches.reopen(batch_id) == "in_progress"  # its end is not told yet
     stores.ending.finish(batch_id, 1)
     before = {item["custom_id"]: item for item in stores.results(batch_id)}
     assert stores.batches.reopen(batch_id) == ""
@@ -169,6 +173,7 @@ def test_items_fill_their_share_of_the_key_s_cap_and_wait_for_room(stores):
     stores.end_all(batch_id)
     stores.run(batch_id)
     stores.end_all(batch_id)
+    stores.finish(batch_id)
     batch = stores.batches.get(batch_id)
     assert (batch.status, batch.counts.items, batch.counts.succeeded) == ("completed", 12, 12)
 
@@ -184,6 +189,7 @@ def test_a_strict_batch_with_a_bad_line_admits_none(stores):
     batch_id = stores.submit(owner="owner-s", input_file=upload.ref, task="describe", strict=True)
     assert stores.batches.redis.exists(upload_key(upload.ref[len("upload://"):])) == 0  # the batch took it
     stores.run(batch_id)
+    stores.finish(batch_id)
     batch = stores.batches.get(batch_id)
     assert (batch.status, batch.counts.items, batch.counts.refused) == ("failed", 0, 1)
     assert batch.error.code == "invalid_lines" and batch.finished_at is not None
