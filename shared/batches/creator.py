@@ -16,7 +16,17 @@ import time
 from dataclasses import dataclass
 
 from shared.batches.batch import BatchSpec, BatchStatus, Phase, error_json
-from shared.batches.inputs import ByteSource, Chunk, InputError, Position, RedisChunks, S3Object, S3Prefix, read_lines
+from shared.batches.inputs import (
+    ByteSource,
+    Chunk,
+    InputError,
+    Position,
+    RedisChunks,
+    S3Object,
+    S3Prefix,
+    read_lines,
+    upload_ids,
+)
 from shared.batches.lines import DUPLICATE_CUSTOM_ID, Candidate, LineContext, check_line, check_object
 from shared.config import Settings
 from shared.images.refs import Access
@@ -85,6 +95,9 @@ class Creator:
             progress = {Phase.CHECKING: run.check, Phase.ADMITTING: run.admit, Phase.RETRYING: run.retry}[phase](
                 position)
             position = progress.position
+            if not state.get("uploads_kept") and phase != Phase.RETRYING:
+                run.keep_uploads()  # after the first chunk: the first items are not kept waiting for it
+                state["uploads_kept"] = "1"
             if progress.outcome != "more" or time.monotonic() >= deadline:
                 return self._after(batch_id, phase, progress)
 
@@ -167,6 +180,14 @@ class _Run:
     def _save(self, position: Position, refusals: list[Refusal]) -> None:
         self.creator.batches.refuse(self.batch_id, refusals)
         self.creator.batches.save_progress(self.batch_id, position.lines, position.offset, position.token)
+
+    def keep_uploads(self) -> None:
+        """Keep the uploads the input names as long as a batch's results (a folder's images, uploaded first, may
+        be reached hours later, past their own expiry); once per batch."""
+        if not isinstance(self.source, S3Prefix):
+            for ids in upload_ids(self.source):
+                self.creator.uploads.keep(ids, self.context.settings.result_ttl_s)
+        self.creator.batches.mark_uploads_kept(self.batch_id)
 
     # --- the phases -----------------------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ can only repeat entries already admitted (they are found again by custom_id), ne
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +19,8 @@ from shared.outbound.s3 import error_code
 from shared.store.batches import BatchStore, Refusal
 
 S3_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+UPLOAD_REF = re.compile(rb"upload://([A-Za-z0-9_-]{16,64})")
+REF_OVERLAP = 128  # bytes each scan window reads past its end, so that no ref is cut in two
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,17 @@ class _LineReader:
                 return offset + end + 1
             offset += len(data)
         return self.source.size
+
+
+def upload_ids(source: ByteSource) -> Iterator[set[str]]:
+    """The upload ids the input names (its lines' image refs), a window at a time: a plain scan, no line parsed,
+    so that a batch can keep its uploads alive before it reaches the lines that use them."""
+    offset = 0
+    while offset < source.size:
+        data = source.read(offset, min(CHUNK_BYTES + REF_OVERLAP, source.size - offset))
+        limit = len(data) if offset + len(data) >= source.size else CHUNK_BYTES
+        yield {match.group(1).decode() for match in UPLOAD_REF.finditer(data) if match.start() < limit}
+        offset += limit
 
 
 class S3Prefix:

@@ -120,6 +120,14 @@ class UploadStore:
             raise UploadQuotaExceeded(f"this key has uploaded {self.settings.max_upload_bytes_per_key} bytes "
                                       f"within {ttl} s; retry when earlier uploads have expired")
 
+    def keep(self, upload_ids: set[str], ttl_s: int) -> None:
+        """Keep these uploads at least `ttl_s` from now (a batch that uses them may reach them hours later); an
+        upload kept in S3 stays as long as its bucket's lifecycle rule lets it."""
+        pipe = self.redis.pipeline(transaction=False)
+        for upload_id in upload_ids:
+            pipe.expire(upload_key(upload_id), ttl_s, gt=True)
+        pipe.execute()
+
     def size_for(self, upload_id: str, owner: str | None) -> int:
         """The upload's size if it exists and `owner` made it; another key's upload is reported as missing."""
         stored_owner, size, kind = self.redis.hmget(upload_key(upload_id), ["owner", "size", "kind"])

@@ -264,6 +264,9 @@ class BatchStore:
         custom_id, so a step that ran twice admits nothing twice)."""
         self.redis.hset(batch_key(batch_id), mapping={"lines": lines, "offset": offset, "cursor": cursor})
 
+    def mark_uploads_kept(self, batch_id: str) -> None:
+        self.redis.hset(batch_key(batch_id), "uploads_kept", 1)
+
     def count_read_error(self, batch_id: str) -> int:
         """One more failed read of the batch's input; how many so far."""
         return self.redis.hincrby(batch_key(batch_id), "read_errors", 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from shared.batches.inputs import Position, read_lines
+from shared.batches.inputs import Position, read_lines, upload_ids
 from shared.images.uploads import CHUNK_BYTES
 
 
@@ -71,3 +71,12 @@ def test_the_line_past_the_item_bound_is_refused_and_ends_the_input():
     entries, refusals, _ = read_all(Bytes(jsonl(30)), per_chunk=4, max_items=10)
     assert len(entries) == 10
     assert [(r.line, r.code) for r in refusals] == [(11, "too_many_items")]
+
+
+def test_every_upload_ref_is_found_even_across_the_scan_s_windows():
+    ids = [f"{i:02d}" + "A" * 20 for i in range(40)]
+    data = b"".join(json.dumps({"custom_id": i, "images": [f"upload://{id_}"], "pad": "x" * 50_000}).encode()
+                    + b"\n" for i, id_ in enumerate(ids))
+    assert len(data) > 1.5 * CHUNK_BYTES
+    found = set().union(*upload_ids(Bytes(data)))
+    assert found == set(ids)

@@ -215,3 +215,17 @@ def test_the_same_idempotency_key_is_the_same_batch(stores):
     first = stores.submit(idempotency="k-1", requests=lines(2), task="describe")
     again = stores.submit(idempotency="k-1", requests=lines(2), task="describe")
     assert again == first
+
+
+def test_a_batch_keeps_the_uploads_its_lines_name_as_long_as_its_results(stores):
+    from shared.images.uploads import UploadStore
+    from tests.images import png
+
+    uploads = UploadStore(stores.settings, connect(stores.settings, decode_responses=False))
+    refs = [uploads.put("owner-u", png()).ref for _ in range(3)]
+    batch_id = stores.submit(owner="owner-u", task="describe",
+                             requests=[{"custom_id": str(i), "images": [ref]} for i, ref in enumerate(refs)])
+    stores.run(batch_id)
+    for ref in refs:
+        ttl = stores.batches.redis.ttl(upload_key(ref[len("upload://"):]))
+        assert stores.settings.upload_ttl_s < ttl <= stores.settings.result_ttl_s
