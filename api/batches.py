@@ -15,17 +15,15 @@ from pydantic import ValidationError
 from api.auth import authenticate, charge_now
 from api.context import services
 from api.deliveries import public as public_delivery
-from api.jobs import caller_access, decode_cursor, encode_cursor, invalid_fields
+from api.jobs import caller_access, encode_cursor, invalid_fields, list_parameters
 from shared.batches.batch import Batch, BatchRequest, BatchStatus, new_batch_id
 from shared.batches.intake import accept
 from shared.batches.results import error_lines, result_lines
-from shared.config import Settings
 from shared.errors import (
     AlreadyFinished,
     BatchNotFinished,
     IdempotencyConflict,
     InputNotFound,
-    InvalidParameter,
     NotFound,
     NothingToRetry,
     NotRetryable,
@@ -85,7 +83,7 @@ def list_batches():
     """The caller's batches, newest first: ?status=&limit=&cursor=."""
     svc = services()
     charge_now()
-    status, limit, before = list_parameters(svc.settings)
+    status, limit, before = list_parameters(svc.settings, BatchStatus)
     batches, next_before = svc.batches.list(g.key.id, status, limit, before)
     return {"batches": [batch.public() for batch in batches],
             "next_cursor": encode_cursor(next_before) if next_before is not None else None}
@@ -171,19 +169,3 @@ def owned(batch_id: str) -> Batch:
 def batch_response(batch: Batch, status: int = 200, headers: dict | None = None) -> Response:
     return Response(batch.model_dump_json(exclude_none=True), status=status, headers=headers,
                     mimetype="application/json")
-
-
-def list_parameters(settings: Settings) -> tuple[BatchStatus | None, int, float | None]:
-    args = request.args
-    try:
-        status = BatchStatus(args["status"]) if args.get("status") else None
-    except ValueError:
-        raise InvalidParameter(f"status must be one of: {', '.join(s.value for s in BatchStatus)}") from None
-    try:
-        limit = int(args.get("limit", 20))
-    except ValueError:
-        raise InvalidParameter("limit must be a whole number") from None
-    if not 1 <= limit <= settings.list_max_limit:
-        raise InvalidParameter(f"limit must be from 1 to {settings.list_max_limit}")
-    cursor = args.get("cursor")
-    return status, limit, decode_cursor(cursor) if cursor else None

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import logging
 import math
+from enum import StrEnum
 
 from flask import Blueprint, Response, g, request
 from pydantic import ValidationError
@@ -142,12 +143,14 @@ def request_hash(body: JobRequest) -> str:
     return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
 
 
-def list_parameters(settings: Settings) -> tuple[JobStatus | None, int, float | None]:
+def list_parameters(settings: Settings, statuses: type[StrEnum] = JobStatus) -> tuple[StrEnum | None, int,
+                                                                                       float | None]:
+    """?status= (one of `statuses`), ?limit= and ?cursor= of a listing."""
     args = request.args
     try:
-        status = JobStatus(args["status"]) if args.get("status") else None
+        status = statuses(args["status"]) if args.get("status") else None
     except ValueError:
-        raise InvalidParameter(f"status must be one of: {', '.join(s.value for s in JobStatus)}") from None
+        raise InvalidParameter(f"status must be one of: {', '.join(s.value for s in statuses)}") from None
     try:
         limit = int(args.get("limit", 20))
     except ValueError:
