@@ -4,6 +4,7 @@ and the batch's counts, kept by the transitions, add up to what its items' jobs 
 from __future__ import annotations
 
 import signal
+import socket
 import time
 
 import pytest
@@ -25,8 +26,11 @@ LONG = 1200
 @pytest.fixture(scope="module")
 def fault_stack(settings, tmp_path_factory):
     faulty = settings.model_copy(update={"queue": "visionq-batch-faults"})
-    with Stack(faulty, env={**settings_env(settings), **FAULT_ENV}, api_port=free_port(),
-               log_dir=tmp_path_factory.mktemp("batch-fault-logs"), webhooks=False) as stack:
+    stack = Stack(faulty, env={**settings_env(settings), **FAULT_ENV}, api_port=free_port(),
+                  log_dir=tmp_path_factory.mktemp("batch-fault-logs"), webhooks=False)
+    # Names of their own: the session stack's worker is worker1@<host> in the same registry.
+    stack.worker_name, stack.batches_name = f"batch-faults@{socket.gethostname()}", "batch-faults-batches@test"
+    with stack:
         yield stack
 
 
