@@ -28,6 +28,7 @@ from shared.batches.inputs import (
     upload_ids,
 )
 from shared.batches.lines import DUPLICATE_CUSTOM_ID, Candidate, LineContext, check_line, check_object
+from shared.batches.results import item_job_ids
 from shared.config import Settings
 from shared.images.refs import Access
 from shared.images.uploads import UploadStore
@@ -74,6 +75,21 @@ class Creator:
             self.batches.unlock(batch_id, holder)
         if outcome == "more":
             self.batches.enqueue_steps([batch_id])
+
+    def keep(self, batch_id: str) -> None:
+        """Renew the lifetimes of a running batch's items' jobs, queued or ended, and of the uploads its lines
+        name, to RESULT_TTL_S from now: a batch may run longer than that, and its items must outlive it."""
+        state = self.batches.state(batch_id)
+        if not state or state.get("finished_at"):
+            self.batches.close(batch_id)
+            return
+        for job_ids in item_job_ids(self.batches, batch_id):
+            self.batches.keep(job_ids)
+        if state.get("phase") != Phase.RETRYING:
+            try:
+                _Run.of(self, batch_id, state).keep_uploads()
+            except InputError as exc:  # its input is gone: its uploads too, and its reading stopped on it
+                log.info("batch %s: uploads not kept (%s)", batch_id, exc.message)
 
     def _run(self, batch_id: str) -> str:
         state = self.batches.state(batch_id)

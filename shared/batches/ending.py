@@ -57,8 +57,8 @@ class Ending:
             self.batches.expire(batch_id, job_ids)
         self.batches.expire(batch_id, [])
         for _ in range(3):  # a cancel between the read and the write: read again
-            told = self._tell(batch_id, attempt)
-            if told >= 0:
+            if self._tell(batch_id, attempt) >= 0:
+                self.batches.close(batch_id)
                 return True
         return False
 

@@ -4,7 +4,8 @@ worker`). A CPU process of its own, beside the GPU workers and the webhook deliv
 Reading a 200 MB manifest from S3 is slow, network-bound work that must hold neither a GPU nor the threads that send
 webhooks, and the API answers at once because it does none of it.
 
-Its poller thread queues the steps of batches that wait (for room under their key's cap, or after a read error).
+Its poller thread queues the steps of batches that wait (for room under their key's cap, or after a read error),
+and, every RESULT_TTL_S / 4, the renewal of each running batch's items' lifetimes (a batch may outlive them).
 Every task is short (a step gives its thread back after STEP_BUDGET_S) and idempotent, so a worker that dies
 mid-task leaves the message to be redelivered (acks late) and run again harmlessly.
 """
@@ -29,7 +30,7 @@ from shared.images.uploads import UploadStore
 from shared.routing import batch_queue
 from shared.store.api_keys import KeyStore
 from shared.store.batches import BatchStore
-from shared.store.broker import BATCH_CANCEL_TASK, BATCH_FINISH_TASK, BATCH_STEP_TASK, make_celery
+from shared.store.broker import BATCH_CANCEL_TASK, BATCH_FINISH_TASK, BATCH_KEEP_TASK, BATCH_STEP_TASK, make_celery
 from shared.store.connection import connect
 from shared.store.jobs import JobStore
 from shared.store.workers import WorkerRegistry
@@ -85,12 +86,21 @@ def batch_finish(batch_id: str, attempt: str) -> None:
     batch_worker().ending.finish(batch_id, int(attempt))
 
 
+@app.task(name=BATCH_KEEP_TASK)
+def batch_keep(batch_id: str) -> None:
+    """Renew the lifetimes of a running batch's items."""
+    batch_worker().creator.keep(batch_id)
+
+
 def queue_due(batch: int = 100) -> int:
-    """Queue the step of every batch whose wait is over; how many."""
+    """Queue the step of every batch whose wait is over, and the renewal of every running batch due for one; how
+    many tasks."""
     worker = batch_worker()
     due = worker.batches.take_due(lease_s=max(10.0, 10 * worker.settings.batch_poll_s), limit=batch)
     worker.batches.enqueue_steps(due)
-    return len(due)
+    keep = worker.batches.take_open(limit=batch)
+    worker.batches.enqueue_steps(keep, BATCH_KEEP_TASK)
+    return len(due) + len(keep)
 
 
 @worker_ready.connect

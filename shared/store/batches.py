@@ -36,6 +36,7 @@ from shared.store.keys import (
     batch_order_key,
     batch_seen_key,
     batches_due_key,
+    batches_open_key,
     deliveries_key,
     delivery_key,
     endpoints_key,
@@ -101,6 +102,7 @@ class BatchStore:
         self.ttl_s, self.idempotency_ttl_s = ttl_s, idempotency_ttl_s
         self.queue, self.webhook_queue = queue, webhook_queue
         self.due_key = batches_due_key(queue)
+        self.open_key = batches_open_key(queue)
         self._create = scripts.register(client, "create_batch")
         self._finish_input = scripts.register(client, "finish_input")
         self._cancel = scripts.register(client, "cancel_batch")
@@ -138,9 +140,10 @@ class BatchStore:
             fields["webhook"] = batch.spec.webhook.model_dump_json()
         keys = [batch_key(batch.id), batch_idempotency_key(batch.owner, idempotency) if idempotency else "",
                 owner_batches_key(batch.owner), self.queue, upload_key(upload_id) if upload_id else "",
-                upload_chunks_key(upload_id) if upload_id else "", batch_input_key(batch.id)]
+                upload_chunks_key(upload_id) if upload_id else "", batch_input_key(batch.id), self.open_key]
         args = [batch.id, request_hash, self.idempotency_ttl_s, batch.created_at, self.step_message(batch.id),
-                batch.owner, json.dumps({name: str(value) for name, value in fields.items()}), *(chunks or [])]
+                batch.owner, json.dumps({name: str(value) for name, value in fields.items()}),
+                time.time() + self.keep_every_s, *(chunks or [])]
         outcome, detail = self._create(keys=keys, args=args)
         if outcome == "existing":
             batch_id, earlier_hash = detail.split(" ", 1)
@@ -207,10 +210,10 @@ class BatchStore:
         """Start a new attempt for the failed items of a completed batch: "" when it started, else why not
         ("missing", "nothing_failed", or the status that forbids it)."""
         attempt = int(self.redis.hget(batch_key(batch_id), "attempt") or 1) + 1
-        keys = [batch_key(batch_id), self.queue, batch_items_key(batch_id), batch_order_key(batch_id),
+        keys = [batch_key(batch_id), self.queue, self.open_key, batch_items_key(batch_id), batch_order_key(batch_id),
                 batch_errors_key(batch_id), batch_input_key(batch_id)]
-        applied, why = self._reopen(keys=keys, args=[self.step_message(batch_id),
-                                                     self.finish_message(batch_id, attempt)])
+        args = [self.step_message(batch_id), self.finish_message(batch_id, attempt), time.time() + self.keep_every_s]
+        applied, why = self._reopen(keys=keys, args=args)
         return "" if applied else why
 
     def finish_input(self, batch_id: str, error: str = "") -> bool:
@@ -236,6 +239,26 @@ class BatchStore:
                   if value}
         if fields:
             self.redis.hset(batch_key(batch_id), mapping=fields)
+
+    @property
+    def keep_every_s(self) -> float:
+        """How often the items of a batch still running have their lifetimes renewed."""
+        return self.ttl_s / 4
+
+    def take_open(self, limit: int = 20) -> list[str]:
+        """Batches still running whose items' lifetimes are due for renewal (each put off until the next time)."""
+        return self._take_due(keys=[self.open_key], args=[limit, self.keep_every_s])
+
+    def close(self, batch_id: str) -> None:
+        """The batch has ended: its lifetime is its own now."""
+        self.redis.zrem(self.open_key, batch_id)
+
+    def keep(self, job_ids: list[str]) -> None:
+        """Make these jobs live at least RESULT_TTL_S from now (never shorter than they would)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.expire(job_key(job_id), self.ttl_s, gt=True)
+        pipe.execute()
 
     def expire(self, batch_id: str, job_ids: list[str]) -> None:
         """Keep the ended batch, its indexes and these items' jobs RESULT_TTL_S from now."""
@@ -300,9 +323,10 @@ class BatchStore:
         """Batches whose deferred step has come due, each put off by `lease_s` so that the next poll skips it."""
         return self._take_due(keys=[self.due_key], args=[limit, lease_s])
 
-    def enqueue_steps(self, batch_ids: list[str]) -> None:
+    def enqueue_steps(self, batch_ids: list[str], task: str = BATCH_STEP_TASK) -> None:
+        """Queue the step (or another task) of each of these batches."""
         if batch_ids:
-            self.redis.lpush(self.queue, *(self.step_message(batch_id) for batch_id in batch_ids))
+            self.redis.lpush(self.queue, *(task_message(task, [batch_id], self.queue) for batch_id in batch_ids))
 
     # --- reading a batch --------------------------------------------------------------------------------------
 

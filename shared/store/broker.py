@@ -49,10 +49,11 @@ RUN_JOB_TASK = "visionq.run_job"
 DISPATCH_WEBHOOKS_TASK = "visionq.dispatch_webhooks"
 DELIVER_WEBHOOK_TASK = "visionq.deliver_webhook"
 # The batch worker's tasks (shared/batches/worker_app.py): read and admit the next chunk of a batch's lines; cancel
-# its active items; write its results and tell its end; queue the steps of batches that were waiting.
+# its active items; write its results and tell its end; renew its items' lifetimes while it runs.
 BATCH_STEP_TASK = "visionq.batch_step"
 BATCH_CANCEL_TASK = "visionq.batch_cancel"
 BATCH_FINISH_TASK = "visionq.batch_finish"
+BATCH_KEEP_TASK = "visionq.batch_keep"
 
 
 def make_celery(settings: Settings) -> Celery:

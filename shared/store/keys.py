@@ -175,6 +175,12 @@ def batches_due_key(queue: str) -> str:
     return f"{PREFIX}:batches:{queue}:due"
 
 
+def batches_open_key(queue: str) -> str:
+    """Zset: batch id -> when its items' lifetimes are next renewed, for every batch not ended yet (a batch may run
+    longer than RESULT_TTL_S: its items, queued or ended, must outlive it), one per batch queue."""
+    return f"{PREFIX}:batches:{queue}:open"
+
+
 # --- webhooks ------------------------------------------------------------------------------------------------
 
 

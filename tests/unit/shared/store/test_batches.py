@@ -12,7 +12,7 @@ from shared.images.uploads import UploadStore
 from shared.jobs import JobFailure
 from shared.store.connection import connect
 from shared.store.keys import batch_key, deliveries_key, delivery_key, job_key, upload_key
-from tests.batches import lines, make_stores
+from tests.batches import RESULT, lines, make_stores
 
 
 @pytest.fixture
@@ -229,3 +229,22 @@ def test_a_batch_keeps_the_uploads_its_lines_name_as_long_as_its_results(stores)
     for ref in refs:
         ttl = stores.batches.redis.ttl(upload_key(ref[len("upload://"):]))
         assert stores.settings.upload_ttl_s < ttl <= stores.settings.result_ttl_s
+
+
+def test_a_running_batch_renews_its_items_lifetimes_and_an_ended_one_leaves_the_renewals(settings):
+    stores = make_stores(settings, result_ttl_s=400, batch_chunk_items=4)
+    batch_id = stores.submit(requests=lines(3), task="describe")
+    stores.run(batch_id)
+    first, second, _ = (item["id"] for item in stores.results(batch_id))
+    stores.jobs.mark_running(first, "w")
+    stores.jobs.mark_succeeded(first, RESULT)
+    assert stores.batches.take_open() == []  # not due before RESULT_TTL_S / 4
+    for job_id in (first, second):  # an ended item, and one still queued, each about to expire
+        stores.batches.redis.expire(job_key(job_id), 5)
+    stores.batches.redis.zadd(stores.batches.open_key, {batch_id: 0})
+    assert batch_id in stores.batches.take_open()
+    stores.creator.keep(batch_id)
+    assert all(300 < stores.batches.redis.ttl(job_key(job_id)) <= 400 for job_id in (first, second))
+    stores.end_all(batch_id)
+    stores.finish(batch_id)
+    assert stores.batches.redis.zscore(stores.batches.open_key, batch_id) is None
