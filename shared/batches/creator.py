@@ -15,6 +15,8 @@ import math
 import time
 from dataclasses import dataclass
 
+import redis
+
 from shared.batches.batch import BatchSpec, BatchStatus, Phase, error_json
 from shared.batches.inputs import (
     ByteSource,
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 STEP_BUDGET_S = 2.0  # a step gives its thread back this often (other batches share the worker)
 LOCK_LEASE_S = 60.0  # a step whose thread died frees its batch after this
 MAX_READ_ERRORS = 5  # a retryable read error is tried again this many times (backing off) before the input ends
+RETRY_AFTER_BUG_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,12 @@ class Creator:
         try:
             self.batches.undefer(batch_id)
             outcome = self._run(batch_id)
+        except redis.ConnectionError:
+            raise  # the task keeps its message: the step runs again once Redis is back
+        except Exception:  # a bug must not strand the batch: it is tried again later, and logged
+            log.exception("batch %s: step failed; trying again in %s s", batch_id, RETRY_AFTER_BUG_S)
+            self.batches.defer(batch_id, RETRY_AFTER_BUG_S)
+            outcome = "wait"
         finally:
             self.batches.unlock(batch_id, holder)
         if outcome == "more":

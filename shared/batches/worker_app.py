@@ -12,15 +12,18 @@ mid-task leaves the message to be redelivered (acks late) and run again harmless
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
 import redis
+from celery.exceptions import Reject
 from celery.signals import worker_ready
 
 from shared.batches.creator import Creator
@@ -68,25 +71,40 @@ def holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
+def requeued_when_redis_is_down(task: Callable[..., None]) -> Callable[..., None]:
+    """The task's message goes back to the queue when Redis cannot be reached: every task is idempotent."""
+    @functools.wraps(task)
+    def run(*args: str) -> None:
+        try:
+            task(*args)
+        except redis.ConnectionError as exc:
+            raise Reject(exc, requeue=True) from exc
+    return run
+
+
 @app.task(name=BATCH_STEP_TASK)
+@requeued_when_redis_is_down
 def batch_step(batch_id: str) -> None:
     """Read, check and admit the batch's next lines."""
     batch_worker().creator.step(batch_id, holder())
 
 
 @app.task(name=BATCH_CANCEL_TASK)
+@requeued_when_redis_is_down
 def batch_cancel(batch_id: str) -> None:
     """Stop the canceled batch's items still queued or running."""
     batch_worker().ending.cancel(batch_id)
 
 
 @app.task(name=BATCH_FINISH_TASK)
+@requeued_when_redis_is_down
 def batch_finish(batch_id: str, attempt: str) -> None:
     """Write the ended batch's results and tell its end."""
     batch_worker().ending.finish(batch_id, int(attempt))
 
 
 @app.task(name=BATCH_KEEP_TASK)
+@requeued_when_redis_is_down
 def batch_keep(batch_id: str) -> None:
     """Renew the lifetimes of a running batch's items."""
     batch_worker().creator.keep(batch_id)

@@ -11,7 +11,7 @@ from shared.batches.batch import BatchStatus
 from shared.images.uploads import UploadStore
 from shared.jobs import JobFailure
 from shared.store.connection import connect
-from shared.store.keys import batch_key, deliveries_key, delivery_key, job_key, upload_key
+from shared.store.keys import batch_key, batch_lock_key, deliveries_key, delivery_key, job_key, upload_key
 from tests.batches import RESULT, lines, make_stores
 
 
@@ -248,3 +248,12 @@ def test_a_running_batch_renews_its_items_lifetimes_and_an_ended_one_leaves_the_
     stores.end_all(batch_id)
     stores.finish(batch_id)
     assert stores.batches.redis.zscore(stores.batches.open_key, batch_id) is None
+
+
+def test_a_step_that_breaks_leaves_the_batch_to_be_tried_again(stores, caplog):
+    batch_id = stores.submit(requests=lines(2), task="describe")
+    stores.batches.redis.hset(batch_key(batch_id), "spec", "{broken")  # what a bug would leave
+    stores.creator.step(batch_id, "test")
+    assert stores.batches.redis.zscore(stores.batches.due_key, batch_id) is not None
+    assert "step failed" in caplog.text
+    assert stores.batches.redis.get(batch_lock_key(batch_id)) is None  # the lock is given back
