@@ -1,7 +1,7 @@
 """Creating a large batch with no GPU worker running: how fast its lines become queued jobs, how soon the first one
 is queued, and how much memory the API process (and the batch worker) peak at, for batches of several sizes.
 
-    python -m bench.batch_create [--sizes 10000,100000]
+    python -m bench.batch_create [--sizes 10000,50000,100000,200000]
 
 For each size: a JSONL manifest of that many lines (path refs under the image root: checked without reading a
 file) is uploaded (POST /v1/uploads, application/jsonl, streamed), then POST /v1/batches {input_file}; the time
@@ -89,14 +89,16 @@ def run_size(api_url: str, secret: str, redis, queue: str, size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--sizes", default="10000,50000,100000,200000")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as redis_server:
+        # Past the default 100,000 lines, to see whether memory grows with the size.
         settings = Settings(redis_url=redis_server.url, queue="visionq-bench", data_dir=Path(tmp) / "data",
-                            api_workers=1, batch_max_input_bytes=512 * 1024 * 1024)
+                            api_workers=1, batch_max_input_bytes=512 * 1024 * 1024, batch_max_items=10**6)
         env = {"VISIONQ_QUEUE": settings.queue, "VISIONQ_API_WORKERS": "1", "VISIONQ_LOG_LEVEL": "WARNING",
-               "VISIONQ_BATCH_MAX_INPUT_BYTES": str(settings.batch_max_input_bytes)}
+               "VISIONQ_BATCH_MAX_INPUT_BYTES": str(settings.batch_max_input_bytes),
+               "VISIONQ_BATCH_MAX_ITEMS": str(settings.batch_max_items)}
         with Stack(settings, env=env, api_port=free_port(), log_dir=Path(tmp) / "logs", worker=False,
                    webhooks=False) as stack:
             redis = connect(settings)
