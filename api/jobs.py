@@ -143,8 +143,8 @@ def request_hash(body: JobRequest) -> str:
     return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
 
 
-def list_parameters(settings: Settings, statuses: type[StrEnum] = JobStatus) -> tuple[StrEnum | None, int,
-                                                                                       float | None]:
+def list_parameters(settings: Settings,
+                    statuses: type[StrEnum] = JobStatus) -> tuple[StrEnum | None, int, float | None]:
     """?status= (one of `statuses`), ?limit= and ?cursor= of a listing."""
     args = request.args
     try:
