@@ -10,7 +10,7 @@ from shared.images.decode import configure_pillow
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The Flask app factory; tests pass their own settings."""
-    from api import deliveries, errors, health, jobs, metrics, openapi, uploads, webhooks
+    from api import batches, deliveries, errors, health, jobs, metrics, openapi, uploads, webhooks
     from api.context import init_app
 
     settings = settings or get_settings()
@@ -21,6 +21,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_app(app, settings)
     errors.register(app)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(batches.bp)
     app.register_blueprint(uploads.bp)
     app.register_blueprint(deliveries.bp)
     app.register_blueprint(webhooks.bp)

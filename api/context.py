@@ -12,6 +12,7 @@ from shared.config import Settings
 from shared.images.uploads import UploadStore
 from shared.routing import webhook_queue
 from shared.store.api_keys import KeyStore
+from shared.store.batches import BatchStore
 from shared.store.broker import Broker
 from shared.store.connection import connect
 from shared.store.jobs import JobStore
@@ -31,16 +32,19 @@ class Services:
     finished: FinishedJobs
     uploads: UploadStore
     hooks: WebhookStore
+    batches: BatchStore
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Create the process's Redis client and every store on it, the key cache and the finished-job cache."""
-    client = connect(settings)
+    """Create the process's Redis clients (strings, and bytes for uploads) and every store on them, the key cache
+    and the finished-job cache."""
+    client, binary = connect(settings), connect(settings, decode_responses=False)
     app.extensions["visionq"] = Services(
         settings=settings, store=JobStore.from_settings(client, settings), rates=RateLimiter(client),
         workers=WorkerRegistry(client), broker=Broker(client),
         key_cache=KeyCache(KeyStore(client), settings.key_cache_s), finished=FinishedJobs(settings.result_ttl_s),
-        uploads=UploadStore(settings), hooks=WebhookStore(client, webhook_queue(settings)))
+        uploads=UploadStore(settings, binary), hooks=WebhookStore(client, webhook_queue(settings)),
+        batches=BatchStore.from_settings(client, binary, settings))
 
 
 def services() -> Services:

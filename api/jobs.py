@@ -6,6 +6,7 @@ import base64
 import hashlib
 import logging
 import math
+from enum import StrEnum
 
 from flask import Blueprint, Response, g, request
 from pydantic import ValidationError
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from api.auth import authenticate, charge_now, check_rate
 from api.context import services
 from api.uploads import read_files, store_images
+from shared.admission import build_job, check_image_count
 from shared.config import Settings
 from shared.errors import (
     AlreadyFinished,
@@ -20,21 +22,15 @@ from shared.errors import (
     InvalidJson,
     InvalidParameter,
     InvalidRequest,
-    MaxNewTokensOutOfRange,
     NotFound,
-    QuestionTooLong,
     QueueFull,
-    UnknownTask,
     UnsupportedMediaType,
     VisionqError,
-    WrongImageCount,
 )
-from shared.images.refs import NO_ACCESS, Access, validate_ref
-from shared.jobs import Job, JobFailure, JobRequest, JobStatus, new_job_id, utcnow
-from shared.routing import queue_for, resolve_model
+from shared.images.refs import Access
+from shared.jobs import Job, JobFailure, JobRequest, JobStatus
+from shared.routing import queue_for
 from shared.store.rates import UNLIMITED
-from shared.tasks import TASKS
-from shared.webhooks.targets import check_webhook
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -147,12 +143,14 @@ def request_hash(body: JobRequest) -> str:
     return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
 
 
-def list_parameters(settings: Settings) -> tuple[JobStatus | None, int, float | None]:
+def list_parameters(settings: Settings,
+                    statuses: type[StrEnum] = JobStatus) -> tuple[StrEnum | None, int, float | None]:
+    """?status= (one of `statuses`), ?limit= and ?cursor= of a listing."""
     args = request.args
     try:
-        status = JobStatus(args["status"]) if args.get("status") else None
+        status = statuses(args["status"]) if args.get("status") else None
     except ValueError:
-        raise InvalidParameter(f"status must be one of: {', '.join(s.value for s in JobStatus)}") from None
+        raise InvalidParameter(f"status must be one of: {', '.join(s.value for s in statuses)}") from None
     try:
         limit = int(args.get("limit", 20))
     except ValueError:
@@ -222,53 +220,6 @@ def invalid_fields(exc: ValidationError) -> VisionqError:
         return InvalidJson()
     details = [{"field": ".".join(map(str, err["loc"])), "message": err["msg"]} for err in errors]
     return InvalidRequest("the request has missing, unknown or mistyped fields", details=details)
-
-
-def build_job(req: JobRequest, settings: Settings, access: Access = NO_ACCESS) -> Job:
-    """Check the request against the task and the server's bounds, and make the queued job."""
-    spec = TASKS.get(req.task)
-    if spec is None:
-        raise UnknownTask(f"task must be one of: {', '.join(TASKS)}")
-    check_image_count(len(req.images), spec.min_images, spec.max_images or settings.max_images, settings)
-    for ref in req.images:
-        validate_ref(ref, settings, access)
-    return Job(
-        id=new_job_id(),
-        status=JobStatus.QUEUED,
-        task=spec.name,
-        images=req.images,
-        image_count=len(req.images),
-        question=spec.question_or_default(check_question(req.question, settings)),
-        max_new_tokens=check_max_new_tokens(req.max_new_tokens, settings),
-        model=resolve_model(settings, req.model),
-        created_at=utcnow(),
-        webhook=check_webhook(req.webhook, settings) if req.webhook else None,
-    )
-
-
-def check_image_count(count: int, low: int, high: int, settings: Settings) -> None:
-    high = min(high, settings.max_images)
-    if not low <= count <= high:
-        wanted = f"exactly {low}" if low == high else f"{low} to {high}"
-        raise WrongImageCount(f"this task takes {wanted} images, got {count}")
-
-
-def check_question(question: str | None, settings: Settings) -> str | None:
-    if question is None:
-        return None
-    if not question.strip():
-        raise InvalidRequest("question must not be blank (leave it out to use the task's default)")
-    if len(question) > settings.max_question_chars:
-        raise QuestionTooLong(f"question is {len(question)} characters, over {settings.max_question_chars}")
-    return question
-
-
-def check_max_new_tokens(value: int | None, settings: Settings) -> int:
-    if value is None:
-        return min(settings.default_max_new_tokens, settings.max_new_tokens_limit)
-    if not 1 <= value <= settings.max_new_tokens_limit:
-        raise MaxNewTokensOutOfRange(f"max_new_tokens must be from 1 to {settings.max_new_tokens_limit}")
-    return value
 
 
 def wait_seconds(settings: Settings) -> float:

@@ -11,7 +11,17 @@ from flask import Blueprint, current_app
 from pydantic import BaseModel
 
 from api.context import services
-from api.schemas import DeliveryList, EndpointList, EndpointRequest, ErrorBody, JobPage, SigningSecret, UploadList
+from api.schemas import (
+    BatchPage,
+    DeliveryList,
+    EndpointList,
+    EndpointRequest,
+    ErrorBody,
+    JobPage,
+    SigningSecret,
+    UploadList,
+)
+from shared.batches.batch import Batch, BatchRequest, BatchStatus
 from shared.config import Settings
 from shared.jobs import Job, JobRequest, JobStatus
 from shared.webhooks.endpoints import Delivery, Endpoint
@@ -54,8 +64,9 @@ def answer(description: str, model: type[BaseModel] | None = None, headers: dict
 
 
 def errors(*statuses: int) -> dict:
-    texts = {400: "malformed request or parameter", 401: "missing or unknown API key", 404: "no such job",
-             409: "the job has already ended (webhooks: too many endpoints, or a delivery under way)",
+    texts = {400: "malformed request or parameter", 401: "missing or unknown API key", 404: "no such job or batch",
+             409: "the job has already ended (webhooks: too many endpoints, or a delivery under way; batches: "
+                  "already ended, not finished, not retryable or nothing to retry)",
              413: "body too large", 415: "body is not JSON",
              422: "invalid request", 429: "rate limited or too many active jobs", 503: "store unavailable"}
     return {str(s): answer(texts[s], ErrorBody) for s in statuses}
@@ -100,22 +111,27 @@ def openapi(settings: Settings) -> dict:
                 "responses": {"200": answer("the canceled job", Job), **errors(401, 404, 409, 429, 503)},
             }},
             "/v1/uploads": {"post": {
-                "summary": "Store images for later jobs of the same key (upload://<id> refs)",
+                "summary": "Store images for later jobs of the same key (upload://<id> refs), or one JSONL file "
+                           "(a batch's input_file)",
                 "requestBody": {"required": True, "content": {
                     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
                         "type": "array", "maxItems": settings.max_images,
                         "items": {"type": "string", "format": "binary"}}}}},
-                    "image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                    "application/jsonl": {"schema": {"type": "string", "format": "binary",
+                                                     "maxLength": settings.batch_max_input_bytes}}}},
                 "responses": {"201": answer("stored", UploadList), **errors(400, 401, 413, 415, 422, 429, 503)},
             }},
             **webhook_paths(job_id),
+            **batch_paths(settings),
             "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": answer("up")}}},
             "/readyz": {"get": {"summary": "Readiness: Redis and a live worker", "security": [],
                                 "responses": {"200": answer("ready"), "503": answer("not ready, with the reason")}}},
         },
         "components": {
-            "schemas": schemas([JobRequest, EndpointRequest], [Job, JobPage, ErrorBody, UploadList, Delivery,
-                                                                DeliveryList, Endpoint, EndpointList, SigningSecret]),
+            "schemas": schemas([JobRequest, EndpointRequest, BatchRequest],
+                               [Job, JobPage, ErrorBody, UploadList, Delivery, DeliveryList, Endpoint, EndpointList,
+                                SigningSecret, Batch, BatchPage]),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
@@ -169,10 +185,65 @@ def webhook_paths(job_id: dict) -> dict:
     }
 
 
-def list_parameters(settings: Settings) -> list[dict]:
+def batch_paths(settings: Settings) -> dict:
+    """The batches resource."""
+    batch_id = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    jsonl = {"application/jsonl": {"schema": {"type": "string", "description": "one JSON object per line"}}}
+    idempotency = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "schema": {"type": "string", "maxLength": 256}}
+    return {
+        "/v1/batches": {
+            "post": {
+                "summary": "Submit a batch: one job per line of a JSONL input, or per image under an S3 prefix",
+                "parameters": [idempotency],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref(BatchRequest)}}},
+                "responses": {"202": answer("accepted (status validating); its lines are admitted in the background",
+                                            Batch, {"Location": {"schema": {"type": "string"}}}),
+                              **errors(400, 401, 413, 415, 422, 429, 503)},
+            },
+            "get": {
+                "summary": "List the caller's batches, newest first",
+                "parameters": list_parameters(settings, BatchStatus),
+                "responses": {"200": answer("a page of batches", BatchPage), **errors(400, 401, 429, 503)},
+            },
+        },
+        "/v1/batches/{batch_id}": {"get": {
+            "summary": "Read a batch: status, counts by job status, progress, ETA",
+            "parameters": [batch_id],
+            "responses": {"200": answer("the batch", Batch), **errors(401, 404, 429, 503)},
+        }},
+        "/v1/batches/{batch_id}/results": {"get": {
+            "summary": "The results file: one line per item (custom_id, id, status, result or error), streamed",
+            "parameters": [batch_id],
+            "responses": {"200": {"description": "JSON lines", "content": jsonl}, **errors(401, 404, 429, 503)},
+        }},
+        "/v1/batches/{batch_id}/errors": {"get": {
+            "summary": "The errors file: one line per refused line (line, custom_id, error), streamed",
+            "parameters": [batch_id],
+            "responses": {"200": {"description": "JSON lines", "content": jsonl}, **errors(401, 404, 429, 503)},
+        }},
+        "/v1/batches/{batch_id}/cancel": {"post": {
+            "summary": "Cancel a batch: queued items are canceled, running ones stop at their next step",
+            "parameters": [batch_id],
+            "responses": {"200": answer("the canceled batch", Batch), **errors(401, 404, 409, 429, 503)},
+        }},
+        "/v1/batches/{batch_id}/retry": {"post": {
+            "summary": "A new attempt for the items that failed (same custom_ids)",
+            "parameters": [batch_id],
+            "responses": {"202": answer("the batch, in progress again", Batch), **errors(401, 404, 409, 429, 503)},
+        }},
+        "/v1/batches/{batch_id}/deliveries": {"get": {
+            "summary": "The webhook deliveries of the batch's end, each with its attempts",
+            "parameters": [batch_id],
+            "responses": {"200": answer("the deliveries", DeliveryList), **errors(401, 404, 429, 503)},
+        }},
+    }
+
+
+def list_parameters(settings: Settings, statuses: type = JobStatus) -> list[dict]:
     return [
         {"name": "status", "in": "query", "required": False,
-         "schema": {"type": "string", "enum": [s.value for s in JobStatus]}},
+         "schema": {"type": "string", "enum": [s.value for s in statuses]}},
         {"name": "limit", "in": "query", "required": False,
          "schema": {"type": "integer", "minimum": 1, "maximum": settings.list_max_limit, "default": 20}},
         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from shared.batches.batch import Batch
 from shared.images.uploads import Upload
 from shared.jobs import Job, WebhookSpec
 from shared.webhooks.endpoints import Delivery, Endpoint
@@ -14,6 +15,13 @@ class JobPage(BaseModel):
     """One page of GET /v1/jobs."""
 
     jobs: list[Job]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class BatchPage(BaseModel):
+    """One page of GET /v1/batches."""
+
+    batches: list[Batch]
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
 
 

@@ -1,5 +1,6 @@
 """The uploads resource: POST /v1/uploads stores images (multipart, or one image as the raw body) for
-settings.upload_ttl_s and answers their `upload://<id>` refs, usable only by jobs of the same API key."""
+settings.upload_ttl_s and answers their `upload://<id>` refs, usable only by jobs of the same API key; or one JSONL
+file (Content-Type application/jsonl), the input_file of a batch of the same key."""
 
 from __future__ import annotations
 
@@ -18,11 +19,18 @@ bp = Blueprint("uploads", __name__, url_prefix="/v1/uploads")
 bp.before_request(authenticate)
 
 
+JSONL_TYPES = frozenset({"application/jsonl", "application/x-ndjson", "application/json-lines",
+                         "application/x-jsonlines"})
+
+
 @bp.post("")
 def create_uploads():
-    """Store the images of the body; 201 with `{"uploads": [{"ref", "size", "expires_at"}]}`."""
+    """Store the images of the body, or one JSONL file (a batch's input_file); 201 with `{"uploads": [{"ref",
+    "size", "expires_at"}]}`."""
     charge_now()
     settings = services().settings
+    if request.mimetype in JSONL_TYPES:
+        return jsonl_upload(settings)
     if request.mimetype == "multipart/form-data":
         images = read_files(settings)
     elif request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
@@ -33,6 +41,14 @@ def create_uploads():
         raise InvalidRequest("the request has no image")
     body = UploadList(uploads=store_images(images, settings)).model_dump_json()
     return Response(body, status=201, mimetype="application/json")
+
+
+def jsonl_upload(settings: Settings) -> Response:
+    """The body streamed into the store in chunks, up to settings.batch_max_input_bytes (not max_body_bytes: this
+    one body is never held whole)."""
+    request.max_content_length = settings.batch_max_input_bytes
+    upload = services().uploads.put_stream(g.key.id, request.stream, settings.batch_max_input_bytes)
+    return Response(UploadList(uploads=[upload]).model_dump_json(), status=201, mimetype="application/json")
 
 
 def read_files(settings: Settings) -> list[bytes]:

@@ -12,6 +12,7 @@ from api.context import services
 from api.jobs import invalid_fields
 from api.schemas import EndpointRequest
 from shared.errors import NotFound, TooManyEndpoints, UnsupportedMediaType
+from shared.webhooks.events import BATCH_EVENTS, EVENTS
 from shared.webhooks.targets import check_webhook
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1/webhooks")
@@ -20,10 +21,10 @@ bp.before_request(authenticate)
 
 @bp.post("")
 def register_endpoint():
-    """Register an endpoint for every terminal event (or those listed) of this key's jobs."""
+    """Register an endpoint for every terminal event (or those listed) of this key's jobs and batches."""
     svc = services()
     charge_now()
-    body = check_webhook(parse_endpoint(), svc.settings)
+    body = check_webhook(parse_endpoint(), svc.settings, allowed=EVENTS + BATCH_EVENTS)
     endpoint = svc.hooks.add_endpoint(g.key.id, body.url, body.events, body.description,
                                       svc.settings.webhook_max_endpoints)
     if endpoint is None:

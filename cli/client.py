@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import base64
+import json
 import mimetypes
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+BATCH_TERMINAL_STATUSES = frozenset({"completed", "failed", "canceled"})
+
+
+def batch_ended(batch: dict) -> bool:
+    """Whether every item of the batch has ended (a canceled batch ends once its running items have stopped)."""
+    return batch["status"] in BATCH_TERMINAL_STATUSES and "finished_at" in batch
 
 
 class ApiError(Exception):
@@ -113,6 +122,96 @@ class Client:
         while job["status"] not in TERMINAL_STATUSES and time.monotonic() < deadline:
             job = self.get(job_id, wait_s=min(60.0, max(0.1, deadline - time.monotonic())))
         return job
+
+    # --- batches ----------------------------------------------------------------------------------------------
+
+    def upload_jsonl(self, source: Path | bytes) -> dict:
+        """POST /v1/uploads of a JSONL file (streamed from disk), a batch's input_file; its `upload://` ref."""
+        headers = {"Content-Type": "application/jsonl"}
+        if isinstance(source, bytes):
+            return self._send("POST", "/v1/uploads", data=source, headers=headers)["uploads"][0]
+        with Path(source).open("rb") as stream:
+            return self._send("POST", "/v1/uploads", data=stream, headers=headers, retries=1,
+                              timeout=max(self.timeout_s, 600))["uploads"][0]
+
+    def create_batch(self, *, input_file: str | None = None, requests: list[dict] | None = None,
+                     images: str | None = None, idempotency_key: str | None = None, **options) -> dict:
+        """POST /v1/batches with one input (an upload:// or s3:// JSONL file, inline requests, or an s3:// prefix
+        of images) and options (task, question, max_new_tokens, model, priority, webhook, strict)."""
+        inputs = {"input_file": input_file, "requests": requests, "images": images}
+        body = {k: v for k, v in {**inputs, **options}.items() if v is not None}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._send("POST", "/v1/batches", json=body, headers=headers)
+
+    def batch(self, batch_id: str) -> dict:
+        """GET /v1/batches/<id>: status, counts by job status, progress, timestamps, ETA."""
+        return self._send("GET", f"/v1/batches/{batch_id}")
+
+    def batches(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict:
+        """GET /v1/batches: one page of the caller's batches, newest first."""
+        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
+        return self._send("GET", "/v1/batches", params=params)
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        """POST /v1/batches/<id>/cancel."""
+        return self._send("POST", f"/v1/batches/{batch_id}/cancel")
+
+    def retry_batch(self, batch_id: str) -> dict:
+        """POST /v1/batches/<id>/retry: a new attempt for the items that failed."""
+        return self._send("POST", f"/v1/batches/{batch_id}/retry")
+
+    def batch_deliveries(self, batch_id: str) -> list[dict]:
+        """GET /v1/batches/<id>/deliveries: the webhook deliveries of the batch's end."""
+        return self._send("GET", f"/v1/batches/{batch_id}/deliveries")["deliveries"]
+
+    def batch_results(self, batch_id: str) -> Iterator[dict]:
+        """GET /v1/batches/<id>/results, streamed: one dict per item."""
+        return self._lines(f"/v1/batches/{batch_id}/results")
+
+    def batch_errors(self, batch_id: str) -> Iterator[dict]:
+        """GET /v1/batches/<id>/errors, streamed: one dict per refused line."""
+        return self._lines(f"/v1/batches/{batch_id}/errors")
+
+    def save_batch_file(self, batch_id: str, which: str, path: Path) -> int:
+        """Write the batch's results (or errors) file to `path` as it streams (through a temporary file, so that
+        a broken download never leaves half a file); how many lines."""
+        partial, lines = path.with_name(path.name + ".partial"), 0
+        with self._stream(f"/v1/batches/{batch_id}/{which}") as response, partial.open("wb") as out:
+            for line in response.iter_lines():
+                if line:
+                    out.write(line + b"\n")
+                    lines += 1
+        partial.replace(path)
+        return lines
+
+    def wait_batch(self, batch_id: str, timeout_s: float = 3600.0, poll_s: float = 1.0,
+                   progress: Callable[[dict], None] | None = None) -> dict:
+        """The batch once it has ended (or as it stands when `timeout_s` runs out), calling `progress` on each
+        poll."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            batch = self.batch(batch_id)
+            if progress is not None:
+                progress(batch)
+            if batch_ended(batch) or time.monotonic() >= deadline:
+                return batch
+            time.sleep(poll_s)
+
+    def _lines(self, path: str) -> Iterator[dict]:
+        with self._stream(path) as response:
+            for line in response.iter_lines():
+                if line:
+                    yield json.loads(line)
+
+    @contextmanager
+    def _stream(self, path: str) -> Iterator[requests.Response]:
+        response = self.http.get(self.base_url + path, stream=True, timeout=self.timeout_s)
+        try:
+            if not response.ok:
+                self._answer(response)
+            yield response
+        finally:
+            response.close()
 
     def _send(self, method: str, path: str, retries: int = 5, **kwargs) -> dict:
         """One request; a rate-limited one (429 with Retry-After) is retried after that delay, a few times.

@@ -30,7 +30,7 @@ def run_demo(settings: Settings, max_new_tokens: int = 32) -> int:
     model_path = build_tiny_model(settings.data_dir / "tiny-llava")
     print(f"tiny model at {model_path}; sample images in {image_root}")
     env = {"VISIONQ_MODEL": str(model_path.resolve()), "VISIONQ_IMAGE_ROOT": str(image_root.resolve())}
-    with Stack(settings, env=env, api_port=free_port()) as stack:  # a free port: :8000 may be taken
+    with Stack(settings, env=env, api_port=free_port(), batches=False) as stack:  # a free port: :8000 may be taken
         print(f"API at {stack.api_url}, Redis at {stack.redis_url}, logs in {stack.log_dir}")
         print(f"local API key (shown once): {stack.api_key}")
         client = Client(stack.api_url, key=stack.api_key)

@@ -118,10 +118,16 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from cli.batch import run_batch
+    from cli.batch import run
 
-    return run_batch(client_of(args), Path(args.folder), args.task, Path(args.out), concurrency=args.concurrency,
-                     question=args.question, max_new_tokens=args.max_new_tokens)
+    return run(client_of(args), args)
+
+
+def cmd_batches(args) -> int:
+    from cli.stack import batches_command, default_batches_name
+
+    command = batches_command(get_settings(), args.name or default_batches_name())
+    os.execv(command[0], command)
 
 
 def cmd_keys(args) -> int:
@@ -221,11 +227,15 @@ def add_client_commands(sub) -> None:
     get.add_argument("--wait", type=float, default=0, help="seconds to wait for the job to end (at most 60)")
     cancel = client_parser(sub, "cancel", "cancel a queued or running job", cmd_cancel)
     cancel.add_argument("id")
-    batch = client_parser(sub, "batch", "every image of a folder, results as JSON lines (resumable)", cmd_batch)
-    batch.add_argument("folder")
-    add_job_options(batch)
-    batch.add_argument("--out", required=True)
-    batch.add_argument("--concurrency", type=int, default=8)
+    from cli.batch import add_arguments
+
+    add_arguments(client_parser(sub, "batch", "a server-side batch of a folder of images, a JSONL manifest or "
+                                "s3://...; or status|results|errors|cancel|retry ID", cmd_batch))
+    batches = sub.add_parser("batches", help="the batch worker (CPU: reads batch inputs, admits their items)")
+    batches.set_defaults(func=cmd_batches)
+    batches_sub = batches.add_subparsers(dest="batches_command", required=True)
+    batches_sub.add_parser("worker", help="the batch worker (a pool of threads; no model)").add_argument(
+        "--name", help="Celery node name, e.g. batches@%%h")
 
 
 def add_key_commands(sub) -> None:

@@ -1,5 +1,5 @@
-"""Start visionq's processes for local runs and tests: embedded Redis, the API under gunicorn, a GPU worker and
-the webhook delivery worker."""
+"""Start visionq's processes for local runs and tests: embedded Redis, the API under gunicorn, a GPU worker, the
+webhook delivery worker and the batch worker."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import requests
 
 from cli.embedded_redis import EmbeddedRedis
 from shared.config import Settings
-from shared.routing import webhook_queue
+from shared.routing import batch_queue, webhook_queue
 from shared.store.api_keys import KeyStore
 from shared.store.connection import connect
 from shared.store.workers import WorkerRegistry
@@ -51,6 +51,19 @@ def webhooks_command(settings: Settings, name: str) -> list[str]:
     ]
 
 
+def batches_command(settings: Settings, name: str) -> list[str]:
+    """The batch worker: a CPU process with a pool of threads (reading inputs, admitting items, ending batches)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "shared.batches.worker_app", "worker",
+        "-P", "threads", "-c", str(settings.batch_concurrency), "-Q", batch_queue(settings), "-n", name,
+        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+    ]
+
+
+def default_batches_name() -> str:
+    return f"batches@{socket.gethostname()}"
+
+
 def default_webhooks_name() -> str:
     return f"webhooks@{socket.gethostname()}"
 
@@ -70,21 +83,23 @@ def default_worker_name(index: int = 1) -> str:
 
 
 class Stack:
-    """Redis (embedded unless settings name one), the API, one worker and the webhook delivery worker, started
-    and stopped together."""
+    """Redis (embedded unless settings name one), the API, one worker, the webhook delivery worker and the batch
+    worker, started and stopped together."""
 
     def __init__(self, settings: Settings, *, env: dict[str, str] | None = None, api_port: int | None = None,
-                 log_dir: Path | None = None, api: bool = True, worker: bool = True, webhooks: bool = True):
+                 log_dir: Path | None = None, api: bool = True, worker: bool = True, webhooks: bool = True,
+                 batches: bool = True):
         self.settings = settings
         self.extra_env = env or {}
         self.api_port = api_port or settings.api_port
         self.log_dir = Path(log_dir or settings.data_dir / "logs")
-        self.want_api, self.want_worker, self.want_webhooks = api, worker, webhooks
+        self.want_api, self.want_worker, self.want_webhooks, self.want_batches = api, worker, webhooks, batches
         self.redis: EmbeddedRedis | None = None
         self.redis_url = settings.redis_url
         self.processes: dict[str, subprocess.Popen] = {}
         self.worker_name = default_worker_name()
         self.webhooks_name = default_webhooks_name()
+        self.batches_name = default_batches_name()
         self.api_key: str | None = None
         self._stopping = threading.Event()
 
@@ -107,6 +122,8 @@ class Stack:
             self.start_worker()
         if self.want_webhooks:
             self.start_webhooks()
+        if self.want_batches:
+            self.start_batches()
         if self.want_api:
             self.spawn("api", api_command(self.settings, self.api_port))
             self.wait_for_api(timeout_s)
@@ -114,6 +131,8 @@ class Stack:
             self.wait_for_worker(self.worker_name, timeout_s)
         if self.want_webhooks:
             self.wait_for_webhooks(timeout_s)
+        if self.want_batches:
+            self.wait_for_batches(timeout_s)
         return self
 
     def start_worker(self) -> None:
@@ -124,11 +143,15 @@ class Stack:
         """(Re)start the webhook delivery worker."""
         self.spawn("webhooks", webhooks_command(self.settings, self.webhooks_name))
 
+    def start_batches(self) -> None:
+        """(Re)start the batch worker."""
+        self.spawn("batches", batches_command(self.settings, self.batches_name))
+
     def keep_alive(self, every_s: float = 1.0) -> Stack:
         """Restart the worker and the webhook delivery worker when they exit on their own, until `stop` (kombu 5.7
         exits a Celery worker whose Redis connection drops, so a Redis restart would leave them down). Not for
         tests that stop and restart those processes themselves."""
-        restart = {"worker": self.start_worker, "webhooks": self.start_webhooks}
+        restart = {"worker": self.start_worker, "webhooks": self.start_webhooks, "batches": self.start_batches}
 
         def watch() -> None:
             while not self._stopping.wait(every_s):
@@ -167,6 +190,10 @@ class Stack:
     def wait_for_webhooks(self, timeout_s: float) -> dict:
         """Wait until the webhook delivery worker is consuming its queue."""
         return self._wait_until_published("webhooks", self.webhooks_name, timeout_s, lambda info: True)
+
+    def wait_for_batches(self, timeout_s: float) -> dict:
+        """Wait until the batch worker is consuming its queue."""
+        return self._wait_until_published("batches", self.batches_name, timeout_s, lambda info: True)
 
     def _wait_until_published(self, process: str, name: str, timeout_s: float, ready) -> dict:
         registry = WorkerRegistry(self.redis_client())

@@ -105,6 +105,18 @@ class Settings(BaseSettings):
     cpu_kv_cache_mb: int = Field(default=2048, gt=0)
     prefill_tokens: int = Field(default=16384, gt=0)  # padded prompt tokens per prefill forward
 
+    # --- Batches (shared/batches/): one request for many jobs ---------------------------------------------------
+    batch_max_items: int = Field(default=100_000, ge=1)  # lines (or objects under an S3 prefix) of one batch
+    batch_max_input_bytes: int = Field(default=200 * 1024 * 1024, gt=0)  # a JSONL input (upload or S3 object)
+    batch_max_line_bytes: int = Field(default=1024 * 1024, gt=0)  # one line of it
+    batch_max_inline_requests: int = Field(default=1000, ge=1)  # "requests": [...] in the body itself
+    batch_chunk_items: int = Field(default=500, ge=1)  # lines read, checked and admitted per round trip
+    # The share of a key's max_active_jobs its batches' items may fill, so that its own single jobs keep room.
+    batch_active_share: float = Field(default=0.9, gt=0, le=1)
+    batch_poll_s: float = Field(default=1.0, gt=0)  # how often batches waiting for room (or a retry) are looked at
+    batch_concurrency: int = Field(default=4, ge=1)  # threads of one batch worker
+    batch_results_part_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)  # S3 multipart part size
+
     # --- Webhooks (shared/webhooks/) ---------------------------------------------------------------------------
     # Retries back off exponentially from base to max (with jitter) until give_up_s after the event; then the
     # delivery is marked failed.

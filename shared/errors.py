@@ -169,6 +169,57 @@ class DeliveryInProgress(VisionqError):
     code, http_status = "delivery_in_progress", 409
 
 
+# --- Batches (422, 409) ---------------------------------------------------------------------------------------
+
+
+class InvalidBatchInput(InvalidRequest):
+    """A batch needs exactly one input: input_file (upload:// or s3://), requests, or images (an s3:// prefix)."""
+
+    code = "invalid_input"
+
+
+class InputNotFound(InvalidRequest):
+    """The batch's input file does not exist, has expired, or belongs to another API key."""
+
+    code = "input_not_found"
+
+
+class InputBucketNotAllowed(InvalidRequest):
+    """The batch's input is in an S3 bucket this API key may not read."""
+
+    code = "input_bucket_not_allowed"
+
+
+class TooManyItems(InvalidRequest):
+    """The batch holds more items than the server accepts in one batch."""
+
+    code = "too_many_items"
+
+
+class InvalidLines(InvalidRequest):
+    """Lines of a strict batch were refused, so the whole batch is: see its errors file."""
+
+    code = "invalid_lines"
+
+
+class BatchNotFinished(VisionqError):
+    """The batch is still running: retry its failed items once it has completed."""
+
+    code, http_status = "batch_not_finished", 409
+
+
+class NotRetryable(VisionqError):
+    """Only a completed batch can retry its failed items (a canceled or failed one cannot)."""
+
+    code, http_status = "not_retryable", 409
+
+
+class NothingToRetry(VisionqError):
+    """No item of the batch has failed."""
+
+    code, http_status = "nothing_to_retry", 409
+
+
 # --- Images that end a job failed (also found at submit, as 422) -----------------------------------------------
 
 

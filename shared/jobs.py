@@ -127,6 +127,11 @@ class Job(BaseModel):
     result: JobResult | None = None
     error: JobFailure | None = None
     webhook: WebhookSpec | None = None
+    # high | normal | low: batch items are low by default. Stored with the job; the fair-share scheduler
+    # (issue 16) orders by it once it lands.
+    priority: str | None = None
+    batch_id: str | None = None  # the batch this job is an item of (shared/batches/)
+    custom_id: str | None = None  # the item's id within its batch
 
     def public(self) -> dict:
         """The JSON-ready view that GET /v1/jobs/<id> returns."""

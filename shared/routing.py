@@ -1,4 +1,5 @@
-"""Which model a job is for, and which queue carries it: a queue per model, and one for webhook deliveries.
+"""Which model a job is for, and which queue carries it: a queue per model, one for webhook deliveries and one
+for the batch worker.
 
 Each model has a queue of its own, named from the model alone (`<VISIONQ_QUEUE>:<model>`), so that the API and
 every worker, on any host, agree on it without talking to each other. A worker serves exactly one model (its
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from shared.config import Settings
 from shared.errors import UnknownModel
+from shared.store.keys import batch_queue as batch_queue_of
 from shared.store.keys import job_queue
 from shared.store.keys import webhook_queue as webhook_queue_of
 
@@ -26,6 +28,11 @@ def worker_queue(settings: Settings) -> str:
 def webhook_queue(settings: Settings) -> str:
     """The Celery queue of webhook deliveries (consumed by CPU workers, never by the GPU worker)."""
     return webhook_queue_of(settings.queue)
+
+
+def batch_queue(settings: Settings) -> str:
+    """The Celery queue of the batch worker (CPU: inputs, admission, results; never a GPU worker)."""
+    return batch_queue_of(settings.queue)
 
 
 def resolve_model(settings: Settings, requested: str | None) -> str:

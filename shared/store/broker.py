@@ -48,6 +48,12 @@ RUN_JOB_TASK = "visionq.run_job"
 # The webhook tasks (shared/webhooks/delivery_app.py): move due deliveries to the queue; send one delivery.
 DISPATCH_WEBHOOKS_TASK = "visionq.dispatch_webhooks"
 DELIVER_WEBHOOK_TASK = "visionq.deliver_webhook"
+# The batch worker's tasks (shared/batches/worker_app.py): read and admit the next chunk of a batch's lines; cancel
+# its active items; write its results and tell its end; renew its items' lifetimes while it runs.
+BATCH_STEP_TASK = "visionq.batch_step"
+BATCH_CANCEL_TASK = "visionq.batch_cancel"
+BATCH_FINISH_TASK = "visionq.batch_finish"
+BATCH_KEEP_TASK = "visionq.batch_keep"
 
 
 def make_celery(settings: Settings) -> Celery:

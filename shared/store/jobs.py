@@ -18,6 +18,9 @@ from shared.store.keys import (
     JOB_DONE_PATTERN,
     PREFIX,
     STATUS_COUNTS_KEY,
+    batch_items_key,
+    batch_key,
+    batch_order_key,
     deliveries_key,
     delivery_key,
     endpoints_key,
@@ -44,14 +47,25 @@ WATERMARK_TEMPLATE = queue_watermark_key("{queue}")
 
 
 @dataclass(frozen=True)
+class ItemOf:
+    """The batch a job being created is an item of, and its line there (shared/store/lua/batch_item.lua)."""
+
+    batch_id: str
+    line: int
+    quiet: bool = True  # the owner's endpoints get none of its events (per-item events are off by default)
+    retry_of: str | None = None  # the failed job this is a new attempt of
+
+
+@dataclass(frozen=True)
 class Created:
     """The outcome of JobStore.create: "created", "existing" (an idempotent repeat), "queue_full" or
-    "rate_limited"."""
+    "rate_limited"; for a batch item also "duplicate" (its custom_id is another line's) or "batch_closed"."""
 
     outcome: str
     job_id: str
     same_request: bool = True  # for "existing": whether the earlier request had the same body
     retry_after_s: float = 0.0  # for "rate_limited"
+    detail: str = ""  # for "duplicate": the line that holds the custom_id; for "batch_closed": the batch's status
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,16 @@ class Transition:
     applied: bool
     previous: JobStatus | None
     attempts: int
+
+
+def _created(reply: list[str], job_id: str, request_hash: str) -> Created:
+    outcome, detail = reply
+    if outcome == "existing":
+        existing_id, earlier_hash = detail.split(" ", 1)
+        return Created("existing", existing_id, earlier_hash == request_hash)
+    if outcome == "rate_limited":
+        return Created(outcome, "", retry_after_s=float(detail))
+    return Created(outcome, job_id if outcome == "created" else "", detail=detail)
 
 
 class JobStore:
@@ -88,20 +112,33 @@ class JobStore:
         """Take the request from the owner's bucket, then store a new job and queue it, all or nothing; or find
         the job an earlier request with the same idempotency key made; or refuse when the owner already has
         `max_active` jobs queued or running. One round trip."""
+        keys, args = self._create_call(job, queue, max_active, idempotency, request_hash, charge)
+        return _created(self._create(keys=keys, args=args), job.id, request_hash)
+
+    def create_items(self, items: list[tuple[Job, str, ItemOf]], max_active: int) -> list[Created]:
+        """Create batch items the way `create` makes any job (same script, same queue), each admitted to its
+        batch in the same step (idempotent by custom_id); one round trip for them all."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job, queue, item in items:
+            keys, args = self._create_call(job, queue, max_active, None, "", UNLIMITED, item)
+            self._create(keys=keys, args=args, client=pipe)
+        return [_created(reply, job.id, "") for reply, (job, _, _) in zip(pipe.execute(), items, strict=True)]
+
+    def _create_call(self, job: Job, queue: str, max_active: int, idempotency: str | None, request_hash: str,
+                     charge: Charge, item: ItemOf | None = None) -> tuple[list[str], list]:
         owner = job.owner or ""
         keys = [job_key(job.id), queue, owner_jobs_key(owner), owner_active_key(owner),
                 idempotency_key(owner, idempotency) if idempotency else "", rate_key(charge.owner),
                 STATUS_COUNTS_KEY, queued_index_key(queue), queue_seq_key(queue)]
-        fields = [item for pair in job.to_hash().items() for item in pair]
+        fields = job.to_hash()
+        if item is not None:
+            keys += [batch_key(item.batch_id), batch_items_key(item.batch_id), batch_order_key(item.batch_id)]
+            fields |= {"batch_key": batch_key(item.batch_id), "batch_line": str(item.line),
+                       "quiet": "1" if item.quiet else "0", **({"retry_of": item.retry_of} if item.retry_of else {})}
         args = [self.ttl_s, max_active, job.created_at.timestamp(), job.id, request_hash, self.idempotency_ttl_s,
-                run_job_message(job.id, queue), charge.rate_per_s, charge.burst, *fields]
-        outcome, detail = self._create(keys=keys, args=args)
-        if outcome == "existing":
-            job_id, earlier_hash = detail.split(" ", 1)
-            return Created("existing", job_id, earlier_hash == request_hash)
-        if outcome == "rate_limited":
-            return Created(outcome, "", retry_after_s=float(detail))
-        return Created(outcome, job.id if outcome == "created" else "")
+                run_job_message(job.id, queue), charge.rate_per_s, charge.burst,
+                *(value for pair in fields.items() for value in pair)]
+        return keys, args
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when it does not exist or has expired."""
@@ -145,7 +182,7 @@ class JobStore:
                                                 withscores=True)
             if not batch:
                 return page, None
-            jobs = self._get_many([job_id for job_id, _ in batch])
+            jobs = self.get_many([job_id for job_id, _ in batch])
             for (_job_id, score), job in zip(batch, jobs, strict=True):
                 scanned += 1
                 upper = f"({score}"
@@ -155,7 +192,8 @@ class JobStore:
                         return page, score
         return page, float(upper[1:])
 
-    def _get_many(self, job_ids: list[str]) -> list[Job | None]:
+    def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """These jobs (None for one that does not exist), in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(job_key(job_id))

@@ -115,20 +115,91 @@ def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
+# --- batches (shared/batches/) ---------------------------------------------------------------------------------
+
+BATCH_ID_PREFIX = "batch_"  # every batch id starts so (a job id never does): a webhook's subject says which it is
+
+
+def batch_key(batch_id: str) -> str:
+    """Hash of one batch (shared/store/batches.py): its request, status, counts by job status and progress."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_items_key(batch_id: str) -> str:
+    """Hash: custom_id -> "<line> <job id>" of the item's current attempt (one line claims one custom_id)."""
+    return f"{batch_key(batch_id)}:items"
+
+
+def batch_order_key(batch_id: str) -> str:
+    """List of the batch's custom_ids in the order their lines were admitted (the results file's order)."""
+    return f"{batch_key(batch_id)}:order"
+
+
+def batch_errors_key(batch_id: str) -> str:
+    """Zset of the refused lines: the refusal as JSON -> its line number (the errors file)."""
+    return f"{batch_key(batch_id)}:errors"
+
+
+def batch_input_key(batch_id: str) -> str:
+    """List of the batch's input, in chunks of bytes: its inline requests, or the JSONL upload it took over."""
+    return f"{batch_key(batch_id)}:input"
+
+
+def batch_seen_key(batch_id: str) -> str:
+    """Hash: custom_id -> line, while a strict batch checks every line before it admits any."""
+    return f"{batch_key(batch_id)}:seen"
+
+
+def batch_lock_key(batch_id: str) -> str:
+    """Held by the one batch worker thread running the batch's step (a lease: a dead holder frees it)."""
+    return f"{batch_key(batch_id)}:lock"
+
+
+def batch_idempotency_key(owner: str, key: str) -> str:
+    return f"{PREFIX}:idem-batch:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def owner_batches_key(owner: str) -> str:
+    """Zset of an owner's batches by creation time (GET /v1/batches)."""
+    return f"{OWNER_PREFIX}{owner}:batches"
+
+
+def batch_queue(queue_prefix: str) -> str:
+    """The Celery queue of the batch worker (reading inputs, admitting items, finishing batches; CPU only)."""
+    return f"{queue_prefix}-batches"
+
+
+def batches_due_key(queue: str) -> str:
+    """Zset: batch id -> when its next step is due (waiting for room under its key's cap, or after a read error),
+    one per batch queue."""
+    return f"{PREFIX}:batches:{queue}:due"
+
+
+def batches_open_key(queue: str) -> str:
+    """Zset: batch id -> when its items' lifetimes are next renewed, for every batch not ended yet (a batch may run
+    longer than RESULT_TTL_S: its items, queued or ended, must outlive it), one per batch queue."""
+    return f"{PREFIX}:batches:{queue}:open"
+
+
 # --- webhooks ------------------------------------------------------------------------------------------------
 
 
-def delivery_key(job_id: str, delivery_id: str) -> str:
-    return f"{job_key(job_id)}:delivery:{delivery_id}"
+def subject_key(subject_id: str) -> str:
+    """The hash whose end an event tells: a batch's, or a job's (deliveries hang off it)."""
+    return batch_key(subject_id) if subject_id.startswith(BATCH_ID_PREFIX) else job_key(subject_id)
 
 
-def delivery_log_key(job_id: str, delivery_id: str) -> str:
-    return f"{delivery_key(job_id, delivery_id)}:log"
+def delivery_key(subject_id: str, delivery_id: str) -> str:
+    return f"{subject_key(subject_id)}:delivery:{delivery_id}"
 
 
-def deliveries_key(job_id: str) -> str:
-    """List of a job's delivery ids, in the order the outbox wrote them."""
-    return f"{job_key(job_id)}:deliveries"
+def delivery_log_key(subject_id: str, delivery_id: str) -> str:
+    return f"{delivery_key(subject_id, delivery_id)}:log"
+
+
+def deliveries_key(subject_id: str) -> str:
+    """List of a job's (or a batch's) delivery ids, in the order the outbox wrote them."""
+    return f"{subject_key(subject_id)}:deliveries"
 
 
 def webhooks_due_key(queue: str) -> str:
@@ -151,6 +222,11 @@ def job_webhook_secret_key(owner: str) -> str:
 def upload_key(upload_id: str) -> str:
     """Hash of one upload (shared/images/uploads.py): owner, size, and the bytes or where they are in S3."""
     return f"{PREFIX}:upload:{upload_id}"
+
+
+def upload_chunks_key(upload_id: str) -> str:
+    """List of a JSONL upload's bytes in chunks (a batch's input file), beside its hash."""
+    return f"{upload_key(upload_id)}:chunks"
 
 
 def upload_bytes_key(owner: str, window: int) -> str:

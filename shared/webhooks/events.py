@@ -1,4 +1,4 @@
-"""The event a job's end sends, and its Standard Webhooks signature.
+"""The event a job's (or a batch's) end sends, and its Standard Webhooks signature.
 
 Signatures are those of the Standard Webhooks specification (headers webhook-id, webhook-timestamp and
 webhook-signature: HMAC-SHA256 of "id.timestamp.body"), made by the `standardwebhooks` package so that any
@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from standardwebhooks import Webhook
 
 EVENTS = ("job.succeeded", "job.failed", "job.canceled")
+BATCH_EVENTS = ("batch.completed", "batch.failed", "batch.canceled")  # one when a batch ends (shared/batches/)
 SECRET_PREFIX = "whsec_"
 JOB_DELIVERY = "job"  # the delivery id of a job's own webhook; a registered endpoint's is the endpoint's id
 
@@ -32,6 +33,13 @@ def payload(job_public: dict) -> str:
     """The body of the event of a job that has ended: the job exactly as GET /v1/jobs/<id> returns it."""
     body = {"type": event_type(job_public["status"]), "timestamp": job_public.get("finished_at"),
             "data": job_public}
+    return json.dumps(body, separators=(",", ":"))
+
+
+def batch_payload(batch_public: dict) -> str:
+    """The body of the event of a batch that has ended: the batch exactly as GET /v1/batches/<id> returns it."""
+    body = {"type": f"batch.{batch_public['status']}", "timestamp": batch_public.get("finished_at"),
+            "data": batch_public}
     return json.dumps(body, separators=(",", ":"))
 
 

@@ -9,16 +9,18 @@ from shared.outbound.netguard import UrlRefused, check_url
 from shared.webhooks.events import EVENTS
 
 
-def check_webhook(spec: WebhookSpec, settings: Settings) -> WebhookSpec:
-    """The spec with its events spelled out, once its URL passes the SSRF guard (one DNS lookup) and its events
-    are known ones; else WebhookUrlRefused (400) or InvalidWebhookEvents (422)."""
+def check_webhook(spec: WebhookSpec, settings: Settings, allowed: tuple[str, ...] = EVENTS,
+                  default: tuple[str, ...] | None = None) -> WebhookSpec:
+    """The spec with its events spelled out (`default`, else every one `allowed`, when it names none), once its
+    URL passes the SSRF guard (one DNS lookup) and its events are among `allowed`; else WebhookUrlRefused (400)
+    or InvalidWebhookEvents (422)."""
     if len(spec.url) > settings.webhook_max_url_chars:
         raise WebhookUrlRefused(f"the webhook URL is longer than {settings.webhook_max_url_chars} characters")
     try:
         check_url(spec.url, settings)
     except UrlRefused as exc:
         raise WebhookUrlRefused(f"webhook URL refused: {exc}") from None
-    events = list(EVENTS) if spec.events is None else spec.events
-    if not events or len(set(events)) != len(events) or not set(events) <= set(EVENTS):
-        raise InvalidWebhookEvents(f"webhook events must be a non-empty list of distinct: {', '.join(EVENTS)}")
+    events = list(default or allowed) if spec.events is None else spec.events
+    if not events or len(set(events)) != len(events) or not set(events) <= set(allowed):
+        raise InvalidWebhookEvents(f"webhook events must be a non-empty list of distinct: {', '.join(allowed)}")
     return spec.model_copy(update={"events": events})

@@ -25,7 +25,7 @@ def phi3v_stack(settings, phi3v_path, tmp_path_factory):
     phi3v = settings.model_copy(update={"queue": "visionq-phi3v", "model": str(phi3v_path)})
     env = {**settings_env(phi3v), "VISIONQ_QUEUE": "visionq-phi3v"}
     with Stack(phi3v, env=env, api_port=free_port(), log_dir=tmp_path_factory.mktemp("phi3v-logs"),
-               webhooks=False) as stack:
+               webhooks=False, batches=False) as stack:
         yield stack
 
 

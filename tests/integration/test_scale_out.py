@@ -54,7 +54,8 @@ def scaled(settings, second_model, tmp_path_factory):
     supervisor = subprocess.Popen([sys.executable, "-m", "cli.main", "workers", "--gpus", "0,1", "--log-dir",
                                    str(logs)], env=workers_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        with Stack(base, env=env, api_port=free_port(), log_dir=logs, worker=False) as api:
+        with Stack(base, env=env, api_port=free_port(), log_dir=logs, worker=False,
+                   batches=False) as api:
             store = JobStore(connect(settings), settings.result_ttl_s)
             pids = [wait_ready(store, name) for name in NAMES]
             yield api, supervisor, store, second_model, metrics_port, pids

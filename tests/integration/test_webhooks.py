@@ -32,7 +32,7 @@ def hook_stack(stack, settings, tmp_path_factory):
     runs the jobs (the session stack starts no delivery worker of its own)."""
     env = {**settings_env(settings), **HOOK_ENV}
     with Stack(settings, env=env, api_port=free_port(), log_dir=tmp_path_factory.mktemp("hook-logs"),
-               worker=False) as hooked:
+               worker=False, batches=False) as hooked:
         yield hooked
 
 
@@ -41,7 +41,7 @@ def default_guard_api(settings, tmp_path_factory):
     """An API whose SSRF guard has its default settings, whatever the other stacks allow."""
     env = {**settings_env(settings), **DEFAULT_GUARD_ENV}
     with Stack(settings, env=env, api_port=free_port(), log_dir=tmp_path_factory.mktemp("guard-logs"),
-               worker=False, webhooks=False) as api:
+               worker=False, webhooks=False, batches=False) as api:
         yield Client(api.api_url, key=api.api_key, timeout_s=30)
 
 

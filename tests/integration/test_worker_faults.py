@@ -27,7 +27,7 @@ def fault_stack(settings, tmp_path_factory):
     faulty = settings.model_copy(update={"queue": "visionq-faults"})
     env = {**settings_env(settings), **FAULT_ENV}
     with Stack(faulty, env=env, api_port=free_port(), log_dir=tmp_path_factory.mktemp("fault-logs"),
-               webhooks=False) as stack:
+               webhooks=False, batches=False) as stack:
         yield stack
 
 
@@ -91,7 +91,7 @@ def test_job_that_keeps_killing_its_worker_fails_as_worker_lost(fault_stack, set
 def test_a_worker_whose_model_cannot_load_exits_instead_of_serving(settings, tmp_path):
     broken = settings.model_copy(update={"queue": "visionq-broken", "model": str(tmp_path / "no-such-model")})
     env = {**settings_env(broken), "VISIONQ_QUEUE": "visionq-broken"}
-    stack = Stack(broken, env=env, log_dir=tmp_path, api=False, webhooks=False)
+    stack = Stack(broken, env=env, log_dir=tmp_path, api=False, webhooks=False, batches=False)
     with pytest.raises(RuntimeError, match="worker exited with 3"):
         stack.start(timeout_s=60)
     stack.stop()

@@ -1,13 +1,14 @@
--- requires: token_bucket
+-- requires: token_bucket, batch_item
 -- Create a job: the rate limit, idempotency check, the owner's active-job bound, the job hash, its queue
 -- message and the owner's index, all or nothing, in one round trip.
 -- KEYS: 1 job hash, 2 queue list, 3 owner's job index (zset), 4 owner's active counter, 5 idempotency key ("" for
 --       none), 6 the owner's token bucket key, 7 the count of jobs by status, 8 the queue's index of queued jobs
---       (a zset: job id -> sequence number), 9 the queue's sequence counter.
+--       (a zset: job id -> sequence number), 9 the queue's sequence counter; for an item of a batch also 10 the
+--       batch hash, 11 its items, 12 its order (batch_item.lua).
 -- ARGV: 1 job ttl, 2 max active jobs, 3 index score, 4 job id, 5 request hash, 6 idempotency ttl, 7 queue message,
 --       8 tokens per second, 9 burst, then the job hash's field/value pairs.
 -- Returns {"created", ""}, {"existing", "<job id> <request hash>"}, {"queue_full", "<active>"} or
--- {"rate_limited", "<seconds to wait>"}.
+-- {"rate_limited", "<seconds to wait>"}; an item also {"duplicate", "<line>"} or {"batch_closed", "<status>"}.
 local wait = take_token(KEYS[6], tonumber(ARGV[8]), tonumber(ARGV[9]))
 if wait ~= '0' then return {'rate_limited', wait} end
 if KEYS[5] ~= '' then
@@ -18,6 +19,13 @@ local active = tonumber(redis.call('GET', KEYS[4]) or '0')
 if active >= tonumber(ARGV[2]) then return {'queue_full', tostring(active)} end
 for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+if KEYS[10] then
+  local refused = admit_batch_item(KEYS[1], ARGV[4], KEYS[10], KEYS[11], KEYS[12])
+  if refused then
+    redis.call('DEL', KEYS[1])
+    return refused
+  end
+end
 -- The queue: a sequence number in its index (the lost-message sweep's watermark compares against it), then the
 -- message on Celery's list.
 local seq = redis.call('INCR', KEYS[9])

@@ -1,4 +1,4 @@
--- requires: now, fill, outbox, leave_queued
+-- requires: now, fill, outbox, leave_queued, batch_item
 -- Compare-and-set of a job's status, so that two writers can never both win.
 -- KEYS: job hash, the webhook due zset, the webhook queue, the count of jobs by status (moved from the old status
 -- to the new one), the job's deliveries list.
@@ -7,7 +7,8 @@
 -- 9 owner's endpoints template ({owner}), 10 delivery template ({delivery}), 11 queued index template ({queue}),
 -- 12 queue watermark template ({queue}), 13 the webhook dispatch message, then field/value pairs.
 -- A terminal move also frees the owner's active-job slot, writes the webhook outbox and publishes on the done
--- channel. Returns {applied (0/1), status before the call ("" when the job does not exist), attempts}.
+-- channel; a batch item's move also moves its batch's counts (batch_item.lua). Returns {applied (0/1), status
+-- before the call ("" when the job does not exist), attempts}.
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, '', 0} end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
@@ -21,6 +22,7 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1])
 if current == 'queued' then leave_queued(KEYS[1], ARGV[7], ARGV[1], ARGV[11], ARGV[12]) end
 redis.call('HINCRBY', KEYS[4], current, -1)
 redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+count_batch_item(KEYS[1], current, ARGV[1])
 for i = 14, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[5] == '1' then
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))

@@ -29,7 +29,7 @@ def test_visionq_script_points_at_the_cli():
     assert scripts["visionq"] == "cli.main:main"
 
 
-@pytest.mark.parametrize("service", ["api", "worker", "webhooks"])
+@pytest.mark.parametrize("service", ["api", "worker", "webhooks", "batches"])
 def test_each_built_service_runs_a_real_visionq_command(compose, service):
     spec = compose["services"][service]
     command = spec["command"]

@@ -57,3 +57,42 @@ def test_a_key_stores_at_most_its_quota(redis_server):
         small.put("quota-owner", b"x" * 500)
     small.put("quota-owner", b"x" * 400)  # the refused upload was not counted
     small.put("another-owner", b"x" * 1000)  # quotas are per key
+
+
+def test_a_jsonl_file_is_stored_in_chunks_as_it_streams_and_is_no_image(uploads, s3_server):
+    import io
+
+    from shared.errors import ImageUnsupportedFormat
+    from shared.images.uploads import CHUNK_BYTES
+    from shared.outbound.s3 import parse_s3_uri
+    from shared.store.keys import upload_chunks_key
+
+    data = b"".join(b'{"custom_id": "%d"}\n' % i for i in range(150_000))
+    assert len(data) > 2 * CHUNK_BYTES
+    upload = uploads.put_stream("owner-j", io.BytesIO(data), max_bytes=len(data))
+    upload_id = upload_id_of(upload.ref)
+    assert upload.size == len(data)
+    fields = uploads.redis.hgetall(upload_key(upload_id))
+    assert fields[b"kind"] == b"jsonl" and b"data" not in fields
+    if uploads.settings.uploads_s3_uri:
+        location = parse_s3_uri(f"{uploads.settings.uploads_s3_uri}/{upload_id}")
+        stored = boto3.client("s3", endpoint_url=s3_server).get_object(Bucket=location.bucket, Key=location.key)
+        assert stored["Body"].read() == data
+    else:
+        chunks = uploads.redis.lrange(upload_chunks_key(upload_id), 0, -1)
+        assert b"".join(chunks) == data and {len(chunk) for chunk in chunks[:-1]} == {CHUNK_BYTES}
+        assert 0 < uploads.redis.ttl(upload_chunks_key(upload_id)) <= 120
+    with pytest.raises(ImageUnsupportedFormat):
+        uploads.size_for(upload_id, "owner-j")
+
+
+def test_a_jsonl_file_over_the_bound_is_refused_and_leaves_nothing(uploads):
+    import io
+
+    from shared.errors import PayloadTooLarge
+    from shared.store.keys import upload_chunks_key
+
+    chunk_keys = set(uploads.redis.scan_iter(upload_chunks_key("*")))
+    with pytest.raises(PayloadTooLarge):
+        uploads.put_stream("owner-k", io.BytesIO(b"x" * (3 * 1024 * 1024)), max_bytes=2 * 1024 * 1024)
+    assert set(uploads.redis.scan_iter(upload_chunks_key("*"))) == chunk_keys

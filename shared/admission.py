@@ -1,0 +1,60 @@
+"""Admission: what makes a job request a queued job. The task, the server's bounds, each image ref (with the
+SSRF guard and the caller's access), the model and the webhook are checked here, for POST /v1/jobs and for every
+line of a batch alike (shared/batches/), so that both refuse exactly the same requests with the same codes."""
+
+from __future__ import annotations
+
+from shared.config import Settings
+from shared.errors import InvalidRequest, MaxNewTokensOutOfRange, QuestionTooLong, UnknownTask, WrongImageCount
+from shared.images.refs import NO_ACCESS, Access, validate_ref
+from shared.jobs import Job, JobRequest, JobStatus, new_job_id, utcnow
+from shared.routing import resolve_model
+from shared.tasks import TASKS
+from shared.webhooks.targets import check_webhook
+
+
+def build_job(req: JobRequest, settings: Settings, access: Access = NO_ACCESS) -> Job:
+    """Check the request against the task and the server's bounds, and make the queued job."""
+    spec = TASKS.get(req.task)
+    if spec is None:
+        raise UnknownTask(f"task must be one of: {', '.join(TASKS)}")
+    check_image_count(len(req.images), spec.min_images, spec.max_images or settings.max_images, settings)
+    for ref in req.images:
+        validate_ref(ref, settings, access)
+    return Job(
+        id=new_job_id(),
+        status=JobStatus.QUEUED,
+        task=spec.name,
+        images=req.images,
+        image_count=len(req.images),
+        question=spec.question_or_default(check_question(req.question, settings)),
+        max_new_tokens=check_max_new_tokens(req.max_new_tokens, settings),
+        model=resolve_model(settings, req.model),
+        created_at=utcnow(),
+        webhook=check_webhook(req.webhook, settings) if req.webhook else None,
+    )
+
+
+def check_image_count(count: int, low: int, high: int, settings: Settings) -> None:
+    high = min(high, settings.max_images)
+    if not low <= count <= high:
+        wanted = f"exactly {low}" if low == high else f"{low} to {high}"
+        raise WrongImageCount(f"this task takes {wanted} images, got {count}")
+
+
+def check_question(question: str | None, settings: Settings) -> str | None:
+    if question is None:
+        return None
+    if not question.strip():
+        raise InvalidRequest("question must not be blank (leave it out to use the task's default)")
+    if len(question) > settings.max_question_chars:
+        raise QuestionTooLong(f"question is {len(question)} characters, over {settings.max_question_chars}")
+    return question
+
+
+def check_max_new_tokens(value: int | None, settings: Settings) -> int:
+    if value is None:
+        return min(settings.default_max_new_tokens, settings.max_new_tokens_limit)
+    if not 1 <= value <= settings.max_new_tokens_limit:
+        raise MaxNewTokensOutOfRange(f"max_new_tokens must be from 1 to {settings.max_new_tokens_limit}")
+    return value
