@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import time
 
@@ -19,13 +21,26 @@ from tests.conftest import settings_env
 # renews its jobs' leases every 0.5 s, so the long jobs of a live batch are never redelivered).
 FAULT_ENV = {"VISIONQ_VISIBILITY_TIMEOUT_S": "3", "VISIONQ_RESTORE_INTERVAL_S": "1", "VISIONQ_HEARTBEAT_S": "0.5",
              "VISIONQ_MAX_ATTEMPTS": "2", "VISIONQ_QUEUE": "visionq-faults", "VISIONQ_MAX_NEW_TOKENS_LIMIT": "1200"}
-LONG = 1200  # tokens: a second or two on the tiny model, unless a row meets its end-of-sequence token first
+LONG = 1200  # tokens: a second or more on the tiny model, every one of them decoded (see endless_model)
 
 
 @pytest.fixture(scope="module")
-def fault_stack(settings, tmp_path_factory):
-    faulty = settings.model_copy(update={"queue": "visionq-faults"})
-    env = {**settings_env(settings), **FAULT_ENV}
+def endless_model(tiny_model_path, tmp_path_factory):
+    """The tiny model without an end-of-sequence token: a row runs to its max_new_tokens, so a kill that comes
+    while the long jobs run always interrupts them (with EOS, random weights sometimes end every row early)."""
+    path = tmp_path_factory.mktemp("models") / "endless"
+    shutil.copytree(tiny_model_path, path, dirs_exist_ok=True)
+    config_file = path / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    config["eos_token_id"] = None
+    config_file.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fault_stack(settings, endless_model, tmp_path_factory):
+    faulty = settings.model_copy(update={"queue": "visionq-faults", "model": str(endless_model)})
+    env = {**settings_env(faulty), **FAULT_ENV}
     with Stack(faulty, env=env, api_port=free_port(), log_dir=tmp_path_factory.mktemp("fault-logs"),
                webhooks=False, batches=False) as stack:
         yield stack
@@ -52,15 +67,15 @@ def kill_worker_mid_job(stack: Stack, store: JobStore, job_id: str | None = None
 def test_worker_killed_mid_batch_leaves_each_unfinished_job_to_run_again_once(fault_stack, settings):
     store = JobStore(connect(settings), settings.result_ttl_s)
     client = Client(fault_stack.api_url, key=fault_stack.api_key)
+    # Submitted together, the rows usually share one batch: the short ones end, are stored and acknowledged while
+    # it still decodes the long ones. Submitted first, they never queue behind the long ones on a slow machine.
+    short_jobs = [client.submit("ocr", ["book_cover.png"], max_new_tokens=4) for _ in range(2)]
     long_jobs = [client.submit("describe", ["bar_chart.png"], question=f"Describe part {i}.", max_new_tokens=LONG)
                  for i in range(6)]
-    short_jobs = [client.submit("ocr", ["book_cover.png"], max_new_tokens=4) for _ in range(2)]
-    # The short rows end first and are stored and acknowledged while their batch still decodes the long ones.
     short_done = [client.wait(job["id"], timeout_s=30) for job in short_jobs]
     for job in long_jobs:
         wait_for_attempt(store, job["id"], 1)
     fault_stack.stop_process("worker", signal.SIGKILL)
-    # Rows end at their own end-of-sequence token too: those that were still running are the interrupted ones.
     interrupted = {job["id"] for job in long_jobs if store.status(job["id"]).value == "running"}
     assert interrupted, "every long row had ended before the kill"
     kill_worker_mid_job(fault_stack, store)  # the worker is down already: this restarts it
