@@ -10,7 +10,7 @@ from shared.images.decode import configure_pillow
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The Flask app factory; tests pass their own settings."""
-    from api import batches, deliveries, errors, health, jobs, metrics, openapi, uploads, webhooks
+    from api import batches, deliveries, errors, health, jobs, metrics, openapi, queues, uploads, webhooks
     from api.context import init_app
 
     settings = settings or get_settings()
@@ -22,6 +22,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     errors.register(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(batches.bp)
+    app.register_blueprint(queues.bp)
     app.register_blueprint(uploads.bp)
     app.register_blueprint(deliveries.bp)
     app.register_blueprint(webhooks.bp)

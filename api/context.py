@@ -16,6 +16,7 @@ from shared.store.batches import BatchStore
 from shared.store.broker import Broker
 from shared.store.connection import connect
 from shared.store.jobs import JobStore
+from shared.store.queues import Queues
 from shared.store.rates import RateLimiter
 from shared.store.workers import WorkerRegistry
 from shared.webhooks.store import WebhookStore
@@ -33,6 +34,7 @@ class Services:
     uploads: UploadStore
     hooks: WebhookStore
     batches: BatchStore
+    queues: Queues
 
 
 def init_app(app: Flask, settings: Settings) -> None:
@@ -44,7 +46,7 @@ def init_app(app: Flask, settings: Settings) -> None:
         workers=WorkerRegistry(client), broker=Broker(client),
         key_cache=KeyCache(KeyStore(client), settings.key_cache_s), finished=FinishedJobs(settings.result_ttl_s),
         uploads=UploadStore(settings, binary), hooks=WebhookStore(client, webhook_queue(settings)),
-        batches=BatchStore.from_settings(client, binary, settings))
+        batches=BatchStore.from_settings(client, binary, settings), queues=Queues(client, settings.broker_window))
 
 
 def services() -> Services:

@@ -196,6 +196,8 @@ def parse_multipart(settings: Settings) -> tuple[JobRequest, str]:
     fields["images"] = form.getlist("images")
     if fields.get("max_new_tokens") is not None:
         fields["max_new_tokens"] = form_int(fields["max_new_tokens"])
+    if fields.get("start_within_s") is not None:
+        fields["start_within_s"] = form_number(fields["start_within_s"])
     fields["images"] += ["sha256:" + hashlib.sha256(data).hexdigest() for data in files]
     try:
         described = JobRequest.model_validate(fields)
@@ -210,6 +212,14 @@ def form_int(value: str) -> int | str:
     """A form field as a number; anything else stays a string, which the model refuses as mistyped."""
     try:
         return int(value)
+    except ValueError:
+        return value
+
+
+def form_number(value: str) -> float | str:
+    """A form field as a number of seconds; anything else stays a string, which the model refuses as mistyped."""
+    try:
+        return float(value)
     except ValueError:
         return value
 

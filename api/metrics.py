@@ -78,7 +78,7 @@ class StoreCollector:
         svc = services()
         up = GaugeMetricFamily("visionq_store_up", "Whether Redis answered this scrape")
         try:
-            depths = svc.broker.depths([queue_for(svc.settings, model) for model in svc.settings.served_models])
+            depths = svc.queues.depth([queue_for(svc.settings, model) for model in svc.settings.served_models])
             counts = svc.store.status_counts()
             workers = svc.workers.live(LIVE_WITHIN_S)
         except redis.RedisError:
@@ -95,7 +95,8 @@ class StoreCollector:
 
     @staticmethod
     def _queues(depths: dict[str, int], models: list[str]):
-        family = GaugeMetricFamily("visionq_queue_depth", "Jobs waiting in each model's queue",
+        family = GaugeMetricFamily("visionq_queue_depth", "Jobs queued for each model: on its Celery list or "
+                                   "waiting for it in their keys' lines (the autoscaler's backlog)",
                                    labels=["queue", "model"])
         for (queue, depth), model in zip(depths.items(), models, strict=True):
             family.add_metric([queue, model], depth)

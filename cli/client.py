@@ -58,9 +58,11 @@ class Client:
 
     def submit(self, task: str, images: list[str], question: str | None = None,
                max_new_tokens: int | None = None, idempotency_key: str | None = None,
-               webhook: dict | None = None, model: str | None = None) -> dict:
+               webhook: dict | None = None, model: str | None = None, priority: str | None = None,
+               start_within_s: float | None = None) -> dict:
         """POST /v1/jobs; returns the queued job (the same one again for a repeated idempotency key)."""
-        options = {"question": question, "max_new_tokens": max_new_tokens, "model": model, "webhook": webhook}
+        options = {"question": question, "max_new_tokens": max_new_tokens, "model": model, "webhook": webhook,
+                   "priority": priority, "start_within_s": start_within_s}
         body = {"task": task, "images": images, **{k: v for k, v in options.items() if v is not None}}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._send("POST", "/v1/jobs", json=body, headers=headers)

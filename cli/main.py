@@ -100,7 +100,8 @@ def cmd_submit(args) -> int:
     refs = [image_arg_to_ref(a) for a in args.images]
     webhook = {"url": args.webhook} if args.webhook else None
     job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key,
-                        webhook=webhook, model=args.model)
+                        webhook=webhook, model=args.model, priority=args.priority,
+                        start_within_s=args.start_within)
     if args.wait:
         job = client.wait(job["id"], timeout_s=args.timeout)
     print(json.dumps(job, indent=2))
@@ -108,7 +109,13 @@ def cmd_submit(args) -> int:
 
 
 def cmd_get(args) -> int:
-    print(json.dumps(client_of(args).get(args.id, wait_s=args.wait), indent=2))
+    job = client_of(args).get(args.id, wait_s=args.wait)
+    print(json.dumps(job, indent=2))
+    if job.get("queue"):  # a queued job: where it stands, in a line on stderr (stdout stays JSON)
+        place = job["queue"]
+        eta = f"about {place['eta_s']:g} s" if place["eta_s"] is not None else "unknown"
+        print(f"queued: {place['position']} jobs ahead, eta {eta}, waiting: {place['waiting_reason']}",
+              file=sys.stderr)
     return 0
 
 
@@ -138,7 +145,7 @@ def cmd_keys(args) -> int:
     if args.keys_command == "create":
         buckets = [b.strip() for b in (args.s3_buckets or "").split(",") if b.strip()]
         secret, key = keys.create(args.name, rate_per_s=args.rate, burst=args.burst,
-                                  max_active_jobs=args.max_active_jobs, s3_buckets=buckets)
+                                  max_active_jobs=args.max_active_jobs, s3_buckets=buckets, weight=args.weight)
         print(f"key id {key.id} ({key.name}); the secret below is shown once and not stored:\n{secret}")
     elif args.keys_command == "revoke":
         if not keys.revoke(args.id):
@@ -220,6 +227,8 @@ def add_client_commands(sub) -> None:
     submit.add_argument("--idempotency-key")
     submit.add_argument("--webhook", help="URL to POST the job's end to (signed; see `visionq webhooks listen`)")
     submit.add_argument("--model", help="one of the server's models (default: its default model)")
+    submit.add_argument("--priority", choices=["high", "normal", "low"], help="among this key's jobs (default normal)")
+    submit.add_argument("--start-within", type=float, help="fail the job if it has not started within N seconds")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=600.0)
     get = client_parser(sub, "get", "show a job", cmd_get)
@@ -248,6 +257,8 @@ def add_key_commands(sub) -> None:
     create.add_argument("--burst", type=int, help="burst size (default: VISIONQ_RATE_BURST)")
     create.add_argument("--max-active-jobs", type=int, help="jobs queued or running at once")
     create.add_argument("--s3-buckets", help="comma-separated S3 buckets this key's s3:// image refs may read")
+    create.add_argument("--weight", type=float, help="its share of each model's queue against other keys' "
+                        "(default 1: a key of weight 2 gets twice the turns)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     keys_sub.add_parser("list", help="every key (never the secrets)")

@@ -5,9 +5,17 @@ line of a batch alike (shared/batches/), so that both refuse exactly the same re
 from __future__ import annotations
 
 from shared.config import Settings
-from shared.errors import InvalidRequest, MaxNewTokensOutOfRange, QuestionTooLong, UnknownTask, WrongImageCount
+from shared.errors import (
+    InvalidPriority,
+    InvalidRequest,
+    InvalidStartWithin,
+    MaxNewTokensOutOfRange,
+    QuestionTooLong,
+    UnknownTask,
+    WrongImageCount,
+)
 from shared.images.refs import NO_ACCESS, Access, validate_ref
-from shared.jobs import Job, JobRequest, JobStatus, new_job_id, utcnow
+from shared.jobs import PRIORITY_RANKS, Job, JobRequest, JobStatus, new_job_id, utcnow
 from shared.routing import resolve_model
 from shared.tasks import TASKS
 from shared.webhooks.targets import check_webhook
@@ -32,6 +40,8 @@ def build_job(req: JobRequest, settings: Settings, access: Access = NO_ACCESS) -
         model=resolve_model(settings, req.model),
         created_at=utcnow(),
         webhook=check_webhook(req.webhook, settings) if req.webhook else None,
+        priority=check_priority(req.priority),
+        start_within_s=check_start_within(req.start_within_s, settings),
     )
 
 
@@ -58,3 +68,20 @@ def check_max_new_tokens(value: int | None, settings: Settings) -> int:
     if not 1 <= value <= settings.max_new_tokens_limit:
         raise MaxNewTokensOutOfRange(f"max_new_tokens must be from 1 to {settings.max_new_tokens_limit}")
     return value
+
+
+def check_priority(priority: str | None) -> str:
+    if priority is None:
+        return "normal"
+    if priority not in PRIORITY_RANKS:
+        raise InvalidPriority(f"priority must be one of: {', '.join(PRIORITY_RANKS)}")
+    return priority
+
+
+def check_start_within(seconds: float | None, settings: Settings) -> float | None:
+    """The job's start deadline in seconds after submission: its own, else the server's default (0: none)."""
+    if seconds is None:
+        return settings.default_start_within_s or None
+    if not 0 < seconds <= settings.result_ttl_s:
+        raise InvalidStartWithin(f"start_within_s must be more than 0 and at most {settings.result_ttl_s}")
+    return float(seconds)

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=10.0, gt=0)  # workers beat (and renew their jobs' leases) this often
     results_s3_uri: str = ""  # s3://bucket/prefix: the worker also writes each succeeded job there, as <id>.json
 
+    # --- The queue's policy (shared/store/queues.py): fair share by key, priorities, deadlines ------------------
+    broker_window: int = Field(default=16, ge=1)  # messages a model's Celery list holds beyond what workers took
+    default_start_within_s: float = Field(default=0, ge=0)  # a job's start deadline when it sets none (0: none)
+    queue_tick_s: float = Field(default=1.0, gt=0)  # each queue's dispatch and deadline check by a worker
+
     # --- Batching and decoding in the GPU worker (worker/batcher.py, worker/decoding.py) -----------------------
     max_batch: int = Field(default=64, ge=1)  # jobs decoded together; the worker runs 2x this many task threads
     batch_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill: a lone job's extra delay

@@ -97,6 +97,18 @@ class UnknownModel(InvalidRequest):
     code = "unknown_model"
 
 
+class InvalidPriority(InvalidRequest):
+    """The priority is not high, normal or low."""
+
+    code = "invalid_priority"
+
+
+class InvalidStartWithin(InvalidRequest):
+    """start_within_s is not a positive number of seconds within the server's bound."""
+
+    code = "invalid_start_within"
+
+
 class IdempotencyConflict(InvalidRequest):
     """This Idempotency-Key was already used with a different request body."""
 
@@ -284,6 +296,12 @@ class WorkerLost(VisionqError):
     """The job was interrupted more times than allowed (its worker died while running it)."""
 
     code = "worker_lost"
+
+
+class DeadlineExceeded(VisionqError):
+    """The job did not start within its start_within_s (it never ran)."""
+
+    code = "deadline_exceeded"
 
 
 class InferenceFailed(VisionqError):

@@ -37,6 +37,10 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+# A job's priority orders it within its key's queued jobs (shared/store/queues.py): rank 0 goes first.
+PRIORITY_RANKS = {"high": 0, "normal": 1, "low": 2}
+
+
 def can_transition(current: JobStatus, new: JobStatus) -> bool:
     """Whether a job in `current` may move to `new`."""
     return new in TRANSITIONS[current]
@@ -105,6 +109,10 @@ class JobRequest(BaseModel):
     max_new_tokens: int | None = Field(default=None, description="defaults to the server's setting")
     webhook: WebhookSpec | None = Field(default=None, description="POST the job's terminal event here, signed")
     model: str | None = Field(default=None, description="one of the server's models; defaults to its default model")
+    priority: str | None = Field(default=None, description="high, normal (the default) or low: the order within "
+                                                           "the key's own queued jobs")
+    start_within_s: float | None = Field(default=None, description="fail the job (deadline_exceeded) if it has not "
+                                                                  "started this many seconds after submission")
 
 
 class Job(BaseModel):
@@ -127,9 +135,9 @@ class Job(BaseModel):
     result: JobResult | None = None
     error: JobFailure | None = None
     webhook: WebhookSpec | None = None
-    # high | normal | low: batch items are low by default. Stored with the job; the fair-share scheduler
-    # (issue 16) orders by it once it lands.
-    priority: str | None = None
+    priority: str | None = None  # high | normal | low: the order within its key's line (batch items: low)
+    start_within_s: float | None = None  # it fails as deadline_exceeded if not started this long after created_at
+    queue: dict | None = None  # a queued job's position, eta_s and waiting_reason, as read (never stored)
     batch_id: str | None = None  # the batch this job is an item of (shared/batches/)
     custom_id: str | None = None  # the item's id within its batch
 
@@ -143,7 +151,8 @@ class Job(BaseModel):
 
     def to_hash(self) -> dict[str, str]:
         """The flat fields of the job's Redis hash."""
-        fields = self.model_dump(mode="json", exclude={"result", "error", "images", "webhook"}, exclude_none=True)
+        fields = self.model_dump(mode="json", exclude={"result", "error", "images", "webhook", "queue"},
+                                 exclude_none=True)
         flat = {key: str(value) for key, value in fields.items()}
         flat["images"] = json.dumps(self.images)
         if self.webhook is not None:  # JSON, read by the transition script when the job ends
@@ -152,10 +161,15 @@ class Job(BaseModel):
             flat["owner"] = self.owner
         return flat
 
+    def start_deadline(self) -> float | None:
+        """When the job must have started (a Unix time), or None."""
+        return self.created_at.timestamp() + self.start_within_s if self.start_within_s else None
+
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> Job:
         """Rebuild a job from its Redis hash."""
         data: dict = dict(raw)
+        data.pop("queue", None)  # the hash's queue name (lua/create_job.lua); Job.queue is the place, read apart
         data["images"] = json.loads(data.get("images", "[]"))
         for key in ("result", "error", "webhook"):
             if key in data:

@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared.config import Settings
 
@@ -24,6 +24,7 @@ class ApiKey(BaseModel):
     rate_per_s: float | None = None
     burst: int | None = None
     max_active_jobs: int | None = None
+    weight: float | None = Field(default=None, gt=0, le=1000)  # its share of a queue against other keys (None: 1)
     s3_buckets: list[str] = []  # buckets this key's jobs may read with s3:// refs (besides settings.s3_allowed_buckets)
 
     def limits(self, settings: Settings) -> tuple[float, int, int]:

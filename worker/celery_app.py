@@ -46,4 +46,4 @@ def start_worker(sender=None, **_kwargs) -> None:
         log.exception("could not load %s; the worker stops", settings.model)
         logging.shutdown()
         os._exit(3)
-    heartbeat.start(name, settings, worker.workers, worker.broker)
+    heartbeat.start(name, settings, worker.workers, worker.broker, worker.queues, worker.store)

@@ -13,9 +13,10 @@ import torch
 
 from shared.config import Settings
 from shared.images.uploads import UploadStore
-from shared.routing import webhook_queue
+from shared.routing import webhook_queue, worker_queue
 from shared.store.broker import Broker
 from shared.store.connection import connect
+from shared.store.queues import Queues
 from shared.store.workers import WorkerRegistry
 from worker import metrics
 from worker.batcher import Batcher
@@ -38,6 +39,7 @@ class GpuWorker:
     broker: Broker
     engine: Engine
     runner: JobRunner
+    queues: Queues
 
 
 _current: GpuWorker | None = None
@@ -54,8 +56,11 @@ def start(settings: Settings, name: str) -> GpuWorker:
     """Load the model once, start the GPU thread, and publish what was loaded."""
     global _current
     client = connect(settings)
-    store = ObservedJobStore(client, settings.result_ttl_s, settings.idempotency_ttl_s, webhook_queue(settings))
+    store = ObservedJobStore(client, settings.result_ttl_s, settings.idempotency_ttl_s, webhook_queue(settings),
+                             settings.broker_window)
     workers = WorkerRegistry(client)
+    queues = Queues(client, settings.broker_window)
+    queues.starting(worker_queue(settings), name)  # until the model is loaded, its jobs wait on "worker_starting"
     engine = get_engine(settings)
     batcher = Batcher(engine.decoder, settings.max_batch, settings.batch_wait_ms / 1000,
                       settings.batch_fill_ms / 1000, store.canceled_among,
@@ -66,7 +71,7 @@ def start(settings: Settings, name: str) -> GpuWorker:
     workers.record(name, fresh=True, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
                    attention=engine.model.config._attn_implementation, graphs=engine.decoder.use_graphs,
                    fused=engine.fused, max_batch=settings.max_batch, loads=load_count(), pid=os.getpid())
-    _current = GpuWorker(name, settings, store, workers, Broker(client), engine, runner)
+    _current = GpuWorker(name, settings, store, workers, Broker(client), engine, runner, queues)
     return _current
 
 

@@ -1,5 +1,6 @@
 """What a live worker does every heartbeat: say it is alive, renew the leases of the jobs it holds, and (one
-worker per queue at a time) sweep for jobs whose queue message was lost.
+worker per queue at a time) sweep for jobs whose queue message was lost; and, more often, each model's queue tick
+(shared/store/queues.py: jobs past their deadline end, waiting jobs move to the list if a transition missed them).
 
 The leases are kombu's delivery times (shared/store/broker.py): renewed each heartbeat, a dead worker's jobs come
 back in about a minute, not after a fixed timeout that has to outlast the longest job. A worker that hangs while
@@ -16,8 +17,9 @@ import redis
 from celery.worker import state
 
 from shared.config import Settings
-from shared.routing import worker_queue
+from shared.routing import queue_for, worker_queue
 from shared.store.broker import Broker
+from shared.store.queues import Queues
 from shared.store.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -36,23 +38,41 @@ def held_delivery_tags() -> list[str]:
     return [request.message.delivery_tag for request in requests if request.message is not None]
 
 
-def beat(name: str, settings: Settings, workers: WorkerRegistry, broker: Broker) -> None:
+def beat(name: str, settings: Settings, workers: WorkerRegistry, broker: Broker, queues: Queues | None = None) -> None:
     """One heartbeat."""
     workers.heartbeat(name)
+    if queues is not None:
+        queues.serving(worker_queue(settings), name)
     broker.renew_leases(held_delivery_tags())
     for job_id in broker.sweep_lost(worker_queue(settings), name, settings):
         log.warning("job %s had lost its queue message (Redis crash?): queued again", job_id)
 
 
-def start(name: str, settings: Settings, workers: WorkerRegistry, broker: Broker) -> threading.Thread:
-    """Beat every settings.heartbeat_s in a daemon thread, also while a long job runs (torch releases the GIL)."""
+def tick(name: str, settings: Settings, queues: Queues, store) -> None:
+    """Every model's queue, not only this worker's: a model scaled to zero still ends its jobs past deadline."""
+    for model in dict.fromkeys([settings.model, *settings.served_models]):
+        for job_id in queues.tick(queue_for(settings, model), name, settings.queue_tick_s, store)[1]:
+            log.info("job %s did not start within its deadline: failed", job_id)
+
+
+def start(name: str, settings: Settings, workers: WorkerRegistry, broker: Broker, queues: Queues | None = None,
+          store=None) -> threading.Thread:
+    """Beat every settings.heartbeat_s (and tick the queues every queue_tick_s) in a daemon thread, also while a
+    long job runs (torch releases the GIL)."""
     def beat_forever() -> None:
+        next_beat = 0.0
         while True:
             try:
-                beat(name, settings, workers, broker)
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + settings.heartbeat_s
+                    beat(name, settings, workers, broker, queues)
+                if queues is not None:
+                    tick(name, settings, queues, store)
             except redis.RedisError:
                 log.warning("heartbeat failed: Redis unreachable")
-            time.sleep(settings.heartbeat_s)
+            except Exception:  # the thread must live on: it renews the leases of the jobs this worker holds
+                log.exception("heartbeat failed")
+            time.sleep(min(settings.heartbeat_s, settings.queue_tick_s) if queues is not None else settings.heartbeat_s)
 
     thread = threading.Thread(target=beat_forever, name="visionq-heartbeat", daemon=True)
     thread.start()

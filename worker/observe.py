@@ -38,8 +38,8 @@ class ObservedJobStore(JobStore):
         self._log_end(job_id, "succeeded", transition)
         return transition
 
-    def mark_failed(self, job_id: str, failure: JobFailure) -> Transition:
-        transition = super().mark_failed(job_id, failure)
+    def mark_failed(self, job_id: str, failure: JobFailure, only_queued: bool = False) -> Transition:
+        transition = super().mark_failed(job_id, failure, only_queued)
         if transition.applied:
             metrics.job_failed(failure.code)
         self._log_end(job_id, "failed", transition, code=failure.code)

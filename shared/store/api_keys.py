@@ -6,7 +6,7 @@ import redis
 
 from shared.jobs import utcnow
 from shared.keys import ApiKey, hash_secret, key_id_of, new_secret
-from shared.store.keys import API_KEY_IDS, api_key_key
+from shared.store.keys import API_KEY_IDS, KEY_WEIGHTS, api_key_key
 
 
 class KeyStore:
@@ -25,6 +25,8 @@ class KeyStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(api_key_key(secret_hash), mapping={"json": key.model_dump_json()})
         pipe.hset(API_KEY_IDS, key.id, secret_hash)
+        if key.weight is not None:  # read by the queue's dispatch (shared/store/lua/dispatch.lua), default 1
+            pipe.hset(KEY_WEIGHTS, key.id, repr(key.weight))
         pipe.execute()
         return secret, key
 

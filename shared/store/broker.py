@@ -11,7 +11,9 @@ Redis has no acknowledgements: kombu keeps each delivered message in the `unacke
 visibility timeout. Live workers move those times to "now" at each heartbeat (renew_leases), so the timeout is a
 lease that only a dead worker stops renewing. A message lost between a worker's BRPOP and kombu's write of its
 unacknowledged copy (a Redis crash) is found by sweep_lost: every job carries a sequence number per queue, a start
-moves the queue's watermark, and a job still queued below it for long enough has lost its message.
+moves the queue's watermark, and a job still queued below it for long enough has lost its message. A job gets its
+number when it moves onto the list (shared/store/queues.py: before, it waits in its key's line, which only scripts
+change, atomically with the job's status), so the list is in number order as before.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from shared.store.keys import (
     queued_index_key,
     sweep_lock_key,
 )
+from shared.store.queues import WAITING_BASE
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -169,8 +172,8 @@ class Broker:
         index = queued_index_key(queue)
         started = int(self.redis.get(queue_watermark_key(queue)) or 0)
         behind = set(self.redis.zrangebyscore(index, "-inf", f"({started}", start=0, num=500))
-        if self.redis.llen(queue) == 0:
-            behind |= set(self.redis.zrange(index, 0, 499))
+        if self.redis.llen(queue) == 0:  # jobs waiting for the list (queues.py) are not on it: not lost here
+            behind |= set(self.redis.zrangebyscore(index, "-inf", f"({WAITING_BASE}", start=0, num=500))
         return behind
 
     def _update_suspects(self, queue: str, behind: set[str], now: float) -> dict[str, float]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import redis
 
 from shared.config import Settings
-from shared.jobs import Job, JobFailure, JobResult, JobStatus, sources_of, utcnow
+from shared.jobs import PRIORITY_RANKS, Job, JobFailure, JobResult, JobStatus, sources_of, utcnow
 from shared.routing import webhook_queue as webhook_queue_of
 from shared.store import scripts
 from shared.store.broker import DISPATCH_WEBHOOKS_TASK, run_job_message, task_message
@@ -31,19 +31,17 @@ from shared.store.keys import (
     owner_active_key,
     owner_jobs_key,
     queue_seq_key,
-    queue_watermark_key,
     queued_index_key,
     rate_key,
     webhook_queue,
     webhooks_due_key,
 )
+from shared.store.queues import LIVE_WITHIN_S, TEMPLATES, Place
 from shared.store.rates import UNLIMITED, Charge
 
 # Templates of the keys the transition script learns only as it runs (keys.py explains the placeholders).
 OWNER_ACTIVE_TEMPLATE = owner_active_key("{owner}")
 ENDPOINTS_TEMPLATE = endpoints_key("{owner}")
-QUEUED_INDEX_TEMPLATE = queued_index_key("{queue}")
-WATERMARK_TEMPLATE = queue_watermark_key("{queue}")
 
 
 @dataclass(frozen=True)
@@ -91,8 +89,9 @@ class JobStore:
     """Jobs as Redis hashes with a TTL; status changes only through the transition script."""
 
     def __init__(self, client: redis.Redis, ttl_s: int, idempotency_ttl_s: int = 24 * 3600,
-                 webhook_queue: str = webhook_queue(PREFIX)):
+                 webhook_queue: str = webhook_queue(PREFIX), window: int = 16):
         self.redis = client
+        self.window = window  # how many messages a queue's list may hold (shared/store/queues.py)
         self.ttl_s = ttl_s
         self.idempotency_ttl_s = idempotency_ttl_s
         self.webhook_queue = webhook_queue  # where a job's end puts its webhook dispatch message
@@ -105,11 +104,13 @@ class JobStore:
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Settings) -> JobStore:
         """The store with the lifetimes and webhook queue these settings give."""
-        return cls(client, settings.result_ttl_s, settings.idempotency_ttl_s, webhook_queue_of(settings))
+        return cls(client, settings.result_ttl_s, settings.idempotency_ttl_s, webhook_queue_of(settings),
+                   settings.broker_window)
 
     def create(self, job: Job, queue: str, *, max_active: int = 2**62, idempotency: str | None = None,
                request_hash: str = "", charge: Charge = UNLIMITED) -> Created:
-        """Take the request from the owner's bucket, then store a new job and queue it, all or nothing; or find
+        """Take the request from the owner's bucket, then store a new job and queue it (in its key's line, and on
+        the list when it has room: shared/store/queues.py), all or nothing; or find
         the job an earlier request with the same idempotency key made; or refuse when the owner already has
         `max_active` jobs queued or running. One round trip."""
         keys, args = self._create_call(job, queue, max_active, idempotency, request_hash, charge)
@@ -135,9 +136,11 @@ class JobStore:
             keys += [batch_key(item.batch_id), batch_items_key(item.batch_id), batch_order_key(item.batch_id)]
             fields |= {"batch_key": batch_key(item.batch_id), "batch_line": str(item.line),
                        "quiet": "1" if item.quiet else "0", **({"retry_of": item.retry_of} if item.retry_of else {})}
+        deadline = job.start_deadline()
         args = [self.ttl_s, max_active, job.created_at.timestamp(), job.id, request_hash, self.idempotency_ttl_s,
-                run_job_message(job.id, queue), charge.rate_per_s, charge.burst,
-                *(value for pair in fields.items() for value in pair)]
+                run_job_message(job.id, queue), charge.rate_per_s, charge.burst, TEMPLATES,
+                PRIORITY_RANKS.get(job.priority or "normal", 1), self.window,
+                repr(deadline) if deadline is not None else "", *(value for pair in fields.items() for value in pair)]
         return keys, args
 
     def get(self, job_id: str) -> Job | None:
@@ -146,12 +149,17 @@ class JobStore:
         return Job.from_hash(raw) if raw else None
 
     def charged_get(self, job_id: str, charge: Charge) -> tuple[float, Job | None]:
-        """Take the request from the owner's bucket and read the job, in one round trip: (seconds to wait
-        before a request may go ahead, 0 when this one may; the job)."""
-        wait_s, flat = self._charged_get(keys=[rate_key(charge.owner), job_key(job_id)],
-                                         args=[charge.rate_per_s, charge.burst])
+        """Take the request from the owner's bucket and read the job, with where it stands when it is queued, in
+        one round trip: (seconds to wait before a request may go ahead, 0 when this one may; the job)."""
+        wait_s, flat, place = self._charged_get(keys=[rate_key(charge.owner), job_key(job_id)],
+                                                args=[charge.rate_per_s, charge.burst, job_id, TEMPLATES,
+                                                      LIVE_WITHIN_S])
         raw = dict(zip(flat[::2], flat[1::2], strict=True))
-        return float(wait_s), (Job.from_hash(raw) if raw else None)
+        job = Job.from_hash(raw) if raw else None
+        where = Place.from_reply(place)
+        if job is not None and where is not None:
+            job = job.model_copy(update={"queue": where.public()})
+        return float(wait_s), job
 
     def status(self, job_id: str) -> JobStatus | None:
         """Only the job's status (one small read: the worker asks it between decode steps)."""
@@ -208,9 +216,10 @@ class JobStore:
         """Running -> succeeded, with the result."""
         return self._finish(job_id, JobStatus.SUCCEEDED, {"result": result.model_dump_json()})
 
-    def mark_failed(self, job_id: str, failure: JobFailure) -> Transition:
-        """Queued or running -> failed, with the reason."""
-        return self._finish(job_id, JobStatus.FAILED, {"error": failure.model_dump_json()})
+    def mark_failed(self, job_id: str, failure: JobFailure, only_queued: bool = False) -> Transition:
+        """Queued or running -> failed, with the reason (`only_queued`: only a job that has not started)."""
+        fields = {"error": failure.model_dump_json(), "finished_at": utcnow().isoformat()}
+        return self._apply(job_id, JobStatus.FAILED, fields, sources=[JobStatus.QUEUED] if only_queued else None)
 
     def mark_canceled(self, job_id: str, failure: JobFailure) -> Transition:
         """Queued or running -> canceled, with who canceled and why."""
@@ -220,17 +229,16 @@ class JobStore:
         fields["finished_at"] = utcnow().isoformat()
         return self._apply(job_id, status, fields)
 
-    def _apply(
-        self, job_id: str, status: JobStatus, fields: dict[str, str], count_attempt: bool = False
-    ) -> Transition:
+    def _apply(self, job_id: str, status: JobStatus, fields: dict[str, str], count_attempt: bool = False,
+               sources: list[JobStatus] | None = None) -> Transition:
         terminal = status.is_terminal()
         dispatch = task_message(DISPATCH_WEBHOOKS_TASK, [], self.webhook_queue) if terminal else ""
         keys = [job_key(job_id), webhooks_due_key(self.webhook_queue), self.webhook_queue, STATUS_COUNTS_KEY,
                 deliveries_key(job_id)]
-        args = [status.value, " ".join(sources_of(status)), job_done_channel(job_id), self.ttl_s,
+        args = [status.value, " ".join(sources or sources_of(status)), job_done_channel(job_id), self.ttl_s,
                 "1" if terminal else "0", "1" if count_attempt else "0", job_id, OWNER_ACTIVE_TEMPLATE,
-                ENDPOINTS_TEMPLATE, delivery_key(job_id, "{delivery}"), QUEUED_INDEX_TEMPLATE, WATERMARK_TEMPLATE,
-                dispatch, *(item for pair in fields.items() for item in pair)]
+                ENDPOINTS_TEMPLATE, delivery_key(job_id, "{delivery}"), TEMPLATES, self.window, dispatch,
+                *(item for pair in fields.items() for item in pair)]
         applied, previous, attempts = self._transition(keys=keys, args=args)
         return Transition(bool(applied), JobStatus(previous) if previous else None, int(attempts))
 

@@ -82,7 +82,8 @@ def webhook_queue(queue_prefix: str) -> str:
 
 
 def queued_index_key(queue: str) -> str:
-    """Zset of a queue's jobs still queued: job id -> sequence number."""
+    """Zset of a queue's jobs still queued: job id -> sequence number once on the list, WAITING_BASE + sequence
+    number while it waits for the list (shared/store/queues.py)."""
     return f"{PREFIX}:queued:{queue}"
 
 
@@ -98,6 +99,57 @@ def queue_suspects_key(queue: str) -> str:
 
 def queue_seq_key(queue: str) -> str:
     return f"{PREFIX}:queue-seq:{queue}"
+
+
+# --- the queue's policy (shared/store/queues.py, lua/dispatch.lua): jobs wait per key, then move to the list ---
+
+
+def waiting_key(queue: str, owner: str) -> str:
+    """Zset of one key's jobs waiting for this queue's list: job id -> priority rank * 2**44 + sequence number."""
+    return f"{PREFIX}:waiting:{queue}:{owner}"
+
+
+def waiting_owners_key(queue: str) -> str:
+    """Zset of the keys with jobs waiting for this queue: owner -> its virtual time (the next to go is the least)."""
+    return f"{PREFIX}:waiting:{queue}"
+
+
+def queue_clock_key(queue: str) -> str:
+    """The queue's virtual clock: the virtual time of the last key served (a key that starts waiting starts here)."""
+    return f"{PREFIX}:vclock:{queue}"
+
+
+def owner_vtimes_key(queue: str) -> str:
+    """Hash: owner -> its virtual time when it last stopped waiting (a key cannot gain by draining and refilling)."""
+    return f"{PREFIX}:vtimes:{queue}"
+
+
+KEY_WEIGHTS = f"{PREFIX}:key-weights"  # hash: key id -> its weight in the fair share (absent: 1)
+
+
+def deadlines_key(queue: str) -> str:
+    """Zset of the queue's queued jobs that have a deadline: job id -> the time by which it must start."""
+    return f"{PREFIX}:deadlines:{queue}"
+
+
+def queue_ends_key(queue: str, bucket: str) -> str:
+    """How many of the queue's jobs ended after running, in one 10-second bucket (the recent throughput)."""
+    return f"{PREFIX}:ends:{queue}:{bucket}"
+
+
+def queue_workers_key(queue: str) -> str:
+    """Zset: worker serving this queue -> its last heartbeat, once its model is loaded."""
+    return f"{PREFIX}:serving:{queue}"
+
+
+def queue_starting_key(queue: str) -> str:
+    """Zset: worker of this queue still loading its model -> when it started."""
+    return f"{PREFIX}:starting:{queue}"
+
+
+def queue_tick_lock_key(queue: str) -> str:
+    """Held by the one worker running this queue's periodic dispatch and deadline check."""
+    return f"{PREFIX}:{queue}:ticking"
 
 
 def sweep_lock_key(queue: str) -> str:

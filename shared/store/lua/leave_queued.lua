@@ -1,14 +1,22 @@
--- requires: fill
--- A job leaves its queue's index of queued jobs; a start also moves the queue's watermark, the highest sequence
--- number a worker has started (messages are taken in order, so a job below it that is still queued after a
--- while lost its message: see requeue_lost.lua). The job hash names its queue; the index and watermark keys are
--- templates with {queue}.
-local function leave_queued(job_key, job_id, status, index_template, watermark_template)
+-- requires: queue_keys, dispatch
+-- A job leaves its queue's index of queued jobs, its key's line (if it still waited there) and the deadlines; a
+-- start also moves the queue's watermark, the highest sequence number a worker has started (messages are taken in
+-- order, so a job below it that is still queued after a while lost its message: see requeue_lost.lua), and
+-- refills the list it was taken from (dispatch.lua). The job hash names its queue and owner.
+local function leave_queued(job_key, job_id, status, templates, window)
   local queue = redis.call('HGET', job_key, 'queue')
   if not queue then return end
-  redis.call('ZREM', fill(index_template, 'queue', queue), job_id)
+  local q = queue_keys(templates, queue)
+  redis.call('ZREM', q.index, job_id)
+  redis.call('ZREM', q.deadlines, job_id)
+  local owner = redis.call('HGET', job_key, 'owner') or ''
+  local waiting = fill(q.waiting, 'owner', owner)
+  if redis.call('ZREM', waiting, job_id) == 1 and redis.call('EXISTS', waiting) == 0 then
+    local vt = redis.call('ZSCORE', q.owners, owner)
+    if vt then leave_turns(q, owner, vt) end
+  end
   if status ~= 'running' then return end
-  local watermark = fill(watermark_template, 'queue', queue)
   local seq = tonumber(redis.call('HGET', job_key, 'seq') or '0')
-  if seq > tonumber(redis.call('GET', watermark) or '0') then redis.call('SET', watermark, seq) end
+  if seq > tonumber(redis.call('GET', q.watermark) or '0') then redis.call('SET', q.watermark, seq) end
+  dispatch(q, window)
 end
