@@ -64,6 +64,7 @@ class Place:
     live_workers: int
     starting_workers: int
     ended_last_minute: int
+    own_key_ahead: int  # 1: every waiting job that goes first is its own key's (the key gets all its turns)
 
     @classmethod
     def from_reply(cls, reply: list) -> Place | None:
@@ -76,9 +77,11 @@ class Place:
         return {"position": self.ahead, "eta_s": eta, "waiting_reason": self.reason()}
 
     def reason(self) -> str:
-        if self.live_workers:
-            return "behind_other_jobs"
-        return "worker_starting" if self.starting_workers else "no_worker"
+        """no_worker, worker_starting (a worker is loading the model), key_at_capacity (only its own key's jobs
+        are ahead of it: the key already has every turn the policy gives it) or behind_other_jobs."""
+        if not self.live_workers:
+            return "worker_starting" if self.starting_workers else "no_worker"
+        return "key_at_capacity" if self.own_key_ahead else "behind_other_jobs"
 
 
 class Queues:
@@ -140,13 +143,6 @@ class Queues:
         pipe.zadd(queue_workers_key(queue), {worker: time.time()})
         pipe.zrem(queue_starting_key(queue), worker)
         pipe.zremrangebyscore(queue_workers_key(queue), "-inf", time.time() - 24 * 3600)
-        pipe.execute()
-
-    def stopped(self, queue: str, worker: str) -> None:
-        """A worker of this queue is leaving."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(queue_workers_key(queue), worker)
-        pipe.zrem(queue_starting_key(queue), worker)
         pipe.execute()
 
     def overview(self, queue: str, owner: str) -> dict:

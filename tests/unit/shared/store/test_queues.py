@@ -160,3 +160,23 @@ def test_a_canceled_waiting_job_leaves_its_line_and_its_key_the_turns(small, que
     assert small.redis.exists(waiting_key(queue, "owner-b")) == 0
     assert small.redis.zscore(f"visionq:waiting:{queue}", "owner-b") is None
     assert len(run_all(small, queue)) == 2
+
+
+def test_a_waiting_job_says_why_it_waits(small, queue):
+    queues = Queues(small.redis, WINDOW)
+    submit(small, queue, "owner-a", 2)
+    mine = submit(small, queue, "owner-a", 2)
+    theirs = submit(small, queue, "owner-b")[0]
+
+    def reason(job_id: str) -> str:
+        return small.charged_get(job_id, UNLIMITED_CHARGE)[1].queue["waiting_reason"]
+
+    assert reason(mine[1]) == "no_worker"
+    queues.starting(queue, "w-loading")
+    assert reason(mine[1]) == "worker_starting"
+    queues.serving(queue, "w-loading")
+    assert reason(theirs) == "behind_other_jobs"  # owner-a's job goes first
+    assert reason(mine[1]) == "behind_other_jobs"  # owner-b's job goes before it
+    small.mark_canceled(theirs, JobFailure(code="canceled", message="test"))
+    assert reason(mine[1]) == "key_at_capacity"  # only its own key's jobs wait ahead of it
+    assert reason(mine[0]) == "behind_other_jobs"  # next in line: only the list is ahead
