@@ -121,18 +121,11 @@ def task_message(task: str, args: list[str], queue: str, task_id: str | None = N
 
 
 class Broker:
-    """The queues' depths, the leases of delivered messages, and the sweep for lost messages."""
+    """The leases of delivered messages, and the sweep for lost messages (the depths: shared/store/queues.py)."""
 
     def __init__(self, client: redis.Redis):
         self.redis = client
         self._requeue_lost = scripts.register(client, "requeue_lost")
-
-    def depths(self, queues: list[str]) -> dict[str, int]:
-        """How many jobs wait in each queue (not counting those a worker holds)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for queue in queues:
-            pipe.llen(queue)
-        return dict(zip(queues, pipe.execute(), strict=True))
 
     def renew_leases(self, delivery_tags: list[str]) -> int:
         """Move these messages' delivery times to now (only those still unacknowledged); returns how many."""

@@ -3,9 +3,12 @@ GPU each, and that KEDA watches the queue the API actually routes the default mo
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
+from api.metrics import StoreCollector
 from cli.main import build_parser
 from shared.config import DEFAULT_MODEL, Settings
 from shared.routing import queue_for
@@ -55,12 +58,19 @@ def test_worker_pod_gets_its_settings_and_time_to_finish_a_job(deployment, worke
     assert pod["terminationGracePeriodSeconds"] >= Settings().job_timeout_s  # SIGTERM lets the job finish
 
 
-def test_keda_scales_the_worker_deployment_on_its_models_queue(deployment):
+def test_keda_scales_the_worker_deployment_on_its_models_whole_backlog_from_zero(deployment):
     scaled = load("keda-scaledobject.yaml")
     assert scaled["kind"] == "ScaledObject" and scaled["apiVersion"].startswith("keda.sh/")
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis"
-    assert trigger["metadata"]["listName"] == queue_for(Settings(model=DEFAULT_MODEL), DEFAULT_MODEL)
-    assert int(trigger["metadata"]["listLength"]) > 0
-    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    assert trigger["type"] == "prometheus"
+    match = re.fullmatch(r'max\((\w+)\{model="([^"]+)"\}\)', trigger["metadata"]["query"])
+    assert match is not None, trigger["metadata"]["query"]
+    metric, model = match.groups()
+    assert model == DEFAULT_MODEL
+    # The metric it names is the API's, labelled by model, and counts every queued job, not only the list's.
+    (family,) = StoreCollector._queues({queue_for(Settings(), model): 5}, [model])
+    assert family.name == metric and family.samples[0].labels["model"] == model
+    assert "waiting" in family.documentation
+    assert int(trigger["metadata"]["threshold"]) > 0 and int(trigger["metadata"]["activationThreshold"]) == 0
+    assert 0 == scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]

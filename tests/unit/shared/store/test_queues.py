@@ -180,3 +180,12 @@ def test_a_waiting_job_says_why_it_waits(small, queue):
     small.mark_canceled(theirs, JobFailure(code="canceled", message="test"))
     assert reason(mine[1]) == "key_at_capacity"  # only its own key's jobs wait ahead of it
     assert reason(mine[0]) == "behind_other_jobs"  # next in line: only the list is ahead
+
+
+def test_the_depth_counts_every_queued_job_not_only_the_lists(small, queue):
+    submit(small, queue, "owner-a", 5)
+    submit(small, queue, "owner-b", 2)
+    assert small.redis.llen(queue) == WINDOW
+    assert Queues(small.redis, WINDOW).depth([queue]) == {queue: 7}
+    take_and_start(small, queue)
+    assert Queues(small.redis, WINDOW).depth([queue]) == {queue: 6}
