@@ -18,6 +18,7 @@ from api.schemas import (
     EndpointRequest,
     ErrorBody,
     JobPage,
+    QueueList,
     SigningSecret,
     UploadList,
 )
@@ -68,7 +69,8 @@ def errors(*statuses: int) -> dict:
              409: "the job has already ended (webhooks: too many endpoints, or a delivery under way; batches: "
                   "already ended, not finished, not retryable or nothing to retry)",
              413: "body too large", 415: "body is not JSON",
-             422: "invalid request", 429: "rate limited or too many active jobs", 503: "store unavailable"}
+             422: "invalid request (codes: invalid_request, invalid_priority, invalid_start_within, ...)",
+             429: "rate limited or too many active jobs", 503: "store unavailable"}
     return {str(s): answer(texts[s], ErrorBody) for s in statuses}
 
 
@@ -122,6 +124,10 @@ def openapi(settings: Settings) -> dict:
                                                      "maxLength": settings.batch_max_input_bytes}}}},
                 "responses": {"201": answer("stored", UploadList), **errors(400, 401, 413, 415, 422, 429, 503)},
             }},
+            "/v1/queues": {"get": {
+                "summary": "Each model's queue: jobs queued (all keys', and the caller's waiting), live and starting "
+                           "workers, jobs/s over the last minute",
+                "responses": {"200": answer("the queues", QueueList), **errors(401, 429, 503)}}},
             **webhook_paths(job_id),
             **batch_paths(settings),
             "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": answer("up")}}},
@@ -131,7 +137,7 @@ def openapi(settings: Settings) -> dict:
         "components": {
             "schemas": schemas([JobRequest, EndpointRequest, BatchRequest],
                                [Job, JobPage, ErrorBody, UploadList, Delivery, DeliveryList, Endpoint, EndpointList,
-                                SigningSecret, Batch, BatchPage]),
+                                SigningSecret, Batch, BatchPage, QueueList]),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

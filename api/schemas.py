@@ -65,3 +65,18 @@ class SigningSecret(BaseModel):
     """GET /v1/webhooks/secret."""
 
     secret: str = Field(description="whsec_...: verifies the events sent to jobs' own webhook URLs")
+
+
+class QueueFigures(BaseModel):
+    """One model's queue, for dashboards (GET /v1/queues)."""
+
+    model: str
+    queued: int = Field(description="jobs queued for the model, every key's: on its list or waiting their turn")
+    queued_for_key: int = Field(description="the caller's jobs still waiting their key's turn")
+    live_workers: int
+    starting_workers: int = Field(description="workers still loading the model")
+    jobs_per_s: float = Field(description="jobs its workers ended per second over the last minute")
+
+
+class QueueList(BaseModel):
+    queues: list[QueueFigures]

@@ -6,7 +6,9 @@ Needs wrk (Debian: apt-get install wrk). Everything runs on loopback on this mac
 gunicorn (the settings `visionq api` uses), and wrk as the client. visionq runs with auth, rate limiting and
 isolation on: every request carries a Bearer key, passes the key lookup and the Redis token bucket, and polls
 read a job owned by that key (the key's limits are set high so that the bucket allows the whole run).
-No worker runs: submit measures acceptance (jobs pile up in the queue), poll reads a finished job.
+No worker runs: submit measures acceptance (jobs pile up in the queue: beyond the list's window they wait in the
+key's line, so each submit also pays the dispatch check), poll reads a finished job, and a queued job whose
+position is computed under the fair-share policy (behind another key's backlog and its own key's earlier jobs).
 Baselines: a Flask POST doing HSET+LPUSH, a Flask POST doing Celery send_task, a Flask GET doing one Redis GET.
 """
 
@@ -31,6 +33,7 @@ from cli.embedded_redis import EmbeddedRedis, free_port
 from cli.stack import api_command
 from shared.config import Settings
 from shared.jobs import Job, JobResult, JobStatus, Timings, TokenCounts, new_job_id, utcnow
+from shared.routing import queue_for
 from shared.store.api_keys import KeyStore
 from shared.store.connection import connect
 from shared.store.jobs import JobStore
@@ -102,6 +105,20 @@ def finished_job(store: JobStore, owner: str) -> str:
     return job.id
 
 
+def queued_job(store: JobStore, owner: str, settings: Settings) -> str:
+    """A job of `owner` queued for a model no worker serves, behind another key's 500 jobs and 200 of its own:
+    polling it computes its position over both keys' lines (shared/store/lua/queue_position.lua)."""
+    queue = queue_for(settings, settings.model) + "-positions"
+    for who, count in (("bench-other", 500), (owner, 200)):
+        for _ in range(count):
+            store.create(Job(id=new_job_id(), status=JobStatus.QUEUED, task="describe", images=["pixel.png"],
+                             image_count=1, question="q", max_new_tokens=8, created_at=utcnow(), owner=who), queue)
+    job = Job(id=new_job_id(), status=JobStatus.QUEUED, task="describe", images=["pixel.png"], image_count=1,
+              question="q", max_new_tokens=8, created_at=utcnow(), owner=owner)
+    store.create(job, queue)
+    return job.id
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
@@ -124,6 +141,7 @@ def main() -> None:
               f"{settings.api_threads} threads (gthread), {os.cpu_count()} cores, loopback")
 
         job_id = finished_job(JobStore(connect(settings), settings.result_ttl_s), key.id)
+        waiting_id = queued_job(JobStore.from_settings(connect(settings), settings), key.id, settings)
         baseline = "bench.baseline_apps:app"
         cases = {  # name: (app, path, method, body, key, BENCH_APP)
             "baseline: Flask POST, HSET+LPUSH": (baseline, "/submit", "POST", {}, None, "hset_lpush"),
@@ -132,6 +150,8 @@ def main() -> None:
             "visionq POST /v1/jobs (auth, rate limit, quota)": ("api.wsgi:app", "/v1/jobs", "POST", body, secret, ""),
             "visionq GET /v1/jobs/<id> (finished job)": ("api.wsgi:app", f"/v1/jobs/{job_id}", "GET", None, secret,
                                                          ""),
+            "visionq GET /v1/jobs/<id> (queued, position)": ("api.wsgi:app", f"/v1/jobs/{waiting_id}", "GET", None,
+                                                             secret, ""),
         }
         rounds: dict[str, list[dict]] = {name: [] for name in cases}
         for round_number in range(args.rounds):  # interleaved, so that a noisy moment hits every case alike
@@ -144,10 +164,11 @@ def main() -> None:
                for name, results in rounds.items()}
     for name, result in medians.items():
         print(f"{name:<48} {result['rps']:8.0f} req/s  p99 {result['p99_ms']:6.2f} ms")
-    hset, celery, get, submit, poll = medians.values()
+    hset, celery, get, submit, poll, queued_poll = medians.values()
     names = list(rounds)
     per_round = [{name: rounds[name][i]["rps"] for name in names} for i in range(args.rounds)]
     poll_ratios = [r[names[4]] / r[names[2]] for r in per_round]
+    queued_ratios = [r[names[5]] / r[names[2]] for r in per_round]
     submit_ratios = [r[names[3]] / r[names[1]] for r in per_round]
     print(f"submit: {submit['rps']:.0f} jobs/s, p99 {submit['p99_ms']:.1f} ms (goal >= 1,200 jobs/s, p99 <= 50 ms); "
           f"{submit['rps'] / hset['rps']:.2f}x HSET+LPUSH, {submit['rps'] / celery['rps']:.2f}x send_task "
@@ -157,6 +178,9 @@ def main() -> None:
     print(f"poll: {statistics.median(poll_ratios):.2f}x the Redis GET handler (median of per-round ratios: "
           f"{', '.join(f'{r:.2f}' for r in poll_ratios)}; ratio of medians {poll['rps'] / get['rps']:.2f}x) "
           f"(goal >= 0.8x)")
+    print(f"poll of a queued job with its position: {statistics.median(queued_ratios):.2f}x the Redis GET handler "
+          f"(per round: {', '.join(f'{r:.2f}' for r in queued_ratios)}; {queued_poll['rps']:.0f} req/s, p99 "
+          f"{queued_poll['p99_ms']:.1f} ms) (goal >= 0.8x)")
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,9 @@ import json
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class JobStatus(StrEnum):
@@ -88,6 +89,24 @@ class JobFailure(BaseModel):
     message: str
 
 
+class QueuePlace(BaseModel):
+    """Where a queued job stands under the queue's policy (shared/store/queues.py), as read with the job."""
+
+    position: int = Field(description="jobs that start before it, if no other job arrives")
+    eta_s: float | None = Field(description="seconds until it starts, from the throughput its model's workers "
+                                            "measured in the last minute; null when unknown")
+    waiting_reason: Literal["no_worker", "worker_starting", "key_at_capacity", "behind_other_jobs"] = Field(
+        description="no_worker: no live worker serves the model (an autoscaler may be starting one); "
+                    "worker_starting: a worker is loading the model; key_at_capacity: only its own key's jobs are "
+                    "ahead (the key has every turn the fair share gives it); behind_other_jobs: other keys' jobs "
+                    "(or the list) go first")
+
+    @model_serializer(mode="wrap")
+    def _eta_always(self, handler):
+        """eta_s is null when unknown, also in the job's view that leaves out every other unset field."""
+        return {**handler(self), "eta_s": self.eta_s}
+
+
 class WebhookSpec(BaseModel):
     """A job's own webhook: where to POST its terminal event, and which events (default: every one)."""
 
@@ -137,7 +156,7 @@ class Job(BaseModel):
     webhook: WebhookSpec | None = None
     priority: str | None = None  # high | normal | low: the order within its key's line (batch items: low)
     start_within_s: float | None = None  # it fails as deadline_exceeded if not started this long after created_at
-    queue: dict | None = None  # a queued job's position, eta_s and waiting_reason, as read (never stored)
+    queue: QueuePlace | None = None  # a queued job's place, as read (never stored)
     batch_id: str | None = None  # the batch this job is an item of (shared/batches/)
     custom_id: str | None = None  # the item's id within its batch
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import redis
 
 from shared.errors import DeadlineExceeded
-from shared.jobs import JobFailure
+from shared.jobs import JobFailure, QueuePlace
 from shared.store import scripts
 from shared.store.keys import (
     KEY_WEIGHTS,
@@ -70,11 +70,11 @@ class Place:
     def from_reply(cls, reply: list) -> Place | None:
         return cls(*(int(value) for value in reply)) if reply else None
 
-    def public(self) -> dict:
+    def public(self) -> QueuePlace:
         """The `queue` object of a queued job: position, eta_s (null when no throughput was measured), reason."""
         rate = self.ended_last_minute / 60
         eta = round((self.ahead + 1) / rate, 1) if rate > 0 and self.live_workers else None
-        return {"position": self.ahead, "eta_s": eta, "waiting_reason": self.reason()}
+        return QueuePlace(position=self.ahead, eta_s=eta, waiting_reason=self.reason())
 
     def reason(self) -> str:
         """no_worker, worker_starting (a worker is loading the model), key_at_capacity (only its own key's jobs

@@ -10,7 +10,7 @@ local function jobs_ahead(q, owner, job_id)
   local score = redis.call('ZSCORE', q.index, job_id)
   if not score then return {0, 0} end
   if tonumber(score) < WAITING_BASE then return {redis.call('ZCOUNT', q.index, '-inf', '(' .. score), 0} end
-  local ahead = redis.call('ZCOUNT', q.index, '-inf', '(' .. WAITING_BASE)
+  local ahead = redis.call('ZCOUNT', q.index, '-inf', string.format('(%d', WAITING_BASE))
   local rank = redis.call('ZRANK', fill(q.waiting, 'owner', owner), job_id)
   local vt = redis.call('ZSCORE', q.owners, owner)
   if not rank or not vt then return {ahead, 0} end

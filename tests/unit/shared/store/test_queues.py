@@ -99,15 +99,15 @@ def test_positions_are_the_jobs_that_start_first_and_only_go_down(small, queue):
     submit(small, queue, "owner-b", 3, priority="low")
     submit(small, queue, "owner-b", 1, priority="high")
     waiting = small.redis.zrange(f"visionq:queued:{queue}", 0, -1)
-    first = {job_id: small.charged_get(job_id, UNLIMITED_CHARGE)[1].queue["position"] for job_id in waiting}
+    first = {job_id: small.charged_get(job_id, UNLIMITED_CHARGE)[1].queue.position for job_id in waiting}
     order, seen = [], dict(first)
     while (job_id := take_and_start(small, queue)) is not None:
         order.append(job_id)
         for other in waiting:
             job = small.charged_get(other, UNLIMITED_CHARGE)[1]
             if job.status == JobStatus.QUEUED:
-                assert job.queue["position"] <= seen[other]
-                seen[other] = job.queue["position"]
+                assert job.queue.position <= seen[other]
+                seen[other] = job.queue.position
     assert first == {job_id: order.index(job_id) for job_id in waiting}
 
 
@@ -169,7 +169,7 @@ def test_a_waiting_job_says_why_it_waits(small, queue):
     theirs = submit(small, queue, "owner-b")[0]
 
     def reason(job_id: str) -> str:
-        return small.charged_get(job_id, UNLIMITED_CHARGE)[1].queue["waiting_reason"]
+        return small.charged_get(job_id, UNLIMITED_CHARGE)[1].queue.waiting_reason
 
     assert reason(mine[1]) == "no_worker"
     queues.starting(queue, "w-loading")
