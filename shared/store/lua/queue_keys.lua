@@ -6,10 +6,14 @@
 local WAITING_BASE = 1125899906842624
 local RANK_STEP = 17592186044416  -- 2^44: a priority rank outweighs any sequence number in a key's waiting zset
 
+-- Each key is filled in when first used (a script touches a few of them; the poll runs on every request).
 local function queue_keys(templates_json, queue)
-  local q = {queue = queue}
-  for name, template in pairs(cjson.decode(templates_json)) do q[name] = fill(template, 'queue', queue) end
-  return q
+  local templates = cjson.decode(templates_json)
+  return setmetatable({queue = queue}, {__index = function(q, name)
+    local key = fill(templates[name], 'queue', queue)
+    rawset(q, name, key)
+    return key
+  end})
 end
 
 -- One more job of this queue ended after running: its 10-second bucket of the recent throughput.

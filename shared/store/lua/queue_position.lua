@@ -37,10 +37,9 @@ local function queue_position(job_key, job_id, templates, live_since)
   if not job[1] then return {} end
   local q = queue_keys(templates, job[1])
   local clock = tonumber(redis.call('TIME')[1])
-  local ended, bucket = 0, math.floor(clock / 10)
-  for b = bucket - 6, bucket - 1 do
-    ended = ended + tonumber(redis.call('GET', fill(q.ends, 'bucket', tostring(b))) or '0')
-  end
+  local ended, bucket, buckets = 0, math.floor(clock / 10), {}
+  for b = bucket - 6, bucket - 1 do buckets[#buckets + 1] = fill(q.ends, 'bucket', tostring(b)) end
+  for _, count in ipairs(redis.call('MGET', unpack(buckets))) do ended = ended + (tonumber(count) or 0) end
   local ahead = jobs_ahead(q, job[2] or '', job_id)
   return {ahead[1], redis.call('ZCOUNT', q.serving, clock - live_since, '+inf'),
           redis.call('ZCOUNT', q.starting, clock - live_since, '+inf'), ended, ahead[2]}
