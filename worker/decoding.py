@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from worker.rope import LONG_ROPE_TYPES, long_rope_modules, per_row_rope
+
 log = logging.getLogger(__name__)
 
 LENGTH_STEP = 64  # cache lengths are rounded up to this, so that nearby prompt lengths share one graph
@@ -157,12 +159,20 @@ class DecodeSlot:
         self.step_index = torch.zeros((), dtype=torch.long, device=device)
         self.history = torch.zeros((kv.rows, steps), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        # Eager attention adds its mask to the scores: it needs 0 / -inf, not the boolean mask SDPA takes.
+        self.additive = model.config._attn_implementation == "eager"
+
+    def attention_mask(self) -> torch.Tensor:
+        if not self.additive:
+            return self.mask
+        return torch.zeros(self.mask.shape, dtype=self.kv.keys[0].dtype, device=self.mask.device).masked_fill_(
+            ~self.mask, torch.finfo(self.kv.keys[0].dtype).min)
 
     def step(self) -> None:
         """One decode step for every row, all state in place: the graph replays exactly this."""
         self.mask.index_fill_(3, self.kv.position.view(1), True)
-        out = self.model(inputs_embeds=self.embed(self.tokens), attention_mask=self.mask, position_ids=self.positions,
-                         use_cache=True, logits_to_keep=1, **{CACHE_KW: self.kv})
+        out = self.model(inputs_embeds=self.embed(self.tokens), attention_mask=self.attention_mask(),
+                         position_ids=self.positions, use_cache=True, logits_to_keep=1, **{CACHE_KW: self.kv})
         next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
         self.tokens.copy_(next_tokens)
         self.step_index.add_(1)
@@ -213,8 +223,9 @@ class _static_rope:
     frequencies the update would pick cannot change (see `Decoder.graphable`)."""
 
     def __init__(self, model):
+        per_row = set(map(id, long_rope_modules(model)))  # these have a capturable forward (worker/rope.py)
         self.modules = [m for m in model.modules() if hasattr(type(m).forward, "__wrapped__")
-                        and "rotary" in type(m).__name__.lower()]
+                        and "rotary" in type(m).__name__.lower() and id(m) not in per_row]
 
     def __enter__(self):
         for module in self.modules:
@@ -263,7 +274,10 @@ class Decoder:
         With `more`, prompts that arrive while the batch is prefilling join it (up to `max_rows` rows and what fits
         the cache of the first ones): a burst makes one full batch without the GPU waiting for it to gather.
         """
-        prompts = list(prompts)
+        with per_row_rope(self.model):
+            return self._generate(list(prompts), on_done, canceled, more, max_rows)
+
+    def _generate(self, prompts: list[Prompt], on_done, canceled, more, max_rows) -> BatchStats:
         prompt_length = max(p.length for p in prompts)
         length = length_bucket(prompt_length + max(p.max_new_tokens for p in prompts))
         capacity = min(self.max_rows(length), max_rows) if more else len(prompts)
@@ -383,8 +397,8 @@ class Decoder:
         on the side of the threshold that the prefill chose (we keep graphs to the short side)."""
         config = self.model.config.get_text_config()
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        if rope.get("rope_type", "default") in ("default", "linear", "llama3"):
-            return True
+        if rope.get("rope_type", "default") in ("default", "linear", "llama3", *LONG_ROPE_TYPES):
+            return True  # long-RoPE chooses per row without a Python branch (worker/rope.py)
         original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
         return length <= original
 

@@ -49,8 +49,14 @@ def jobs(arch: str, count: int = 5) -> list[tuple[str, list[Image.Image], int]]:
     return out
 
 
-def load(path, device: str, dtype: torch.dtype):
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+def load(path, device: str, dtype: torch.dtype, attention: str = "sdpa"):
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attention).to(
+        device).eval()
+
+
+def long_job(arch: str) -> tuple[str, list[Image.Image], int]:
+    """A prompt past 4,096 positions (Phi-3-V's long-RoPE threshold: its long factors apply from there)."""
+    return prompt_text(arch, 1, "lorem ipsum dolor sit amet " * 240 + QUESTIONS[0]), [random_image(48, 40, 7)], 6
 
 
 def unbatched(model, processor, job) -> list[int]:
@@ -73,16 +79,29 @@ def batched(decoder: Decoder, processor, batch, canceled=lambda: set()) -> dict[
     return done
 
 
-def test_every_row_of_a_batch_equals_its_unbatched_generate(tiny):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_every_row_of_a_batch_equals_its_unbatched_generate(tiny, attention):
     arch, path, processor = tiny
     torch.manual_seed(0)
-    model = load(path, "cpu", torch.float32)
+    model = load(path, "cpu", torch.float32, attention)
     batch = jobs(arch)
     got = batched(decoder_for(model, processor, use_graphs=False), processor, batch)
     assert sorted(got) == list(range(len(batch)))
     for row, job in enumerate(batch):
         assert got[row] == unbatched(model, processor, job), f"row {row}"
         assert len(got[row]) <= job[2]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_row_past_the_long_rope_threshold_leaves_its_short_neighbours_unchanged(tiny, attention):
+    arch, path, processor = tiny
+    model = load(path, "cpu", torch.float32, attention)
+    batch = [jobs(arch, 3)[0], long_job(arch), *jobs(arch, 3)[1:]]
+    prompts = [Prompt(dict(processor(text=t, images=im, return_tensors="pt")), m) for t, im, m in batch]
+    assert prompts[1].length > 4096 > max(p.length for p in prompts if p is not prompts[1])
+    got = batched(decoder_for(model, processor, use_graphs=False), processor, batch)
+    for row, job in enumerate(batch):
+        assert got[row] == unbatched(model, processor, job), f"row {row} ({attention})"
 
 
 def test_a_reused_slot_gives_the_same_tokens_as_a_fresh_one(tiny):
