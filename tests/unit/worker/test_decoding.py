@@ -155,7 +155,7 @@ def test_cuda_graphed_batches_equal_unbatched_generate_in_fp32(tiny):
     decoder = decoder_for(model, processor, use_graphs=True)
     batch = jobs(arch)
     got = batched(decoder, processor, batch)
-    assert all(slot.graph is not None for slot in decoder.slots.values())
+    assert decoder.steps and all(step.graph is not None for step in decoder.steps.values())
     for row, job in enumerate(batch):
         assert got[row] == unbatched(model, processor, job), f"row {row}"
 
@@ -167,7 +167,7 @@ def test_cuda_graph_replay_equals_eager_steps_in_bf16(tiny):
     batch = jobs(arch)
     graphed_decoder = decoder_for(model, processor, use_graphs=True)
     graphed = batched(graphed_decoder, processor, batch)
-    assert all(slot.graph is not None for slot in graphed_decoder.slots.values())
+    assert graphed_decoder.steps and all(step.graph is not None for step in graphed_decoder.steps.values())
     assert graphed == batched(decoder_for(model, processor, use_graphs=False), processor, batch)
     firsts = [unbatched(model, processor, job)[0] for job in batch]
     assert [graphed[row][0] for row in range(len(batch))] == firsts
@@ -184,7 +184,7 @@ def test_cuda_fused_kernels_keep_the_first_tokens_and_graph_like_eager_in_bf16(t
     assert kernels.fuse(model)
     graphed_decoder = decoder_for(model, processor, use_graphs=True)
     fused = batched(graphed_decoder, processor, batch)
-    assert all(slot.graph is not None for slot in graphed_decoder.slots.values())
+    assert graphed_decoder.steps and all(step.graph is not None for step in graphed_decoder.steps.values())
     assert fused == batched(decoder_for(model, processor, use_graphs=False), processor, batch)
     assert [fused[row][0] for row in range(len(batch))] == [plain[row][0] for row in range(len(batch))]
     same = [next((i for i, (a, b) in enumerate(zip(fused[r], plain[r], strict=False)) if a != b), len(plain[r]))
