@@ -1,6 +1,6 @@
 """GPU throughput of visionq against the seed loop and plain batched `generate`, measured in the same run.
 
-    python -m bench.gpu_throughput --num-crops 4 [--jobs 256] [--caps 1,16,64,128] [--gpus 0]
+    python -m bench.gpu_throughput --num-crops 4 [--jobs 256] [--caps 1,16,64,128] [--gpus 0] [--lengths 16:512]
 
 Workload: Phi-3-vision of the real shape with random weights (tests/data/phi3_vision_128k_config.json: Phi-3-mini
 decoder, hidden 3072, 32 layers; CLIP ViT-L/14-336), bf16, SDPA, describe jobs on one 336x336 image, greedy,
@@ -9,13 +9,20 @@ work). Baselines, in this process: the seed loop (one `generate` per job, dynami
 `generate` (one call per batch). visionq: the real path, through HTTP API (gunicorn) -> Redis -> GPU worker(s) ->
 Redis, with `--jobs` queued at once, at each batch cap (VISIONQ_MAX_BATCH); then the latency of one job alone on
 an idle worker. jobs/s counts from the first submit to the last job stored.
+
+With `--lengths LO:HI`, each cap also runs the mixed workload beside the forced one: `--mixed-jobs` jobs whose
+max_new_tokens are log-uniform in LO..HI (seeded by `--seed`; the model has no end-of-sequence token, so each job
+makes exactly that many), and prints output tokens/s, its ratio to the forced run's, and the p50 latency of the
+jobs of at most 32 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -127,11 +134,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_jobs(client: Client, store: JobStore, count: int, new_tokens: int, images: list[str]) -> dict:
-    """Queue `count` jobs at once and wait for all; jobs/s, latency percentiles, and how many ran twice."""
+def mixed_lengths(count: int, low: int, high: int, seed: int) -> list[int]:
+    """max_new_tokens log-uniform in low..high, the same list for the same seed."""
+    rng = random.Random(seed)
+    return [min(high, max(low, round(math.exp(rng.uniform(math.log(low), math.log(high)))))) for _ in range(count)]
+
+
+def run_jobs(client: Client, store: JobStore, lengths: list[int], images: list[str]) -> dict:
+    """Queue one job per entry of `lengths` (its max_new_tokens) at once and wait for all; jobs/s, output
+    tokens/s, latency percentiles (all jobs, and those of at most 32 tokens), and how many ran twice."""
     started = time.perf_counter()
     ids = [client.submit("describe", [images[i % len(images)]], max_new_tokens=new_tokens)["id"]
-           for i in range(count)]
+           for i, new_tokens in enumerate(lengths)]
     submitted = time.perf_counter() - started
     pending = set(ids)
     while pending:
@@ -139,10 +153,15 @@ def run_jobs(client: Client, store: JobStore, count: int, new_tokens: int, image
         pending = {job_id for job_id in pending if not store.status(job_id).is_terminal()}
     elapsed = time.perf_counter() - started
     jobs = [store.get(job_id) for job_id in ids]
-    bad = [job for job in jobs if job.status != JobStatus.SUCCEEDED or job.result.tokens.completion != new_tokens]
+    bad = [job for job, new_tokens in zip(jobs, lengths, strict=True)
+           if job.status != JobStatus.SUCCEEDED or job.result.tokens.completion != new_tokens]
     latencies = [(job.finished_at - job.created_at).total_seconds() for job in jobs]
-    return {"jobs_s": count / elapsed, "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95),
-            "elapsed": elapsed, "submit_s": submitted, "bad": len(bad), "twice": sum(job.attempts > 1 for job in jobs),
+    short = [latency for latency, new_tokens in zip(latencies, lengths, strict=True) if new_tokens <= 32]
+    tokens = sum(job.result.tokens.completion for job in jobs if job.result)
+    return {"jobs_s": len(ids) / elapsed, "tokens_s": tokens / elapsed, "p50": percentile(latencies, 0.5),
+            "p95": percentile(latencies, 0.95), "short_p50": percentile(short, 0.5) if short else float("nan"),
+            "shorts": len(short), "elapsed": elapsed, "submit_s": submitted, "bad": len(bad),
+            "twice": sum(job.attempts > 1 for job in jobs),
             "first_bad": bad[0].model_dump(mode="json") if bad else None}
 
 
@@ -219,6 +238,10 @@ def main() -> None:
     parser.add_argument("--generate-batches", default="16,64")
     parser.add_argument("--dir", default="")
     parser.add_argument("--model", default="", help="an existing model folder (e.g. a tiny one for a CPU dry run)")
+    parser.add_argument("--lengths", default="", help="LO:HI: also the mixed workload, max_new_tokens log-uniform")
+    parser.add_argument("--mixed-jobs", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-forced", action="store_true", help="only the mixed workload")
     args = parser.parse_args()
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="visionq-bench-"))
@@ -248,33 +271,54 @@ def main() -> None:
         for cap in [int(c) for c in args.caps.split(",")]:
             for count in range(1, len(gpus) + 1):
                 names = start_workers(stack, gpus[:count], cap, cpu=not torch.cuda.is_available())
-                jobs = max(16, min(args.jobs, 4 * cap)) * count
-                run_jobs(client, store, min(jobs, cap * count), args.new_tokens, images)  # capture this cap's graphs
-                with GpuSampler(",".join(gpus[:count])) as sampler, \
-                        ServerLoad(stack.redis_client(), stack.processes["api"].pid) as load:
-                    result = run_jobs(client, store, jobs, args.new_tokens, images)
-                infos = [WorkerRegistry(store.redis).info(name) for name in names]
-                ratio = f", {result['jobs_s'] / seed_rate:.0f}x seed loop" if seed_rate else ""
-                print(f"visionq cap {cap:>3}, {count} GPU worker(s), {jobs} jobs: "
-                      f"{result['jobs_s']:.2f} jobs/s{ratio}; "
-                      f"latency p50 {result['p50']:.2f} s, p95 {result['p95']:.2f} s; {sampler.summary()}; "
-                      f"largest batch {max(int(i.get('largest_batch', 0)) for i in infos)}, "
-                      f"fused kernels {infos[0].get('fused')}, "
-                      f"worker peak {max(float(i.get('gpu_peak_gib', 0)) for i in infos):.1f} GiB; "
-                      f"submit {result['submit_s']:.2f} s; not succeeded with {args.new_tokens} tokens: "
-                      f"{result['bad']}, ran twice: {result['twice']}", flush=True)
-                print(f"  {load.summary()}", flush=True)
-                batches = sum(int(i.get("batches", 0)) for i in infos)
-                print(f"  per batch: {sum(int(i.get('batched_jobs', 0)) for i in infos) / max(batches, 1):.1f} rows, "
-                      f"prefill {sum(float(i.get('prefill_s', 0)) for i in infos) / max(batches, 1):.2f} s, "
-                      f"decode {sum(float(i.get('decode_s', 0)) for i in infos) / max(batches, 1):.2f} s, "
-                      f"idle before it {sum(float(i.get('idle_s', 0)) for i in infos) / max(batches, 1):.2f} s "
-                      f"({batches} batches, warm-up included)", flush=True)
-                if result["first_bad"]:
-                    print("  first bad job:", json.dumps(result["first_bad"])[:400])
+                forced_jobs = max(16, min(args.jobs, 4 * cap)) * count
+                workloads = [] if args.skip_forced else [("forced", [args.new_tokens] * forced_jobs)]
+                if args.lengths:
+                    low, high = (int(x) for x in args.lengths.split(":"))
+                    workloads.append((f"mixed {low}:{high}", mixed_lengths(args.mixed_jobs * count, low, high,
+                                                                            args.seed)))
+                forced_tokens_s = None
+                for label, lengths in workloads:
+                    result = run_workload(client, store, stack, names, gpus[:count], cap, label, lengths, images,
+                                          seed_rate, forced_tokens_s)
+                    if label == "forced":
+                        forced_tokens_s = result["tokens_s"]
                 if count == 1 and cap == max(int(c) for c in args.caps.split(",")):
                     idle_latency(client, images, args.new_tokens)
                 stop_workers(stack, names)
+
+
+def run_workload(client: Client, store: JobStore, stack: Stack, names: list[str], gpus: list[str], cap: int,
+                 label: str, lengths: list[int], images: list[str], seed_rate: float | None,
+                 forced_tokens_s: float | None) -> dict:
+    """A warm-up of `cap` jobs of the same lengths (captures this cap's graphs), then the measured run."""
+    run_jobs(client, store, lengths[:cap * len(gpus)], images)
+    registry = WorkerRegistry(store.redis)
+    before = [registry.info(name) for name in names]
+    with GpuSampler(",".join(gpus)) as sampler, \
+            ServerLoad(stack.redis_client(), stack.processes["api"].pid) as load:
+        result = run_jobs(client, store, lengths, images)
+    infos = [registry.info(name) for name in names]
+    ratio = f", {result['jobs_s'] / seed_rate:.0f}x seed loop" if seed_rate else ""
+    versus = f" ({result['tokens_s'] / forced_tokens_s:.2f}x the forced run's tokens/s)" if forced_tokens_s else ""
+    print(f"visionq {label}, cap {cap:>3}, {len(gpus)} GPU worker(s), {len(lengths)} jobs "
+          f"(mean {statistics.mean(lengths):.0f} tokens): {result['jobs_s']:.2f} jobs/s{ratio}, "
+          f"{result['tokens_s']:.0f} output tokens/s{versus}; latency p50 {result['p50']:.2f} s, "
+          f"p95 {result['p95']:.2f} s, jobs of <= 32 tokens p50 {result['short_p50']:.2f} s ({result['shorts']} jobs); "
+          f"{sampler.summary()}; most rows at once {max(int(i.get('peak_rows', 0)) for i in infos)}, "
+          f"fused kernels {infos[0].get('fused')}, "
+          f"worker peak {max(float(i.get('gpu_peak_gib', 0)) for i in infos):.1f} GiB; "
+          f"submit {result['submit_s']:.2f} s; not succeeded with their tokens: {result['bad']}, "
+          f"ran twice: {result['twice']}", flush=True)
+    print(f"  {load.summary()}", flush=True)
+    runs = sum(int(i.get("batches", 0)) for i in infos) - sum(int(i.get("batches", 0)) for i in before)
+    seconds = {field: sum(float(i.get(field, 0)) for i in infos) - sum(float(i.get(field, 0)) for i in before)
+               for field in ("prefill_s", "decode_s", "idle_s")}
+    print(f"  GPU thread over the measured run's {runs} run(s) (idle to idle): prefill {seconds['prefill_s']:.2f} s, "
+          f"decode {seconds['decode_s']:.2f} s, idle before them {seconds['idle_s']:.2f} s", flush=True)
+    if result["first_bad"]:
+        print("  first bad job:", json.dumps(result["first_bad"])[:400])
+    return result
 
 
 def idle_latency(client: Client, images: list[str], new_tokens: int) -> None:

@@ -1,12 +1,19 @@
-"""Micro-batching: task threads hand prepared prompts to one GPU thread, which decodes them in batches.
+"""Iteration-level scheduling: task threads hand prepared prompts to one GPU thread, which decodes them in rows
+that join and leave the running batch at every step.
 
 Celery runs the worker with a threads pool of 2 x max_batch: each task thread loads its job's images and runs the
-processor (CPU work that overlaps the GPU), then waits here for its own completion. The GPU thread takes whatever
-is waiting, up to `max_batch` rows (and what fits the KV budget), waiting at most `batch_wait_ms` for more (longer,
-up to `batch_fill_ms`, only while other task threads are still preparing tickets); tickets that arrive while the
-batch prefills join it between prefill chunks (so a burst makes full batches without the GPU idling to gather
-them); and it resolves each job's future as soon as that row ends. A message is acknowledged only when its task
-returns, after the result is stored, so a worker killed mid-batch leaves every unfinished job to be redelivered.
+processor (CPU work that overlaps the GPU), then waits here for its own completion. The GPU thread loops: take in
+the prompts waiting now (FIFO), prefill as many as there are free rows (at most `prefill_tokens` padded tokens a
+step, so the running rows are not held up long), run one decode step of every row, hand back the rows that ended
+(each job's future resolves at once, and its row is free for the next prompt), and every CANCEL_POLL_S end the rows
+of canceled jobs. Prefill runs between decode steps, not inside them: the decode step keeps its fixed shapes and
+its CUDA graph, and the prefill its batched forward; the cost is a decode step that waits for a prefill chunk.
+
+A run starts when the GPU thread is idle and a prompt arrives: it waits a little for a burst to gather (`wait_s`,
+longer while task threads are still preparing), and lays the KV arena out in rows long enough for every prompt
+waiting then. A later prompt whose need is longer waits, with those behind it, until the run's rows have ended, and
+starts the next run with longer rows. A message is acknowledged only when its task returns, after the result is
+stored, so a worker killed mid-run leaves every unfinished job to be redelivered.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.2
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the decoder's rows carry tickets as their tags
 class Ticket:
     """One job waiting for the GPU."""
 
@@ -49,17 +56,18 @@ class Batcher:
         self.fill_wait_s = max(wait_s, fill_wait_s)
         self.canceled, self.on_batch = canceled, on_batch
         self.waiting: queue.Queue[Ticket] = queue.Queue()
-        self.deferred: deque[Ticket] = deque()  # tickets that did not fit the last batch go first in the next
+        self.deferred: deque[Ticket] = deque()  # taken from the queue, not admitted yet: they go first
         self.preparing = 0  # task threads loading images for a ticket right now (see `expect`)
         self.lock = threading.Lock()
         self.idle_since = time.monotonic()
+        self.last_cancel_poll = time.monotonic()
         self.thread = threading.Thread(target=self._loop, name="visionq-gpu", daemon=True)
         self.thread.start()
 
     @contextmanager
     def expect(self):
-        """Held by a task thread while it prepares a ticket: a batch that is filling up waits for such tickets
-        (at most `wait_s`), so a burst of jobs makes one full batch rather than a small one and then the rest."""
+        """Held by a task thread while it prepares a ticket: an idle GPU thread that has a first ticket waits for
+        such tickets (at most `fill_wait_s`), so a burst of jobs starts as one prefill rather than a trickle."""
         with self.lock:
             self.preparing += 1
         try:
@@ -69,102 +77,138 @@ class Batcher:
                 self.preparing -= 1
 
     def submit(self, job_id: str, prompt: Prompt) -> Future:
-        """Queue one prompt; the future gets its Completion (or the exception that ended its batch)."""
+        """Queue one prompt; the future gets its Completion (or the exception that ended its row)."""
         ticket = Ticket(job_id, prompt)
         self.waiting.put(ticket)
         return ticket.future
 
     def _loop(self) -> None:
         while True:
-            batch = self._collect()
-            idle_s, self.idle_since = time.monotonic() - self.idle_since, time.monotonic()
+            first = self.deferred.popleft() if self.deferred else self.waiting.get()
+            idle_s = time.monotonic() - self.idle_since
             try:
-                self._run(batch, idle_s)
-            except BaseException:  # the GPU thread must outlive any batch
-                log.exception("batch of %d failed outside its jobs", len(batch))
+                self._run(first, idle_s)
+            except BaseException:  # the GPU thread must outlive any run
+                log.exception("a run failed outside its jobs")
+                for ticket in self.decoder.abort():
+                    _fail(ticket, RuntimeError("the GPU thread's run failed"))
             self.idle_since = time.monotonic()
 
-    def _collect(self) -> list[Ticket]:
-        """Block for one ticket, then take more until max_batch, the KV budget or the wait runs out."""
-        first = self.deferred.popleft() if self.deferred else self.waiting.get()
-        batch, deadline = [first], time.monotonic() + self.wait_s
-        fill_deadline = time.monotonic() + self.fill_wait_s
-        longest = first.prompt.length + first.prompt.max_new_tokens
-        while len(batch) < self.max_batch:
+    def _run(self, first: Ticket, idle_s: float) -> None:
+        """From idle to idle: rows join while there are free rows and prompts that fit, and leave as they end."""
+        self.deferred.appendleft(first)
+        self._gather()
+        self.decoder.plan(max(t.prompt.need for t in self.deferred), self.max_batch)
+        layout = self.decoder.layout
+        stats = BatchStats(0, layout.rows, layout.length, self.decoder.use_graphs, idle_s=idle_s)
+        while True:
+            self._pull()
+            self._admit(stats)
+            if self.decoder.running:
+                self._step(stats)
+            elif not self.deferred or not self.decoder.fits(self.deferred[0].prompt):
+                break  # idle, or the next prompt needs longer rows: a new run lays them out
+            self._poll_cancel()
+        self.on_batch(stats)
+
+    def _gather(self) -> None:
+        """A burst: wait up to wait_s for more tickets (longer while task threads still prepare some)."""
+        deadline, fill_deadline = time.monotonic() + self.wait_s, time.monotonic() + self.fill_wait_s
+        while len(self.deferred) < self.max_batch:
             try:
-                ticket = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+                self.deferred.append(self.waiting.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 if self.preparing and time.monotonic() < fill_deadline:
                     deadline = min(time.monotonic() + 0.005, fill_deadline)
                     continue
-                break
-            need = max(longest, ticket.prompt.length + ticket.prompt.max_new_tokens)
-            if len(batch) + 1 > self.decoder.max_rows(need):
-                self.deferred.append(ticket)
-                break
-            batch.append(ticket)
-            longest = need
-        return batch
+                return
 
-    def _run(self, batch: list[Ticket], idle_s: float = 0.0, join: bool = True) -> None:
+    def _pull(self) -> None:
+        while True:
+            try:
+                self.deferred.append(self.waiting.get_nowait())
+            except queue.Empty:
+                return
+
+    def _admit(self, stats: BatchStats) -> None:
+        """Prefill waiting tickets into free rows, FIFO, up to one prefill chunk's tokens (all free rows when
+        nothing decodes yet); a ticket that needs longer rows stops the admissions until the run ends."""
+        joining: list[Ticket] = []
+        budget = self.decoder.prefill_tokens
+        free = self.decoder.free_rows()
+        while self.deferred and len(joining) < free:
+            ticket = self.deferred[0]
+            if ticket.future.done():  # canceled while it waited
+                self.deferred.popleft()
+                continue
+            if not self.decoder.fits(ticket.prompt) or (joining and self.decoder.running
+                                                        and ticket.prompt.length > budget):
+                break
+            budget -= ticket.prompt.length
+            joining.append(self.deferred.popleft())
+        if not joining:
+            return
+        started = time.perf_counter()
+        self._prefill(joining)
+        stats.rows += len(joining)
+        stats.prefill_s += time.perf_counter() - started
+        stats.peak_rows = max(stats.peak_rows, self.decoder.running)
+
+    def _prefill(self, joining: list[Ticket]) -> None:
         try:
-            stats = self.decoder.generate([t.prompt for t in batch], self._resolver(batch), self._canceled_rows(batch),
-                                          more=self._joiner(batch) if join else None, max_rows=self.max_batch)
+            _resolve(self.decoder.admit([(t, t.prompt) for t in joining]))
+            return
         except Exception as exc:
-            failure = exc.with_traceback(None)  # its frames hold the batch's GPU tensors: let them go
-        else:
-            stats.idle_s = idle_s
-            self.on_batch(stats)
-            return
+            failure = exc.with_traceback(None)  # its frames hold the prefill's GPU tensors: let them go
+        admitted = {id(row.tag) for row in self.decoder.rows if row is not None}
+        left = [t for t in joining if id(t) not in admitted and not t.future.done()]
         if isinstance(failure, torch.cuda.OutOfMemoryError):
-            self.decoder.out_of_memory(len(batch))
-        open_tickets = [t for t in batch if not t.future.done()]
-        if len(open_tickets) == 1:
-            _fail(open_tickets[0], failure)
+            self.decoder.out_of_memory()
+            self.deferred.extendleft(reversed(left))  # again, in smaller chunks
             return
-        # One bad prompt must not fail its neighbours, nor one batch too big for memory all of its jobs:
-        # halve it until the halves run or the bad job is alone.
-        log.warning("batch of %d failed (%s: %s); running it in halves", len(open_tickets),
+        if len(left) == 1:
+            _fail(left[0], failure)
+            return
+        # One bad prompt must not fail its neighbours: each alone, so that only the bad one fails.
+        log.warning("a prefill of %d prompts failed (%s: %s); prefilling them one by one", len(left),
                     type(failure).__name__, failure)
-        half = len(open_tickets) // 2
-        self._run(open_tickets[:half], join=False)
-        self._run(open_tickets[half:], join=False)
+        for ticket in left:
+            self._prefill([ticket])
 
-    def _joiner(self, batch: list[Ticket]):
-        """Tickets waiting now that fit the batch (no longer prompt, room for their tokens) join it: appended to
-        `batch`, so their rows follow and resolve like the first ones."""
-        def more(room: int, prompt_length: int, length: int) -> list[Prompt]:
-            joined, unfit = [], []
-            while len(joined) < room:
-                try:
-                    ticket = self.deferred.popleft() if self.deferred else self.waiting.get_nowait()
-                except queue.Empty:
-                    break
-                fits = ticket.prompt.length <= prompt_length and prompt_length + ticket.prompt.max_new_tokens <= length
-                (joined if fits else unfit).append(ticket)
-            self.deferred.extend(unfit)
-            batch.extend(joined)
-            return [ticket.prompt for ticket in joined]
-        return more
+    def _step(self, stats: BatchStats) -> None:
+        started = time.perf_counter()
+        try:
+            _resolve(self.decoder.step())
+        except Exception as exc:
+            failure = exc.with_traceback(None)
+            log.warning("a decode step of %d rows failed (%s: %s)", self.decoder.running, type(failure).__name__,
+                        failure)
+            if isinstance(failure, torch.cuda.OutOfMemoryError):
+                self.decoder.out_of_memory()
+            for ticket in self.decoder.abort():
+                _fail(ticket, failure)
+        stats.steps += 1
+        stats.decode_s += time.perf_counter() - started
 
-    @staticmethod
-    def _resolver(batch: list[Ticket]) -> Callable[[int, Completion], None]:
-        def resolve(row: int, completion: Completion) -> None:
-            if not batch[row].future.done():
-                batch[row].future.set_result(completion)
-        return resolve
+    def _poll_cancel(self) -> None:
+        """End the rows (and drop the waiting tickets) of canceled jobs, asking the store every CANCEL_POLL_S."""
+        if time.monotonic() - self.last_cancel_poll < CANCEL_POLL_S:
+            return
+        self.last_cancel_poll = time.monotonic()
+        running = [row.tag for row in self.decoder.rows if row is not None]
+        ids = self.canceled([t.job_id for t in running + list(self.deferred)])
+        if not ids:
+            return
+        _resolve(self.decoder.cancel({t for t in running if t.job_id in ids}))
+        for ticket in [t for t in self.deferred if t.job_id in ids]:
+            self.deferred.remove(ticket)
+            _resolve([(ticket, Completion([], ticket.prompt.length, canceled=True))])
 
-    def _canceled_rows(self, batch: list[Ticket]) -> Callable[[], set[int]]:
-        """Rows whose job was canceled, asking the store at most every CANCEL_POLL_S."""
-        last = [time.monotonic()]
 
-        def canceled() -> set[int]:
-            if time.monotonic() - last[0] < CANCEL_POLL_S:
-                return set()
-            last[0] = time.monotonic()
-            ids = self.canceled([t.job_id for t in batch if not t.future.done()])
-            return {row for row, t in enumerate(batch) if t.job_id in ids}
-        return canceled
+def _resolve(ended: list[tuple[Ticket, Completion]]) -> None:
+    for ticket, completion in ended:
+        if not ticket.future.done():
+            ticket.future.set_result(completion)
 
 
 def _fail(ticket: Ticket, exc: BaseException) -> None:

@@ -76,14 +76,20 @@ def start(settings: Settings, name: str) -> GpuWorker:
 
 
 def batch_recorder(name: str, device: torch.device, workers: WorkerRegistry):
-    """After each batch: count it in the worker's record, with the GPU's peak memory so far."""
+    """After each run of the GPU thread: count it in the worker's record, with the most rows it decoded at once
+    and the GPU's peak memory so far."""
+    peak_rows = 0
+
     def record(stats: BatchStats) -> None:
-        log.debug("batch of %d rows (cache %d x %d, graphed %s): prefill %.3f s, %d steps in %.3f s",
-                  stats.rows, stats.cache_rows, stats.cache_length, stats.graphed, stats.prefill_s, stats.steps,
-                  stats.decode_s)
+        nonlocal peak_rows
+        peak_rows = max(peak_rows, stats.peak_rows)
+        log.debug("run of %d jobs, at most %d rows at once (rows %d x %d, graphed %s): prefill %.3f s, "
+                  "%d steps in %.3f s", stats.rows, stats.peak_rows, stats.cache_rows, stats.cache_length,
+                  stats.graphed, stats.prefill_s, stats.steps, stats.decode_s)
         metrics.batch_done(stats.rows, stats.prefill_s, stats.decode_s)
         try:
             workers.count_batch(name, stats)
+            workers.record(name, peak_rows=peak_rows)
             if device.type == "cuda":
                 workers.record(name, gpu_peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2))
         except redis.RedisError:

@@ -1,9 +1,15 @@
-"""Greedy decoding of many prompts at once: a batched prefill, then a decode loop over a preallocated KV cache.
+"""Greedy decoding with iteration-level scheduling: rows join and leave a running batch at every decode step.
 
-The decode step has fixed shapes and keeps all of its state in tensors (the next token, each row's position, the
-write slot, the attention mask), so on CUDA it is captured once per (rows, length) bucket in a CUDA graph and
-replayed: an eager Phi-3 step is bound by kernel launches (~45 ms), a replay is not. On the CPU the same step runs
-eagerly, so the tests exercise everything but the capture.
+The KV cache is one arena cut into rows of `length` tokens each (a layout fixed while rows run). A prompt joins by
+a prefill into free rows, between decode steps (see `Decoder.admit`); every decode step then advances each row
+by one token at its own write slot and position, and a row that has ended (end-of-sequence, its max_new_tokens,
+canceled) is handed back and its row is free for the next prompt at once. Nothing waits for a batch's longest row.
+
+The decode step has fixed shapes and keeps all of its state in tensors (each row's next token, position, write
+slot and attention mask), so on CUDA it is captured once per row-count bucket in a CUDA graph and replayed: an
+eager Phi-3 step is bound by kernel launches (~45 ms), a replay is not. Only the occupied prefix of the rows (up to
+the bucket of the highest occupied row) is run. On the CPU the same step runs eagerly, so the tests exercise
+everything but the capture.
 """
 
 from __future__ import annotations
@@ -13,19 +19,18 @@ import inspect
 import logging
 import time
 import types
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
+from worker.rope import LONG_ROPE_TYPES, long_rope_modules, original_max_positions, per_row_rope
+
 log = logging.getLogger(__name__)
 
-LENGTH_STEP = 64  # cache lengths are rounded up to this, so that nearby prompt lengths share one graph
+LENGTH_STEP = 64  # row lengths are rounded up to this, so that nearby needs share one layout (and its graphs)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-SYNC_EVERY = 8  # decode steps between looks at the produced tokens (end of sequence, cancellation)
-MAX_SLOTS = 16  # decode graphs kept, least recently used out: each holds a few MB besides its view of the arena
 
 
 def _cache_keyword() -> str:
@@ -49,6 +54,11 @@ class Prompt:
     def length(self) -> int:
         return int(self.inputs["input_ids"].shape[1])
 
+    @property
+    def need(self) -> int:
+        """Cache slots its row needs: the prompt and every new token (the last one is never fed, one spare)."""
+        return self.length + self.max_new_tokens
+
 
 @dataclass
 class Completion:
@@ -61,14 +71,17 @@ class Completion:
 
 @dataclass
 class BatchStats:
-    rows: int
-    cache_rows: int
-    cache_length: int
+    """One run of the GPU thread, from idle to idle (rows join and leave it all along)."""
+
+    rows: int  # jobs admitted during the run
+    cache_rows: int  # rows of the layout
+    cache_length: int  # tokens per row of the layout
     graphed: bool
     prefill_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0
-    idle_s: float = 0.0  # the GPU thread's wait for this batch's first ticket
+    idle_s: float = 0.0  # the GPU thread's wait for the run's first ticket
+    peak_rows: int = 0  # most rows decoding at once
 
 
 @dataclass(frozen=True)
@@ -92,82 +105,119 @@ class KVShape:
         return 2 * self.layers * self.heads * self.head_dim * self.dtype.itemsize
 
 
-# more(room, prompt_length, length): prompts waiting now (at most `room`) that fit a batch padded to prompt_length
-# with caches of `length`; the batcher's, for prompts that join a batch while it prefills.
-Joiner = Callable[[int, int, int], list[Prompt]]
+@dataclass
+class Row:
+    """A job's row: what it was admitted with and what it has produced since."""
+
+    tag: object  # the caller's handle (the batcher's ticket)
+    prompt: Prompt  # as prefilled (after a long-RoPE recompute: the prompt and the tokens before it)
+    prompt_tokens: int  # the job's own prompt length
+    tokens: list[int] = field(default_factory=list)  # produced since this prefill
+    carried: list[int] = field(default_factory=list)  # produced before a recompute
+    short: bool = True  # prefilled with long-RoPE's short factors (at or under its threshold)
+
+    def completion(self, canceled: bool = False) -> Completion:
+        return Completion(self.carried + self.tokens, self.prompt_tokens, canceled)
 
 
-class StaticKV:
-    """A preallocated KV cache, one [rows, heads, length, head_dim] pair per layer, laid out in `arena`.
+class RowKV:
+    """The cache of the first `rows` rows, one [rows, heads, length, head_dim] pair per layer viewing the arena.
 
-    It quacks like transformers' Cache for a decode step: attention layers call `update`, which writes the new
-    token's keys and values at `position` (a device tensor, so a captured graph advances it) and returns the
-    whole buffers; the 4-D attention mask we pass hides the slots that are padding or not written yet.
+    It quacks like transformers' Cache for a decode step: attention layers call `update`, which writes each row's
+    new keys and values at that row's own write slot (a device tensor, so a captured graph advances it) and returns
+    the whole buffers; the 4-D attention mask we pass hides the slots that are padding or not written yet.
     """
 
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write: torch.Tensor):
+        self.keys, self.values, self.write = keys, values, write
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
+        rows, heads, _, head_dim = key_states.shape
+        slots = self.write.view(rows, 1, 1, 1).expand(rows, heads, 1, head_dim)
+        self.keys[layer_idx].scatter_(2, slots, key_states)
+        self.values[layer_idx].scatter_(2, slots, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed; transformers only asks for the mask it is given anyway
+
+
+class Layout:
+    """The arena cut into `rows` rows of `length` tokens, and the decode state of every row (device tensors)."""
+
     def __init__(self, shape: KVShape, rows: int, length: int, arena: torch.Tensor):
-        # Each layer's keys (and values) get the same share of the arena whatever `rows` is, so that caches of
-        # one length but different row counts view the same memory row by row: a prefill into many rows can
-        # decode in a slot of fewer.
         row = shape.heads * length * shape.head_dim
         stride = arena.numel() // (2 * shape.layers * row) * row
-        if rows * row > stride:
+        if rows * row > stride or rows < 1:
             raise ValueError(f"a KV cache of {rows} x {length} does not fit the arena")
         views = [arena[i * stride:i * stride + rows * row].view(rows, shape.heads, length, shape.head_dim)
                  for i in range(2 * shape.layers)]
         self.keys, self.values = views[:shape.layers], views[shape.layers:]
-        self.position = torch.zeros((), dtype=torch.long, device=arena.device)
         self.rows, self.length = rows, length
+        device = arena.device
+        self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.write = torch.full((rows,), length - 1, dtype=torch.long, device=device)
+        self.mask = torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=device)
+        self.mask[:, :, :, 0] = True  # free rows attend to something, so no row is all -inf
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
-        slot = self.position.view(1)
-        self.keys[layer_idx].index_copy_(2, slot, key_states)
-        self.values[layer_idx].index_copy_(2, slot, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
+    def view(self, rows: int) -> RowKV:
+        return RowKV([k[:rows] for k in self.keys], [v[:rows] for v in self.values], self.write[:rows])
 
-    def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor:
-        return self.position
+    def free(self, rows: list[int]) -> None:
+        """Reset freed rows' state: their stale keys stay (finite), hidden by the mask."""
+        index = torch.tensor(rows, device=self.tokens.device)
+        self.mask.index_fill_(0, index, False)
+        self.mask[index, :, :, 0] = True
+        self.write.index_fill_(0, index, self.length - 1)
+        self.positions.index_fill_(0, index, 0)
+        self.tokens.index_fill_(0, index, 0)
 
-    def prefill_sink(self, first_row: int) -> DynamicCache:
-        """A cache for one prefill chunk (rows first_row..) that writes each layer's keys and values straight into
-        these buffers, at slots 0..L-1, and hands them back to attention unchanged: what a fresh DynamicCache would
-        return, without its copy and ours. transformers sizes the prefill's mask from the (empty) cache first."""
+    def prefill_sink(self, rows: torch.Tensor) -> DynamicCache:
+        """A cache for one prefill chunk that writes each layer's keys and values straight into the given rows, at
+        slots 0..L-1, and hands them back to attention unchanged: what a fresh DynamicCache would return, without
+        its copy and ours. transformers sizes the prefill's mask from the (empty) cache first."""
         cache = DynamicCache()
 
         def update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
-            rows, length = key_states.shape[0], key_states.shape[2]
-            self.keys[layer_idx][first_row:first_row + rows, :, :length].copy_(key_states)
-            self.values[layer_idx][first_row:first_row + rows, :, :length].copy_(value_states)
+            length = key_states.shape[2]
+            self.keys[layer_idx][:, :, :length].index_copy_(0, rows, key_states)
+            self.values[layer_idx][:, :, :length].index_copy_(0, rows, value_states)
             return key_states, value_states
 
         cache.update = update
         return cache
 
 
-class DecodeSlot:
-    """The buffers of one (rows, length) bucket and its decode step, captured in a CUDA graph when possible."""
+class DecodeStep:
+    """The decode step of the first `rows` rows of a layout, captured in a CUDA graph when possible."""
 
-    def __init__(self, model, kv: StaticKV, steps: int):
-        self.model, self.kv = model, kv
+    def __init__(self, model, layout: Layout, rows: int):
+        self.model, self.rows = model, rows
         self.embed = model.get_input_embeddings()
-        device = kv.position.device
-        self.tokens = torch.zeros((kv.rows, 1), dtype=torch.long, device=device)
-        self.positions = torch.zeros((kv.rows, 1), dtype=torch.long, device=device)
-        self.mask = torch.zeros((kv.rows, 1, 1, kv.length), dtype=torch.bool, device=device)
-        self.step_index = torch.zeros((), dtype=torch.long, device=device)
-        self.history = torch.zeros((kv.rows, steps), dtype=torch.long, device=device)
+        self.kv = layout.view(rows)
+        self.tokens, self.positions = layout.tokens[:rows], layout.positions[:rows]
+        self.write, self.mask = layout.write[:rows], layout.mask[:rows]
+        self.limit = layout.length - 1
+        # Eager attention adds its mask to the scores: it needs 0 / -inf, not the boolean mask SDPA takes.
+        self.additive = model.config._attn_implementation == "eager"
+        self.dtype = layout.keys[0].dtype
         self.graph: torch.cuda.CUDAGraph | None = None
+
+    def attention_mask(self) -> torch.Tensor:
+        if not self.additive:
+            return self.mask
+        return torch.zeros(self.mask.shape, dtype=self.dtype, device=self.mask.device).masked_fill_(
+            ~self.mask, torch.finfo(self.dtype).min)
 
     def step(self) -> None:
         """One decode step for every row, all state in place: the graph replays exactly this."""
-        self.mask.index_fill_(3, self.kv.position.view(1), True)
-        out = self.model(inputs_embeds=self.embed(self.tokens), attention_mask=self.mask, position_ids=self.positions,
-                         use_cache=True, logits_to_keep=1, **{CACHE_KW: self.kv})
-        next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-        self.tokens.copy_(next_tokens)
-        self.step_index.add_(1)
-        self.history.index_copy_(1, self.step_index.view(1), next_tokens)
-        self.kv.position.add_(1)
+        self.mask.scatter_(3, self.write.view(-1, 1, 1, 1), True)
+        out = self.model(inputs_embeds=self.embed(self.tokens), attention_mask=self.attention_mask(),
+                         position_ids=self.positions, use_cache=True, logits_to_keep=1, **{CACHE_KW: self.kv})
+        self.tokens.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        # A free row writes its last slot over and over; a live row never gets there (its need fits the length).
+        self.write.add_(1).clamp_(max=self.limit)
         self.positions.add_(1)
 
     def run(self) -> None:
@@ -177,44 +227,36 @@ class DecodeSlot:
             self.step()
 
     def capture(self) -> None:
-        """Warm up on a side stream, then record one step. The state it scribbles on is reset per batch; the keys
-        and values it writes go to the last column, which no prompt fills (a job makes at least one token) and a
-        decode writes before reading: a slot can be captured after a prefill into the same memory."""
-        self.mask[:, :, :, 0] = True
-        last = self.kv.length - 1
+        """Warm up on a side stream, then record one step. Rows may be decoding: their state is put back after, and
+        the keys and values the warm-up wrote land in slots their mask hides, which the next step writes again
+        before it reads them."""
+        saved = [t.clone() for t in (self.tokens, self.positions, self.write, self.mask)]
         with _static_rope(self.model):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self.kv.position.fill_(last)
                     self.step()
-                self.kv.position.fill_(last)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            # A private memory pool per graph: graphs come and go with their slots, and a pool shared with a
+            # A private memory pool per graph: graphs come and go with their layouts, and a pool shared with a
             # freed graph cannot be captured into again.
             with torch.cuda.graph(graph):
                 self.step()
+        for tensor, value in zip((self.tokens, self.positions, self.write, self.mask), saved, strict=True):
+            tensor.copy_(value)
         self.graph = graph
-
-    def reset(self, prompt_length: int) -> None:
-        self.kv.position.fill_(prompt_length)
-        self.step_index.zero_()
-        self.mask.zero_()
-        self.mask[:, :, :, 0] = True  # rows that are padding attend to something, so no row is all -inf
-        self.tokens.zero_()
-        self.positions.zero_()
 
 
 class _static_rope:
-    """Within the block, rotary embeddings skip transformers' dynamic frequency update (long-RoPE, dynamic NTK):
-    it compares a tensor in Python, which a CUDA graph cannot capture. Graphs are only used for lengths where the
-    frequencies the update would pick cannot change (see `Decoder.graphable`)."""
+    """Within the block, rotary embeddings skip transformers' dynamic frequency update (dynamic NTK): it compares
+    a tensor in Python, which a CUDA graph cannot capture. Graphs are only used for lengths where the frequencies
+    the update would pick cannot change (see `Decoder.graphable`). Long-RoPE chooses per row without a branch."""
 
     def __init__(self, model):
+        per_row = set(map(id, long_rope_modules(model)))  # these have a capturable forward (worker/rope.py)
         self.modules = [m for m in model.modules() if hasattr(type(m).forward, "__wrapped__")
-                        and "rotary" in type(m).__name__.lower()]
+                        and "rotary" in type(m).__name__.lower() and id(m) not in per_row]
 
     def __enter__(self):
         for module in self.modules:
@@ -235,158 +277,248 @@ def length_bucket(length: int) -> int:
 
 
 class Decoder:
-    """Runs batches of prompts through one model: prefill in chunks, then the decode loop on a cached slot."""
+    """Rows of one model's KV arena: prompts join by prefill (`admit`), every `step` decodes them all one token
+    and hands back the rows that ended. Everything runs on the caller's one thread (the GPU thread)."""
 
     def __init__(self, model, eos_ids: Sequence[int], pad_id: int, *, use_graphs: bool, kv_budget_bytes: int,
                  prefill_tokens: int = 16384):
         self.model, self.pad_id = model, pad_id
-        self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
+        self.eos_ids = frozenset(eos_ids)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.kv_budget_bytes = kv_budget_bytes
         self.prefill_tokens = prefill_tokens
-        self.slots: OrderedDict[tuple[int, int], DecodeSlot] = OrderedDict()
-        self.arena: torch.Tensor | None = None
         self.kv_shape = KVShape.of(model)
+        self.arena: torch.Tensor | None = None
+        self.layout: Layout | None = None
+        self.steps: dict[int, DecodeStep] = {}  # of the current layout, by rows
+        self.rows: list[Row | None] = []
+        self.rope = per_row_rope(model)
+        long_rope = long_rope_modules(model)
+        self.long_rope_at = original_max_positions(long_rope[0]) if long_rope else None
+
+    # --- capacity -----------------------------------------------------------------------------------------------
 
     def max_rows(self, length: int) -> int:
-        """How many rows of this total length fit in the KV budget."""
+        """How many rows of this length fit in the KV budget."""
         return max(1, self.kv_budget_bytes // (self.kv_shape.bytes_per_token * length_bucket(length)))
 
+    @property
+    def running(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    def free_rows(self) -> int:
+        return len(self.rows) - self.running
+
+    def fits(self, prompt: Prompt) -> bool:
+        """Whether the current layout's rows are long enough for the prompt (a free row is another matter)."""
+        return self.layout is not None and prompt.need <= self.layout.length
+
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Prompt], on_done: Callable[[int, Completion], None],
-                 canceled: Callable[[], set[int]] = lambda: set(), more: Joiner | None = None,
-                 max_rows: int = 0) -> BatchStats:
-        """Greedy-decode every prompt; `on_done(i, completion)` fires as each row ends (the rest go on).
-
-        With `more`, prompts that arrive while the batch is prefilling join it (up to `max_rows` rows and what fits
-        the cache of the first ones): a burst makes one full batch without the GPU waiting for it to gather.
-        """
-        prompts = list(prompts)
-        prompt_length = max(p.length for p in prompts)
-        length = length_bucket(prompt_length + max(p.max_new_tokens for p in prompts))
-        capacity = min(self.max_rows(length), max_rows) if more else len(prompts)
-        started = time.perf_counter()
-        slot = self._prefill(prompts, prompt_length, length, capacity, more)
-        stats = BatchStats(len(prompts), slot.kv.rows, length, slot.graph is not None,
-                           prefill_s=time.perf_counter() - started)
-        stats.steps = self._decode(slot, prompts, on_done, canceled)
-        stats.decode_s = time.perf_counter() - started - stats.prefill_s
-        return stats
-
-    def _prefill(self, prompts: list[Prompt], prompt_length: int, length: int, capacity: int,
-                 more: Joiner | None) -> DecodeSlot:
-        """Prefill chunk by chunk into the arena's rows, taking in joiners between chunks; then the decode slot
-        for the rows there are."""
-        rows_capacity = max(len(prompts), min(row_bucket(capacity), self.max_rows(length)))
-        kv = StaticKV(self.kv_shape, rows_capacity, length, self._arena(rows_capacity, length))
-        masks, firsts = [], []
-        start = 0
-        while start < len(prompts):
-            chunk = prompts[start:start + self._chunk_rows(prompt_length)]
-            inputs = collate([p.inputs for p in chunk], prompt_length, self.pad_id)
-            inputs = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)
-                      for k, v in inputs.items()}
-            mask = inputs["attention_mask"]
-            out = self.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
-                             logits_to_keep=1, **{CACHE_KW: kv.prefill_sink(start)})
-            masks.append(mask.bool())
-            firsts.append(out.logits[:, -1].argmax(-1))
-            del out
-            start += len(chunk)
-            if more and len(prompts) < capacity:
-                prompts += more(capacity - len(prompts), prompt_length, length)
-        slot = self._slot(len(prompts), length)
-        slot.reset(prompt_length)
-        rows = slice(0, len(prompts))
-        slot.mask[rows, 0, 0, :prompt_length] = torch.cat(masks)
-        slot.positions[rows, 0] = slot.mask[rows, 0, 0, :prompt_length].sum(-1)
-        slot.tokens[rows, 0] = slot.history[rows, 0] = torch.cat(firsts)
-        return slot
-
-    def _chunk_rows(self, prompt_length: int) -> int:
-        """Rows per prefill forward: at most `prefill_tokens` padded tokens, which bounds its activations."""
-        return max(1, self.prefill_tokens // prompt_length)
-
-    def _decode(self, slot: DecodeSlot, prompts, on_done, canceled) -> int:
-        eos = self.eos_ids.to(self.device)
-        open_rows = set(range(len(prompts)))
-        limit = max(p.max_new_tokens for p in prompts)
-        produced = 1  # the prefill gave each row its first token
-        while True:
-            if produced % SYNC_EVERY == 0 or produced >= limit:
-                self._settle(slot, prompts, produced, open_rows, eos, on_done, canceled())
-            if not open_rows or produced >= limit:
-                return produced - 1
-            slot.run()
-            produced += 1
-
-    def _settle(self, slot, prompts, produced: int, open_rows: set[int], eos, on_done, canceled: set[int]) -> None:
-        """Hand back every row that has ended: end-of-sequence, its own max_new_tokens, or canceled."""
-        history = slot.history[:len(prompts), :produced]
-        hits = torch.isin(history, eos) if eos.numel() else torch.zeros_like(history, dtype=torch.bool)
-        first_eos = torch.where(hits.any(-1), hits.int().argmax(-1), produced).tolist()
-        history = history.tolist()
-        for row in sorted(open_rows):
-            ends = min(first_eos[row] + 1, prompts[row].max_new_tokens)
-            if row in canceled or ends <= produced:
-                open_rows.discard(row)
-                on_done(row, Completion(history[row][:ends], prompts[row].length, canceled=row in canceled))
-
-    def _slot(self, rows: int, length: int) -> DecodeSlot:
-        # Never more rows than the arena holds at this length (the batcher keeps batches within max_rows).
-        key = (min(row_bucket(rows), self.max_rows(length)), length)
-        if rows > key[0]:
-            raise ValueError(f"{rows} rows of {length} tokens do not fit the KV budget")
-        if key in self.slots:
-            self.slots.move_to_end(key)
-            return self.slots[key]
-        slot = DecodeSlot(self.model, StaticKV(self.kv_shape, *key, self._arena(*key)), length)
-        if self.use_graphs and self.graphable(length):
-            try:
-                slot.capture()
-            except RuntimeError:
-                log.exception("could not capture the decode step of %s in a CUDA graph; it runs eagerly", key)
-                slot.graph = None
-        self.slots[key] = slot
-        while len(self.slots) > MAX_SLOTS:
-            self.slots.popitem(last=False)
-        return slot
+    def plan(self, need: int, max_rows: int) -> None:
+        """A layout for rows of `need` tokens, at most `max_rows` of them; only while no row runs."""
+        if self.running:
+            raise RuntimeError("the layout changes only while no row runs")
+        length = length_bucket(need)
+        rows = max(1, min(max_rows, self.max_rows(length)))
+        if self.layout is not None and (self.layout.rows, self.layout.length) == (rows, length):
+            return
+        self.steps.clear()
+        self.layout = None
+        self.layout = Layout(self.kv_shape, rows, length, self._arena(rows, length))
+        self.rows = [None] * rows
 
     def _arena(self, rows: int, length: int) -> torch.Tensor:
-        """The memory that slots view: on CUDA the whole KV budget as one buffer, allocated at the first batch (one
-        batch decodes at a time, so changing buckets allocates nothing and nothing fragments); on the CPU, where
-        nothing is captured, only as much as the largest slot so far. Zeroed: slots that a mask hides must hold
-        finite numbers (0 x NaN would reach the output)."""
+        """The memory that layouts view: on CUDA the whole KV budget as one buffer, allocated once (changing the
+        layout allocates nothing and nothing fragments); on the CPU only as much as the largest layout so far.
+        Zeroed: slots that a mask hides must hold finite numbers (0 x NaN would reach the output)."""
         elements = rows * length * self.kv_shape.bytes_per_token // self.dtype.itemsize
         if self.arena is None or self.arena.numel() < elements:
             if self.device.type == "cuda":
                 elements = max(elements, self.kv_budget_bytes // self.dtype.itemsize)
-            self.slots.clear()  # views of the old arena
+            self.steps.clear()  # views of the old arena
             self.arena = None
             self.arena = torch.zeros(elements, dtype=self.dtype, device=self.device)
         return self.arena
 
-    def out_of_memory(self, rows: int) -> None:
-        """A batch of `rows` did not fit: give back the arena and the graphs, with a smaller KV budget."""
-        self.slots.clear()
-        self.arena = None
-        self.kv_budget_bytes = int(self.kv_budget_bytes * 0.8)
-        log.warning("out of GPU memory with %d rows; KV budget lowered to %.1f GiB", rows, self.kv_budget_bytes / 2**30)
-        gc.collect()  # cycles that still hold tensors of the failed batch
+    # --- joining ------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def admit(self, tagged: Sequence[tuple[object, Prompt]]) -> list[tuple[object, Completion]]:
+        """Prefill the prompts into free rows, in chunks of at most `prefill_tokens` padded tokens; returns the
+        rows that ended already (a first token that ends them). The caller checked `fits` and `free_rows`; a
+        chunk that fails raises with its rows freed (the rows of earlier chunks go on)."""
+        ended: list[tuple[object, Completion]] = []
+        with self.rope:
+            for chunk in self._chunks(list(tagged)):
+                ended += self._prefill([Row(tag, prompt, prompt.length) for tag, prompt in chunk])
+        return ended
+
+    def _chunks(self, tagged: list[tuple[object, Prompt]]) -> list[list[tuple[object, Prompt]]]:
+        """Consecutive prompts whose left padding to the chunk's longest still fits each row's need."""
+        chunks: list[list[tuple[object, Prompt]]] = []
+        longest = most_new = 0
+        for item in tagged:
+            prompt = item[1]
+            grown_longest, grown_new = max(longest, prompt.length), max(most_new, prompt.max_new_tokens)
+            if chunks and (grown_longest * (len(chunks[-1]) + 1) <= self.prefill_tokens
+                           and grown_longest + grown_new <= self.layout.length):
+                chunks[-1].append(item)
+                longest, most_new = grown_longest, grown_new
+            else:
+                chunks.append([item])
+                longest, most_new = prompt.length, prompt.max_new_tokens
+        return chunks
+
+    def _prefill(self, rows: list[Row]) -> list[tuple[object, Completion]]:
+        layout = self.layout
+        free = [i for i, row in enumerate(self.rows) if row is None][:len(rows)]
+        if len(free) < len(rows):
+            raise ValueError(f"{len(rows)} prompts for {len(free)} free rows")
+        length = max(row.prompt.length for row in rows)
+        inputs = collate([row.prompt.inputs for row in rows], length, self.pad_id)
+        inputs = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None) for k, v in inputs.items()}
+        mask = inputs["attention_mask"]
+        index = torch.tensor(free, device=self.device)
+        out = self.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
+                         logits_to_keep=1, **{CACHE_KW: layout.prefill_sink(index)})
+        firsts = out.logits[:, -1].argmax(-1)
+        del out
+        row_mask = torch.zeros((len(rows), layout.length), dtype=torch.bool, device=self.device)
+        row_mask[:, :length] = mask.bool()
+        layout.mask.index_copy_(0, index, row_mask.view(len(rows), 1, 1, -1))
+        layout.positions.index_copy_(0, index, mask.sum(-1, keepdim=True))
+        layout.write.index_fill_(0, index, length)
+        layout.tokens.index_copy_(0, index, firsts.view(-1, 1))
+        for i, row, token in zip(free, rows, firsts.tolist(), strict=True):
+            row.tokens.append(token)
+            row.short = self.long_rope_at is None or row.prompt.length <= self.long_rope_at
+            self.rows[i] = row
+        return self._settle(free)
+
+    # --- decoding -----------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[object, Completion]]:
+        """One decode step of every running row; returns the rows that ended (their rows are free now)."""
+        top = max(i for i, row in enumerate(self.rows) if row is not None) + 1
+        count = min(row_bucket(top), len(self.rows))
+        with self.rope:
+            self._step(count).run()
+            tokens = self.layout.tokens[:top, 0].tolist()
+            live = [i for i in range(top) if self.rows[i] is not None]
+            for i in live:
+                self.rows[i].tokens.append(tokens[i])
+            return self._settle(live)
+
+    def _settle(self, indices: list[int]) -> list[tuple[object, Completion]]:
+        """Free the rows that ended; re-prefill the ones that cross long-RoPE's threshold now."""
+        ended, crossing = [], []
+        for i in indices:
+            row = self.rows[i]
+            if row.tokens[-1] in self.eos_ids or len(row.tokens) >= row.prompt.max_new_tokens:
+                ended.append(i)
+            elif row.short and self.long_rope_at is not None and row.prompt.length + len(row.tokens) > \
+                    self.long_rope_at:
+                crossing.append(i)
+        done = [(self.rows[i].tag, self.rows[i].completion()) for i in ended]
+        recompute = [_extended(self.rows[i]) for i in crossing]
+        self.release(ended + crossing)
+        for row in recompute:
+            done += self._prefill([row])
+        return done
+
+    def _step(self, rows: int) -> DecodeStep:
+        step = self.steps.get(rows)
+        if step is None:
+            step = self.steps[rows] = DecodeStep(self.model, self.layout, rows)
+            if self.use_graphs and self.graphable(self.layout.length):
+                try:
+                    step.capture()
+                except RuntimeError:
+                    log.exception("could not capture the decode step of %d rows in a CUDA graph; it runs eagerly",
+                                  rows)
+                    step.graph = None
+        return step
+
+    @torch.inference_mode()
+    def cancel(self, tags: set) -> list[tuple[object, Completion]]:
+        """End the rows of these tags now, as canceled."""
+        indices = [i for i, row in enumerate(self.rows) if row is not None and row.tag in tags]
+        done = [(self.rows[i].tag, self.rows[i].completion(canceled=True)) for i in indices]
+        self.release(indices)
+        return done
+
+    def release(self, indices: list[int]) -> None:
+        if indices:
+            self.layout.free(indices)
+            for i in indices:
+                self.rows[i] = None
+
+    @torch.inference_mode()
+    def abort(self) -> list[object]:
+        """Drop every row (a step failed: their state is unknown); returns their tags."""
+        tags = [row.tag for row in self.rows if row is not None]
+        self.release([i for i, row in enumerate(self.rows) if row is not None])
+        return tags
+
+    def out_of_memory(self) -> None:
+        """A prefill did not fit: smaller prefill chunks from now on (the KV arena is preallocated)."""
+        self.prefill_tokens = max(1, self.prefill_tokens // 2)
+        log.warning("out of GPU memory in a prefill; prefill chunks lowered to %d tokens", self.prefill_tokens)
+        gc.collect()  # cycles that still hold tensors of the failed forward
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def graphable(self, length: int) -> bool:
-        """Long-RoPE picks its frequencies from the longest position: a graph fixes them, so its lengths must stay
-        on the side of the threshold that the prefill chose (we keep graphs to the short side)."""
+        """Dynamic NTK picks its frequencies from the longest position: a graph fixes them, so its lengths must
+        stay on the side of the threshold that the prefill chose (we keep graphs to the short side)."""
         config = self.model.config.get_text_config()
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        if rope.get("rope_type", "default") in ("default", "linear", "llama3"):
+        if rope.get("rope_type", "default") in ("default", "linear", "llama3", *LONG_ROPE_TYPES):
             return True
         original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
         return length <= original
+
+    # --- all at once ----------------------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Prompt], on_done: Callable[[int, Completion], None],
+                 canceled: Callable[[], set[int]] = lambda: set(), max_rows: int = 0) -> BatchStats:
+        """Greedy-decode every prompt; `on_done(i, completion)` fires as each ends. Prompts join as rows free up
+        (at most `max_rows` at once, 0: as many as the KV budget holds)."""
+        prompts = list(prompts)
+        self.plan(max(p.need for p in prompts), max_rows or len(prompts))
+        stats = BatchStats(len(prompts), len(self.rows), self.layout.length, self.use_graphs)
+        waiting = [(i, p) for i, p in enumerate(prompts) if p.need <= self.layout.length]
+        if len(waiting) < len(prompts):
+            raise ValueError("every prompt must fit the layout")
+        while waiting or self.running:
+            started = time.perf_counter()
+            joining, waiting = waiting[:self.free_rows()], waiting[self.free_rows():]
+            for i, completion in self.admit(joining):
+                on_done(i, completion)
+            stats.prefill_s += time.perf_counter() - started
+            stats.peak_rows = max(stats.peak_rows, self.running)
+            if not self.running:
+                continue
+            started = time.perf_counter()
+            for i, completion in self.step() + self.cancel(canceled()):
+                on_done(i, completion)
+            stats.decode_s += time.perf_counter() - started
+            stats.steps += 1
+        return stats
+
+
+def _extended(row: Row) -> Row:
+    """The row to prefill again once it crosses long-RoPE's threshold: its prompt and every token so far, run
+    with the long factors, as transformers' Phi-3 `generate` does (it drops the cache there and recomputes)."""
+    inputs = dict(row.prompt.inputs)
+    produced = torch.tensor([row.tokens], dtype=inputs["input_ids"].dtype)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], produced], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(produced)], dim=1)
+    prompt = Prompt(inputs, row.prompt.max_new_tokens - len(row.tokens))
+    return Row(row.tag, prompt, row.prompt_tokens, carried=row.carried + row.tokens)
 
 
 def collate(inputs: Sequence[dict[str, torch.Tensor]], length: int, pad_id: int) -> dict[str, torch.Tensor]:

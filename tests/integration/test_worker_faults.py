@@ -64,11 +64,28 @@ def kill_worker_mid_job(stack: Stack, store: JobStore, job_id: str | None = None
     stack.wait_for_worker(stack.worker_name, timeout_s=60)
 
 
+def test_a_short_job_submitted_while_long_ones_decode_ends_before_them(fault_stack, settings):
+    store = JobStore(connect(settings), settings.result_ttl_s)
+    client = Client(fault_stack.api_url, key=fault_stack.api_key)
+    long_jobs = [client.submit("describe", ["bar_chart.png"], question=f"Describe part {i}.", max_new_tokens=LONG)
+                 for i in range(3)]
+    for job in long_jobs:
+        wait_for_attempt(store, job["id"], 1)
+    time.sleep(0.5)  # past their prefill: the long rows are decoding
+    assert {store.status(job["id"]).value for job in long_jobs} == {"running"}, "the long jobs ended too soon"
+    short = client.wait(client.submit("ocr", ["book_cover.png"], max_new_tokens=4)["id"], timeout_s=30)
+    assert short["status"] == "succeeded"
+    # It joined the running rows and left them: the long ones still decode (the model has no end-of-sequence).
+    assert {store.status(job["id"]).value for job in long_jobs} == {"running"}
+    for job in long_jobs:
+        assert client.wait(job["id"], timeout_s=120)["status"] == "succeeded"
+
+
 def test_worker_killed_mid_batch_leaves_each_unfinished_job_to_run_again_once(fault_stack, settings):
     store = JobStore(connect(settings), settings.result_ttl_s)
     client = Client(fault_stack.api_url, key=fault_stack.api_key)
-    # Submitted together, the rows usually share one batch: the short ones end, are stored and acknowledged while
-    # it still decodes the long ones. Submitted first, they never queue behind the long ones on a slow machine.
+    # The rows share one run: the short ones end, are stored and acknowledged while the long ones still decode.
+    # Submitted first, they are surely admitted before the kill, also on a slow machine.
     short_jobs = [client.submit("ocr", ["book_cover.png"], max_new_tokens=4) for _ in range(2)]
     long_jobs = [client.submit("describe", ["bar_chart.png"], question=f"Describe part {i}.", max_new_tokens=LONG)
                  for i in range(6)]

@@ -1,4 +1,5 @@
-"""The GPU thread's batching, on the tiny model: batches fill up to the cap, and a bad job fails alone."""
+"""The GPU thread's scheduling, on the tiny model: rows fill up to the cap, prompts join rows freed mid-decode,
+and a bad job fails alone."""
 
 from __future__ import annotations
 
@@ -38,19 +39,33 @@ def alone(model, processor, one: Prompt) -> list[int]:
     return done[0]
 
 
-def test_a_burst_is_decoded_in_batches_up_to_the_cap(tiny):
+def test_a_burst_runs_in_rows_up_to_the_cap_and_the_rest_join_as_rows_free_up(tiny):
     processor, model = tiny
-    sizes = []
-    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=0.5,
-                      on_batch=lambda stats: sizes.append(stats.rows))
-    prompts = [prompt(processor, seed) for seed in range(6)]
+    runs = []
+    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=0.5, on_batch=runs.append)
+    prompts = [prompt(processor, seed, max_new_tokens=8 + 5 * seed) for seed in range(6)]
     futures = [batcher.submit(f"job{i}", p) for i, p in enumerate(prompts)]
     results = [future.result(timeout=60).tokens for future in futures]
-    deadline = time.monotonic() + 10  # rows are handed back before their batch is counted
-    while sum(sizes) < 6 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10  # rows are handed back before their run is counted
+    while sum(run.rows for run in runs) < 6 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert max(sizes) == 4 and sum(sizes) == 6
+    assert len(runs) == 1 and runs[0].rows == 6 and runs[0].peak_rows == 4 and runs[0].cache_rows == 4
     assert results == [alone(model, processor, p) for p in prompts]
+
+
+def test_a_short_job_submitted_while_long_ones_decode_ends_first(tiny):
+    processor, model = tiny
+    endless = decoder(model, processor)
+    endless.eos_ids = frozenset()  # the long rows run to their max_new_tokens: only the cancel below ends them
+    canceled: set[str] = set()
+    batcher = Batcher(endless, max_batch=4, wait_s=0.05, canceled=lambda ids: canceled & set(ids))
+    long_ones = [batcher.submit(f"long{i}", prompt(processor, 50 + i, max_new_tokens=1500)) for i in range(2)]
+    time.sleep(0.3)  # the long rows are decoding
+    short = batcher.submit("short", prompt(processor, 60, max_new_tokens=4))
+    assert len(short.result(timeout=60).tokens) == 4
+    assert not any(f.done() for f in long_ones)  # it joined their run and left it before them
+    canceled.update({"long0", "long1"})
+    assert all(f.result(timeout=60).canceled for f in long_ones)
 
 
 def test_a_job_that_breaks_its_batch_fails_alone(tiny):
