@@ -48,12 +48,13 @@ def test_a_revoked_key_stops_working(make_client, settings):
 
 def test_only_the_hash_of_a_key_is_stored(settings):
     secret, key = KeyStore(connect(settings)).create("hash-check")
-    redis = connect(settings)
-    stored = {"hash": redis.hvals, "string": lambda k: [redis.get(k)]}
-    for name in redis.scan_iter("visionq:*"):
-        assert secret not in name
-        assert all(secret not in value for value in stored.get(redis.type(name), lambda k: [])(name))
-    assert KeyStore(redis).lookup(secret) == key
+    redis = connect(settings, decode_responses=False)  # bytes: other tests store binary values (uploads)
+    needle = secret.encode()
+    stored = {b"hash": redis.hvals, b"string": lambda k: [redis.get(k)]}
+    for name in redis.scan_iter(b"visionq:*"):
+        assert needle not in name
+        assert all(needle not in value for value in stored.get(redis.type(name), lambda k: [])(name))
+    assert KeyStore(connect(settings)).lookup(secret) == key
 
 
 # --- isolation --------------------------------------------------------------------------------------------
