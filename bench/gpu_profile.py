@@ -254,13 +254,14 @@ def decode_backends(model, decoder: Decoder, prompts: list[Prompt], out: Path) -
     rows = min(len(prompts), len(decoder.rows))
     decoder.admit([(i, p) for i, p in enumerate(prompts[:rows])])
     layout, state = decoder.layout, RowState(decoder.layout)
+    graphed = decoder.use_graphs and decoder.graphable(layout.length)  # as Decoder._step decides
     results, default = {}, None
     with decoder.rope:
         for name, backends in BACKENDS:
             trial = DecodeStep(model, layout, rows)
             try:
                 with sdpa_kernel(backends) if backends else contextlib.nullcontext():
-                    if decoder.use_graphs:
+                    if graphed:
                         trial.capture()
                     trial.run()
                     started = synced()
@@ -268,11 +269,11 @@ def decode_backends(model, decoder: Decoder, prompts: list[Prompt], out: Path) -
                         trial.run()
                     results[name] = f"{(synced() - started) / 32 * 1000:.2f} ms"
             except RuntimeError as exc:
-                results[name] = f"failed: {str(exc).splitlines()[0][:80]}"
+                results[name] = f"failed ({str(exc).split('. ')[0][:80]})"
             state.restore()
             if name == "default" and name in results and not results[name].startswith("failed"):
                 default = trial
-        print(f"  {'graphed' if decoder.use_graphs else 'eager'} decode step, {rows} rows, cache {layout.length}: "
+        print(f"  {'graphed' if graphed else 'eager'} decode step, {rows} rows, cache {layout.length}: "
               + ", ".join(f"{k} {v}" for k, v in results.items()), flush=True)
         eager = DecodeStep(model, layout, rows)
         groups = profile(eager.step, out, f"decode-{rows}-{layout.length}", cuda)
@@ -406,7 +407,9 @@ def probe(model, processor, crops: int | None, args, out: Path, kv_budget: int) 
         reset(decoder)
     if "decode" in parts or "overlap" in parts:
         step = attempt(decode_backends, model, decoder, prompts[:decode_rows], out)
-        if "overlap" in parts and step is not None:
+        if "overlap" in parts and step is None:
+            print("  overlap: skipped (the decode part's default step did not run)", flush=True)
+        elif "overlap" in parts:
             attempt(overlap, model, decoder, step, prompts, decode_rows, args.new_tokens)
         del step
         reset(decoder)
