@@ -23,7 +23,8 @@ from tests.images import encode, random_image
 from tests.webhook_receiver import ScriptedReceiver
 
 BUCKET = "batch-inputs"
-HOOK_ENV = {"VISIONQ_ALLOW_HTTP": "true", "VISIONQ_URL_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
+HOOK_ENV = {"VISIONQ_ALLOW_HTTP": "false", "VISIONQ_URL_ALLOWED_NETWORKS": "[]",  # the README's recipe
+            "VISIONQ_WEBHOOK_ALLOW_HTTP": "true", "VISIONQ_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
             "VISIONQ_WEBHOOK_TIMEOUT_S": "2", "VISIONQ_WEBHOOK_RETRY_BASE_S": "0.2",
             "VISIONQ_WEBHOOK_RETRY_MAX_S": "0.5", "VISIONQ_WEBHOOK_POLL_S": "0.1"}
 
