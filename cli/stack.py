@@ -29,6 +29,7 @@ def api_command(settings: Settings, port: int | None = None) -> list[str]:
         "--bind", f"{settings.api_host}:{port or settings.api_port}",
         "--workers", str(settings.api_workers), "--threads", str(settings.api_threads),
         "--worker-class", "gthread", "--graceful-timeout", "30", "--timeout", "120",
+        "--keep-alive", str(settings.api_keepalive_s),
     ]
 
 

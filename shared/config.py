@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_workers: int = 2
     api_threads: int = 16
+    # How long gunicorn keeps an idle connection open: longer than a load balancer's idle timeout (60 s on the
+    # common ones), or the balancer reuses a connection the API has just closed (a reset).
+    api_keepalive_s: int = Field(default=75, ge=1)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # A worker serves Prometheus metrics on this port (0: none); `visionq workers` gives its N-th child port + N.
