@@ -12,18 +12,71 @@ from pathlib import Path
 from shared.config import get_settings
 
 
+class CliError(Exception):
+    """A refusal by the command itself: a one-line message and a hint."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGHUP arrived: stop as on Ctrl-C."""
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise Stopped, once, in the main thread, so that `up` stops every child as on Ctrl-C
+    (the default action would end this process alone and orphan Redis, the API and the workers). Later ones are
+    ignored so that they cannot cut the stopping short."""
+    import signal
+
+    def interrupt(signum, _frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
+def up_model(args, settings) -> str:
+    """The model `up` serves: --tiny builds the random tiny one, else --model or VISIONQ_MODEL; checked to be
+    loadable (a local folder, or a Hugging Face model reachable or cached) before anything starts."""
+    if args.tiny:
+        from cli.tiny_model import build_tiny_model
+
+        return str(build_tiny_model(settings.data_dir / "tiny-llava").resolve())
+    model = args.model or settings.model
+    if Path(model).is_dir():
+        return str(Path(model).resolve())
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(model, "config.json")  # small; cached afterwards, and found in the cache offline
+    except Exception as exc:  # offline, unknown model, gated: all mean the worker could not load it
+        raise CliError(f"model {model} cannot be loaded ({type(exc).__name__})",
+                       "point --model (or VISIONQ_MODEL) at a local model folder, or run `visionq up --tiny` "
+                       "for the random tiny model (no internet needed)") from None
+    return model
+
+
 def cmd_up(args) -> int:
     from cli.stack import Stack
 
-    with Stack(get_settings()) as stack:
-        stack.keep_alive()
-        print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, a worker and a webhook delivery worker;"
-              f" logs in {stack.log_dir}. Ctrl-C stops.")
-        print(f"local API key (shown once): {stack.api_key}")
-        try:
+    stop_on_signals()
+    settings = get_settings()
+    env = {"VISIONQ_MODEL": up_model(args, settings)}
+    if args.tiny:
+        print("serving the tiny model: random weights, so its text is gibberish (it tests the path, not the model)")
+    try:
+        with Stack(settings, env=env, api_port=args.port, redis_port=args.redis_port) as stack:
+            stack.keep_alive()
+            print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, a worker and a webhook delivery "
+                  f"worker; logs in {stack.log_dir}. Ctrl-C stops.", flush=True)
+            print(f"local API key (shown once): {stack.api_key}", flush=True)
             stack.processes["api"].wait()  # the others are restarted when they exit
-        except KeyboardInterrupt:
-            print("stopping")
+    except (KeyboardInterrupt, Stopped):
+        print("stopped", flush=True)
     return 0
 
 
@@ -97,7 +150,7 @@ def cmd_submit(args) -> int:
     from cli.client import image_arg_to_ref
 
     client = client_of(args)
-    refs = [image_arg_to_ref(a) for a in args.images]
+    refs = [image_arg_to_ref(a) for a in checked_images(args.images, args.server_paths)]
     webhook = {"url": args.webhook} if args.webhook else None
     job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key,
                         webhook=webhook, model=args.model)
@@ -105,6 +158,16 @@ def cmd_submit(args) -> int:
         job = client.wait(job["id"], timeout_s=args.timeout)
     print(json.dumps(job, indent=2))
     return 0 if job["status"] in ("queued", "running", "succeeded") else 1
+
+
+def checked_images(images: list[str], server_paths: bool) -> list[str]:
+    """The image arguments, once each plain path names a local file (unless they name the server's own)."""
+    missing = [arg for arg in images if "://" not in arg and not arg.startswith("data:") and not Path(arg).is_file()]
+    if missing and not server_paths:
+        raise CliError(f"no such file: {missing[0]}",
+                       "give a local image file, an https:// or s3:// URL, or --server-paths to name files under the "
+                       "server's VISIONQ_IMAGE_ROOT")
+    return images
 
 
 def cmd_get(args) -> int:
@@ -162,8 +225,12 @@ def cmd_tiny_model(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="embedded Redis (unless VISIONQ_REDIS_URL), API and one worker").set_defaults(
-        func=cmd_up)
+    up = sub.add_parser("up", help="embedded Redis (unless VISIONQ_REDIS_URL), API and one worker")
+    up.add_argument("--port", type=int, default=None, help="the API's port (default VISIONQ_API_PORT, 8000)")
+    up.add_argument("--redis-port", type=int, default=None, help="the embedded Redis's port (default: a free one)")
+    up.add_argument("--model", help="a local model folder or a Hugging Face id (default VISIONQ_MODEL)")
+    up.add_argument("--tiny", action="store_true", help="the random tiny model: no download, no GPU")
+    up.set_defaults(func=cmd_up)
     api = sub.add_parser("api", help="serve the API with gunicorn")
     api.add_argument("--port", type=int, default=None)
     api.set_defaults(func=cmd_api)
@@ -218,6 +285,8 @@ def add_client_commands(sub) -> None:
     submit.add_argument("images", nargs="+")
     add_job_options(submit)
     submit.add_argument("--idempotency-key")
+    submit.add_argument("--server-paths", action="store_true",
+                        help="plain paths that are not local files name files under the server's VISIONQ_IMAGE_ROOT")
     submit.add_argument("--webhook", help="URL to POST the job's end to (signed; see `visionq webhooks listen`)")
     submit.add_argument("--model", help="one of the server's models (default: its default model)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
@@ -265,17 +334,48 @@ def add_webhook_commands(sub) -> None:
     listen.add_argument("--secret", help="whsec_... to verify signatures (or VISIONQ_WEBHOOK_SECRET)")
 
 
+EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 3, 130  # 2: a usage error (argparse)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except Exception as exc:  # the client's errors are shown plainly, without a traceback
-        from cli.client import ApiError
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line and a hint; the traceback only with --debug
+        if args.debug:
+            raise
+        message, hint, code = explain(exc, args)
+        print(f"error: {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+        return code
 
-        if isinstance(exc, ApiError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        raise
+
+def explain(exc: Exception, args) -> tuple[str, str | None, int]:
+    """What went wrong in one line, what to do about it, and the exit code."""
+    import requests
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from cli.client import ApiError
+
+    if isinstance(exc, CliError):
+        return exc.message, exc.hint, EXIT_REFUSED
+    if isinstance(exc, ApiError):
+        hint = "check the key (--key or VISIONQ_API_KEY)" if exc.status == 401 else None
+        return str(exc), hint, EXIT_REFUSED
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        url = getattr(args, "url", "the API")
+        return (f"cannot reach the API at {url}", "is `visionq up` running? Point --url (or VISIONQ_URL) at it",
+                EXIT_UNREACHABLE)
+    if isinstance(exc, RedisConnectionError):
+        return (f"cannot reach Redis: {exc}", "is `visionq up` running? Point VISIONQ_REDIS_URL at its Redis",
+                EXIT_UNREACHABLE)
+    if isinstance(exc, OSError):
+        return str(exc), None, EXIT_REFUSED
+    return f"{type(exc).__name__}: {exc}", "run again with --debug for the traceback", EXIT_REFUSED
 
 
 if __name__ == "__main__":

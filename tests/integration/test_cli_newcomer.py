@@ -1,0 +1,108 @@
+"""The command line as a newcomer meets it, run as real processes: `visionq up --tiny` stopped by SIGTERM leaves
+nothing behind; errors are one line and a hint, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cli.embedded_redis import free_port
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISIONQ_")}
+    return {**env, "VISIONQ_API_WORKERS": "1", "VISIONQ_API_THREADS": "4", "OMP_NUM_THREADS": "1", **extra}
+
+
+def visionq(*args: str, cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=cwd, env=clean_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below pid, from /proc (children of children included)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit():
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> list[str]:
+    deadline, lines = time.monotonic() + timeout_s, []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        assert line or process.poll() is None, f"up exited: {''.join(lines)}"
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"never printed {text!r}: {''.join(lines)}")
+
+
+def test_sigterm_stops_up_and_every_child_it_started(tmp_path):
+    port, redis_port = free_port(), free_port()
+    up = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--tiny", "--port", str(port),
+                           "--redis-port", str(redis_port)], cwd=tmp_path, env=clean_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = wait_for_line(up, "local API key", timeout_s=180)
+        assert any("random weights" in line for line in lines)
+        children = descendants(up.pid)
+        assert len(children) >= 5 and port_open(port) and port_open(redis_port)  # Redis, API, 3 workers
+        up.send_signal(signal.SIGTERM)
+        rest = up.communicate(timeout=60)[0]
+        assert up.returncode == 0 and "Traceback" not in rest, rest
+        assert [pid for pid in children if alive(pid)] == []
+        assert not port_open(port) and not port_open(redis_port)
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_client_errors_are_one_line_and_a_hint(tmp_path):
+    nobody = f"http://127.0.0.1:{free_port()}"
+    down = visionq("get", "some-job", "--url", nobody, cwd=tmp_path)
+    assert down.returncode == 3 and "Traceback" not in down.stderr
+    assert down.stderr.splitlines()[0] == f"error: cannot reach the API at {nobody}"
+    assert "visionq up" in down.stderr
+    keys = visionq("keys", "list", cwd=tmp_path, VISIONQ_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    assert keys.returncode == 3 and "Traceback" not in keys.stderr and "cannot reach Redis" in keys.stderr
+    missing = visionq("submit", "--task", "ocr", "nosuch.png", "--url", nobody, cwd=tmp_path)
+    assert missing.returncode == 1 and "no such file: nosuch.png" in missing.stderr
+    assert "VISIONQ_IMAGE_ROOT" in missing.stderr and "Traceback" not in missing.stderr
+    debug = visionq("--debug", "get", "some-job", "--url", nobody, cwd=tmp_path)
+    assert "Traceback" in debug.stderr
+
+
+def test_up_with_a_model_it_cannot_load_says_so_before_starting(tmp_path):
+    done = visionq("up", "--model", "no-such-org/no-such-model", "--port", str(free_port()), cwd=tmp_path,
+                   HF_HUB_OFFLINE="1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "model no-such-org/no-such-model cannot be loaded" in done.stderr and "visionq up --tiny" in done.stderr
+    assert not (tmp_path / ".visionq" / "redis").exists()  # nothing was started
