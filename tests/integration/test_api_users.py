@@ -146,6 +146,14 @@ def test_cancel_a_finished_job_is_409(make_client):
     client = make_client()
     job = client.wait(client.submit("describe", IMAGE, max_new_tokens=1)["id"], 60)
     assert error_code(lambda: client.cancel(job["id"])) == (409, "already_finished")
+    with pytest.raises(ApiError, match="the job has already ended: succeeded"):
+        client.cancel(job["id"])
+    parked = client.submit("describe", IMAGE, model=PARKED_MODEL)  # served by no worker: still queued
+    client.cancel(parked["id"])
+    with pytest.raises(ApiError, match="the job has already been canceled"):
+        client.cancel(parked["id"])
+    with pytest.raises(ApiError, match="this task takes exactly 1 image, got 2"):
+        client.submit("describe", IMAGE * 2)
 
 
 # --- listing ----------------------------------------------------------------------------------------------
