@@ -95,6 +95,9 @@ def cmd_worker(args) -> int:
 
 
 def cmd_webhooks(args) -> int:
+    if args.webhooks_command == "secret":
+        print(client_of(args).webhook_secret())
+        return 0
     if args.webhooks_command == "listen":
         from cli.webhook_listener import listen
 
@@ -168,6 +171,15 @@ def checked_images(images: list[str], server_paths: bool) -> list[str]:
                        "give a local image file, an https:// or s3:// URL, or --server-paths to name files under the "
                        "server's VISIONQ_IMAGE_ROOT")
     return images
+
+
+def cmd_jobs(args) -> int:
+    page = client_of(args).list(status=args.status, limit=args.limit)
+    for job in page["jobs"]:
+        print(f"{job['id']}  {job['status']:<9}  {job['task']:<8}  {job.get('created_at', '')}")
+    if page.get("next_cursor"):
+        print(f"(more: --limit up to 100; newest {len(page['jobs'])} shown)")
+    return 0
 
 
 def cmd_get(args) -> int:
@@ -291,6 +303,9 @@ def add_client_commands(sub) -> None:
     submit.add_argument("--model", help="one of the server's models (default: its default model)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=600.0)
+    jobs = client_parser(sub, "jobs", "list this key's jobs, newest first", cmd_jobs)
+    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
+    jobs.add_argument("--limit", type=int, default=20)
     get = client_parser(sub, "get", "show a job", cmd_get)
     get.add_argument("id")
     get.add_argument("--wait", type=float, default=0, help="seconds to wait for the job to end (at most 60)")
@@ -328,6 +343,10 @@ def add_webhook_commands(sub) -> None:
     hooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
     worker = hooks_sub.add_parser("worker", help="the delivery worker (CPU, a pool of threads; no model)")
     worker.add_argument("--name", help="Celery node name, e.g. webhooks@%%h")
+    secret = hooks_sub.add_parser("secret", help="the secret that signs events sent to jobs' own webhook URLs")
+    secret.add_argument("--url", default=os.environ.get("VISIONQ_URL", f"http://{get_settings().api_host}:"
+                                                                          f"{get_settings().api_port}"))
+    secret.add_argument("--key", default=os.environ.get("VISIONQ_API_KEY"), help="API key (or VISIONQ_API_KEY)")
     listen = hooks_sub.add_parser("listen", help="receive, verify and print webhooks locally")
     listen.add_argument("--host", default="127.0.0.1")
     listen.add_argument("--port", type=int, default=9000)

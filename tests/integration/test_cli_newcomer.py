@@ -106,3 +106,20 @@ def test_up_with_a_model_it_cannot_load_says_so_before_starting(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "model no-such-org/no-such-model cannot be loaded" in done.stderr and "visionq up --tiny" in done.stderr
     assert not (tmp_path / ".visionq" / "redis").exists()  # nothing was started
+
+
+def test_visionq_jobs_lists_by_status_and_webhooks_secret_shows_the_secret(stack, tmp_path):
+    from cli.client import Client
+
+    client = Client(stack.api_url, key=stack.api_key, timeout_s=30)
+    done = client.wait(client.submit("describe", ["bar_chart.png"], max_new_tokens=2)["id"], 60)
+    server = ("--url", stack.api_url, "--key", stack.api_key)
+    listed = visionq("jobs", "--status", "succeeded", *server, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert done["id"] in listed.stdout and all("succeeded" in line for line in listed.stdout.splitlines()
+                                               if not line.startswith("(more"))
+    assert done["id"] not in visionq("jobs", "--status", "failed", *server, cwd=tmp_path).stdout
+    secret = visionq("webhooks", "secret", *server, cwd=tmp_path)
+    assert secret.returncode == 0 and secret.stdout.strip() == client.webhook_secret()
+    refused = visionq("jobs", "--url", stack.api_url, "--key", "vq_wrong", cwd=tmp_path)
+    assert refused.returncode == 1 and "401 unauthorized" in refused.stderr and "Traceback" not in refused.stderr
