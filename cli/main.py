@@ -68,12 +68,18 @@ def cmd_up(args) -> int:
     env = {"VISIONQ_MODEL": up_model(args, settings)}
     if args.tiny:
         print("serving the tiny model: random weights, so its text is gibberish (it tests the path, not the model)")
+    from cli.local_state import read_state, write_state
+
+    reuse = read_state(settings.data_dir).get("key")
     try:
-        with Stack(settings, env=env, api_port=args.port, redis_port=args.redis_port) as stack:
+        with Stack(settings, env=env, api_port=args.port, redis_port=args.redis_port, api_key=reuse) as stack:
             stack.keep_alive()
+            state = write_state(settings.data_dir, api_url=stack.api_url, redis_url=stack.redis_url,
+                                key=stack.api_key)
             print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, a worker and a webhook delivery "
                   f"worker; logs in {stack.log_dir}. Ctrl-C stops.", flush=True)
-            print(f"local API key (shown once): {stack.api_key}", flush=True)
+            print(f"local API key: {stack.api_key} (kept in {state}, where the client commands find it and the "
+                  "API's address)", flush=True)
             stack.processes["api"].wait()  # the others are restarted when they exit
     except (KeyboardInterrupt, Stopped):
         print("stopped", flush=True)
@@ -206,10 +212,14 @@ def cmd_batches(args) -> int:
 
 
 def cmd_keys(args) -> int:
+    from cli.local_state import read_state
     from shared.store.api_keys import KeyStore
     from shared.store.connection import connect
 
-    keys = KeyStore(connect(get_settings()))
+    settings = get_settings()
+    if not settings.redis_url:  # the local stack's embedded Redis, if `up` ran here
+        settings = settings.model_copy(update={"redis_url": read_state(settings.data_dir).get("redis_url", "")})
+    keys = KeyStore(connect(settings))
     if args.keys_command == "create":
         buckets = [b.strip() for b in (args.s3_buckets or "").split(",") if b.strip()]
         secret, key = keys.create(args.name, rate_per_s=args.rate, burst=args.burst,
@@ -277,11 +287,22 @@ def add_workers_command(sub) -> None:
     workers.set_defaults(func=cmd_workers)
 
 
-def client_parser(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
+def add_server_arguments(command: argparse.ArgumentParser) -> None:
+    """--url and --key: a flag, else VISIONQ_URL / VISIONQ_API_KEY, else what the last `up` here wrote."""
+    from cli.local_state import read_state
+
     settings = get_settings()
+    state = read_state(settings.data_dir)
+    default_url = state.get("api_url") or f"http://{settings.api_host}:{settings.api_port}"
+    command.add_argument("--url", default=os.environ.get("VISIONQ_URL") or default_url,
+                         help="the API (or VISIONQ_URL; default: the local stack's, else :8000)")
+    command.add_argument("--key", default=os.environ.get("VISIONQ_API_KEY") or state.get("key"),
+                         help="API key (or VISIONQ_API_KEY; default: the local stack's)")
+
+
+def client_parser(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
     command = sub.add_parser(name, help=help_text)
-    command.add_argument("--url", default=os.environ.get("VISIONQ_URL", f"http://{settings.api_host}:{settings.api_port}"))
-    command.add_argument("--key", default=os.environ.get("VISIONQ_API_KEY"), help="API key (or VISIONQ_API_KEY)")
+    add_server_arguments(command)
     command.set_defaults(func=func)
     return command
 
@@ -344,9 +365,7 @@ def add_webhook_commands(sub) -> None:
     worker = hooks_sub.add_parser("worker", help="the delivery worker (CPU, a pool of threads; no model)")
     worker.add_argument("--name", help="Celery node name, e.g. webhooks@%%h")
     secret = hooks_sub.add_parser("secret", help="the secret that signs events sent to jobs' own webhook URLs")
-    secret.add_argument("--url", default=os.environ.get("VISIONQ_URL", f"http://{get_settings().api_host}:"
-                                                                          f"{get_settings().api_port}"))
-    secret.add_argument("--key", default=os.environ.get("VISIONQ_API_KEY"), help="API key (or VISIONQ_API_KEY)")
+    add_server_arguments(secret)
     listen = hooks_sub.add_parser("listen", help="receive, verify and print webhooks locally")
     listen.add_argument("--host", default="127.0.0.1")
     listen.add_argument("--port", type=int, default=9000)

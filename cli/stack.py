@@ -89,7 +89,7 @@ class Stack:
 
     def __init__(self, settings: Settings, *, env: dict[str, str] | None = None, api_port: int | None = None,
                  log_dir: Path | None = None, api: bool = True, worker: bool = True, webhooks: bool = True,
-                 batches: bool = True, redis_port: int | None = None):
+                 batches: bool = True, redis_port: int | None = None, api_key: str | None = None):
         self.settings = settings
         self.extra_env = env or {}
         self.api_port = api_port or settings.api_port
@@ -102,7 +102,7 @@ class Stack:
         self.worker_name = default_worker_name()
         self.webhooks_name = default_webhooks_name()
         self.batches_name = default_batches_name()
-        self.api_key: str | None = None
+        self.api_key: str | None = api_key  # reused if this Redis still knows it, else a new one is made
         self._stopping = threading.Event()
 
     @property
@@ -119,7 +119,9 @@ class Stack:
         if not self.redis_url:
             self.redis = EmbeddedRedis(self.settings.data_dir / "redis", port=self.redis_port).start()
             self.redis_url = self.redis.url
-        self.api_key, _ = KeyStore(self.redis_client()).create("local")
+        keys = KeyStore(self.redis_client())
+        if self.api_key is None or keys.lookup(self.api_key) is None:
+            self.api_key, _ = keys.create("local")
         if self.want_worker:
             self.start_worker()
         if self.want_webhooks:

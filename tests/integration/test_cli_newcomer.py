@@ -3,6 +3,7 @@ nothing behind; errors are one line and a hint, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -65,24 +66,58 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> lis
     raise AssertionError(f"never printed {text!r}: {''.join(lines)}")
 
 
-def test_sigterm_stops_up_and_every_child_it_started(tmp_path):
+def start_up(tmp_path: Path) -> tuple[subprocess.Popen, list[str], int, int]:
     port, redis_port = free_port(), free_port()
     up = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--tiny", "--port", str(port),
                            "--redis-port", str(redis_port)], cwd=tmp_path, env=clean_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines = wait_for_line(up, "local API key", timeout_s=180)
+        return up, wait_for_line(up, "local API key", timeout_s=180), port, redis_port
+    except BaseException:
+        end(up)
+        raise
+
+
+def end(up: subprocess.Popen) -> None:
+    """After a failed check: stop up the way that stops its children too (SIGKILL would orphan them)."""
+    if up.poll() is None:
+        up.terminate()
+        up.communicate(timeout=60)
+
+
+def stop_up(up: subprocess.Popen, port: int, redis_port: int, sig: int = signal.SIGTERM) -> None:
+    """Send the signal and check that up, every process below it and both ports are gone."""
+    children = descendants(up.pid)
+    assert len(children) >= 5 and port_open(port) and port_open(redis_port)  # Redis, API, 3 workers
+    up.send_signal(sig)
+    rest = up.communicate(timeout=60)[0]
+    assert up.returncode == 0 and "Traceback" not in rest, rest
+    assert [pid for pid in children if alive(pid)] == []
+    assert not port_open(port) and not port_open(redis_port)
+
+
+def test_up_writes_its_state_for_the_client_commands_and_sigterm_stops_every_child(tmp_path):
+    up, lines, port, redis_port = start_up(tmp_path)
+    try:
         assert any("random weights" in line for line in lines)
-        children = descendants(up.pid)
-        assert len(children) >= 5 and port_open(port) and port_open(redis_port)  # Redis, API, 3 workers
-        up.send_signal(signal.SIGTERM)
-        rest = up.communicate(timeout=60)[0]
-        assert up.returncode == 0 and "Traceback" not in rest, rest
-        assert [pid for pid in children if alive(pid)] == []
-        assert not port_open(port) and not port_open(redis_port)
+        state = json.loads((tmp_path / ".visionq" / "local.json").read_text())
+        assert state["api_url"] == f"http://127.0.0.1:{port}" and str(redis_port) in state["redis_url"]
+        assert (tmp_path / ".visionq" / "local.json").stat().st_mode & 0o077 == 0  # it holds a key
+        # No flag, no variable: the client commands find the local stack through the state file.
+        assert visionq("jobs", cwd=tmp_path).returncode == 0
+        assert visionq("webhooks", "secret", cwd=tmp_path).stdout.startswith("whsec_")
+        assert [json.loads(line)["name"] for line in visionq("keys", "list", cwd=tmp_path).stdout.splitlines()] == [
+            "local"]
+        stop_up(up, port, redis_port)
     finally:
-        if up.poll() is None:
-            up.kill()
+        end(up)
+    again, _, port, redis_port = start_up(tmp_path)  # SIGHUP this time; the same key is reused
+    try:
+        assert json.loads((tmp_path / ".visionq" / "local.json").read_text())["key"] == state["key"]
+        assert len(visionq("keys", "list", cwd=tmp_path).stdout.splitlines()) == 1  # no second "local" key
+        stop_up(again, port, redis_port, signal.SIGHUP)
+    finally:
+        end(again)
 
 
 def test_client_errors_are_one_line_and_a_hint(tmp_path):
