@@ -412,7 +412,10 @@ def explain(exc: Exception, args) -> tuple[str, str | None, int]:
         return (f"cannot reach Redis: {exc}", "is `visionq up` running? Point VISIONQ_REDIS_URL at its Redis",
                 EXIT_UNREACHABLE)
     if isinstance(exc, OSError):
-        return str(exc), None, EXIT_REFUSED
+        import errno
+
+        hint = "another process holds that port: pick another --port" if exc.errno == errno.EADDRINUSE else None
+        return str(exc), hint, EXIT_REFUSED
     return f"{type(exc).__name__}: {exc}", "run again with --debug for the traceback", EXIT_REFUSED
 
 

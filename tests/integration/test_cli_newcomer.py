@@ -131,6 +131,11 @@ def test_client_errors_are_one_line_and_a_hint(tmp_path):
     missing = visionq("submit", "--task", "ocr", "nosuch.png", "--url", nobody, cwd=tmp_path)
     assert missing.returncode == 1 and "no such file: nosuch.png" in missing.stderr
     assert "VISIONQ_IMAGE_ROOT" in missing.stderr and "Traceback" not in missing.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = visionq("webhooks", "listen", "--port", str(taken.getsockname()[1]), cwd=tmp_path)
+    assert busy.returncode == 1 and "Traceback" not in busy.stderr and "pick another --port" in busy.stderr
     debug = visionq("--debug", "get", "some-job", "--url", nobody, cwd=tmp_path)
     assert "Traceback" in debug.stderr
 
