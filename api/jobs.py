@@ -111,7 +111,8 @@ def cancel_job(job_id: str):
     if not transition.applied:
         if transition.previous is None:
             raise NotFound(NOT_FOUND_MESSAGE)
-        raise AlreadyFinished(f"the job has already {transition.previous.value}")
+        previous = transition.previous.value
+        raise AlreadyFinished(f"the job has already {'been ' if previous == 'canceled' else 'ended: '}{previous}")
     return job_response(svc.store.get(job_id))
 
 

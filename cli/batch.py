@@ -174,6 +174,9 @@ def folder_input(client: Client, folder: Path, ask: Ask, state: State, state_pat
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     names = [p.relative_to(folder).as_posix() for p in files]
     todo = [(name, path) for name, path in zip(names, files, strict=True) if not usable(state.uploads.get(name))]
+    others = sum(1 for p in folder.rglob("*") if p.is_file()) - len(files)
+    print(f"{len(files)} images in {folder} ({len(files) - len(todo)} already uploaded by an earlier run); "
+          f"{others} other files skipped (not images: {', '.join(sorted(IMAGE_SUFFIXES))})", flush=True)
     with tqdm(total=len(files), initial=len(files) - len(todo), unit="image", desc="uploading") as bar:
         for group in upload_groups(todo):
             contents = [path.read_bytes() for _, path in group]

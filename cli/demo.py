@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from cli.client import Client, file_to_data_uri
@@ -29,6 +28,8 @@ def run_demo(settings: Settings, max_new_tokens: int = 32) -> int:
     images = write_samples(image_root)
     model_path = build_tiny_model(settings.data_dir / "tiny-llava")
     print(f"tiny model at {model_path}; sample images in {image_root}")
+    print("the tiny model has random weights: its text is gibberish; the demo shows the path (API, Redis, worker),"
+          " not what a real model says (visionq up serves the real one)")
     env = {"VISIONQ_MODEL": str(model_path.resolve()), "VISIONQ_IMAGE_ROOT": str(image_root.resolve())}
     with Stack(settings, env=env, api_port=free_port(), batches=False) as stack:  # a free port: :8000 may be taken
         print(f"API at {stack.api_url}, Redis at {stack.redis_url}, logs in {stack.log_dir}")
@@ -41,12 +42,19 @@ def run_demo(settings: Settings, max_new_tokens: int = 32) -> int:
     return 0 if all(job["status"] == "succeeded" for job in finished) else 1
 
 
+def readable(text: str, limit: int = 200) -> str:
+    """The text as a terminal shows it well: what cannot be printed (random tokens' control characters) as a
+    middle dot, on one line, at most `limit` characters."""
+    shown = "".join(c if c.isprintable() else "\u00b7" for c in text)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
 def print_job(job: dict) -> None:
     print(f"\n== {job['task']} job {job['id']}: {job['status']}")
     if "result" in job:
         result = job["result"]
         print(f"text ({result['tokens']['completion']} tokens, prompt {result['tokens']['prompt']}): "
-              f"{json.dumps(result['text'])}")
+              f"{readable(result['text'])}")
         print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
     if "error" in job:
         print(f"error: {job['error']['code']}: {job['error']['message']}", file=sys.stderr)

@@ -12,18 +12,77 @@ from pathlib import Path
 from shared.config import get_settings
 
 
+class CliError(Exception):
+    """A refusal by the command itself: a one-line message and a hint."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGHUP arrived: stop as on Ctrl-C."""
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise Stopped, once, in the main thread, so that `up` stops every child as on Ctrl-C
+    (the default action would end this process alone and orphan Redis, the API and the workers). Later ones are
+    ignored so that they cannot cut the stopping short."""
+    import signal
+
+    def interrupt(signum, _frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
+def up_model(args, settings) -> str:
+    """The model `up` serves: --tiny builds the random tiny one, else --model or VISIONQ_MODEL; checked to be
+    loadable (a local folder, or a Hugging Face model reachable or cached) before anything starts."""
+    if args.tiny:
+        from cli.tiny_model import build_tiny_model
+
+        return str(build_tiny_model(settings.data_dir / "tiny-llava").resolve())
+    model = args.model or settings.model
+    if Path(model).is_dir():
+        return str(Path(model).resolve())
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(model, "config.json")  # small; cached afterwards, and found in the cache offline
+    except Exception as exc:  # offline, unknown model, gated: all mean the worker could not load it
+        raise CliError(f"model {model} cannot be loaded ({type(exc).__name__})",
+                       "point --model (or VISIONQ_MODEL) at a local model folder, or run `visionq up --tiny` "
+                       "for the random tiny model (no internet needed)") from None
+    return model
+
+
 def cmd_up(args) -> int:
     from cli.stack import Stack
 
-    with Stack(get_settings()) as stack:
-        stack.keep_alive()
-        print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, a worker and a webhook delivery worker;"
-              f" logs in {stack.log_dir}. Ctrl-C stops.")
-        print(f"local API key (shown once): {stack.api_key}")
-        try:
+    stop_on_signals()
+    settings = get_settings()
+    env = {"VISIONQ_MODEL": up_model(args, settings)}
+    if args.tiny:
+        print("serving the tiny model: random weights, so its text is gibberish (it tests the path, not the model)")
+    from cli.local_state import read_state, write_state
+
+    reuse = read_state(settings.data_dir).get("key")
+    try:
+        with Stack(settings, env=env, api_port=args.port, redis_port=args.redis_port, api_key=reuse) as stack:
+            stack.keep_alive()
+            state = write_state(settings.data_dir, api_url=stack.api_url, redis_url=stack.redis_url,
+                                key=stack.api_key)
+            print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, a worker and a webhook delivery "
+                  f"worker; logs in {stack.log_dir}. Ctrl-C stops.", flush=True)
+            print(f"local API key: {stack.api_key} (kept in {state}, where the client commands find it and the "
+                  "API's address)", flush=True)
             stack.processes["api"].wait()  # the others are restarted when they exit
-        except KeyboardInterrupt:
-            print("stopping")
+    except (KeyboardInterrupt, Stopped):
+        print("stopped", flush=True)
     return 0
 
 
@@ -42,6 +101,9 @@ def cmd_worker(args) -> int:
 
 
 def cmd_webhooks(args) -> int:
+    if args.webhooks_command == "secret":
+        print(client_of(args).webhook_secret())
+        return 0
     if args.webhooks_command == "listen":
         from cli.webhook_listener import listen
 
@@ -97,7 +159,7 @@ def cmd_submit(args) -> int:
     from cli.client import image_arg_to_ref
 
     client = client_of(args)
-    refs = [image_arg_to_ref(a) for a in args.images]
+    refs = [image_arg_to_ref(a) for a in checked_images(args.images, args.server_paths)]
     webhook = {"url": args.webhook} if args.webhook else None
     job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key,
                         webhook=webhook, model=args.model, priority=args.priority,
@@ -106,6 +168,25 @@ def cmd_submit(args) -> int:
         job = client.wait(job["id"], timeout_s=args.timeout)
     print(json.dumps(job, indent=2))
     return 0 if job["status"] in ("queued", "running", "succeeded") else 1
+
+
+def checked_images(images: list[str], server_paths: bool) -> list[str]:
+    """The image arguments, once each plain path names a local file (unless they name the server's own)."""
+    missing = [arg for arg in images if "://" not in arg and not arg.startswith("data:") and not Path(arg).is_file()]
+    if missing and not server_paths:
+        raise CliError(f"no such file: {missing[0]}",
+                       "give a local image file, an https:// or s3:// URL, or --server-paths to name files under the "
+                       "server's VISIONQ_IMAGE_ROOT")
+    return images
+
+
+def cmd_jobs(args) -> int:
+    page = client_of(args).list(status=args.status, limit=args.limit)
+    for job in page["jobs"]:
+        print(f"{job['id']}  {job['status']:<9}  {job['task']:<8}  {job.get('created_at', '')}")
+    if page.get("next_cursor"):
+        print(f"(more: --limit up to 100; newest {len(page['jobs'])} shown)")
+    return 0
 
 
 def cmd_get(args) -> int:
@@ -138,10 +219,14 @@ def cmd_batches(args) -> int:
 
 
 def cmd_keys(args) -> int:
+    from cli.local_state import read_state
     from shared.store.api_keys import KeyStore
     from shared.store.connection import connect
 
-    keys = KeyStore(connect(get_settings()))
+    settings = get_settings()
+    if not settings.redis_url:  # the local stack's embedded Redis, if `up` ran here
+        settings = settings.model_copy(update={"redis_url": read_state(settings.data_dir).get("redis_url", "")})
+    keys = KeyStore(connect(settings))
     if args.keys_command == "create":
         buckets = [b.strip() for b in (args.s3_buckets or "").split(",") if b.strip()]
         secret, key = keys.create(args.name, rate_per_s=args.rate, burst=args.burst,
@@ -169,8 +254,12 @@ def cmd_tiny_model(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="embedded Redis (unless VISIONQ_REDIS_URL), API and one worker").set_defaults(
-        func=cmd_up)
+    up = sub.add_parser("up", help="embedded Redis (unless VISIONQ_REDIS_URL), API and one worker")
+    up.add_argument("--port", type=int, default=None, help="the API's port (default VISIONQ_API_PORT, 8000)")
+    up.add_argument("--redis-port", type=int, default=None, help="the embedded Redis's port (default: a free one)")
+    up.add_argument("--model", help="a local model folder or a Hugging Face id (default VISIONQ_MODEL)")
+    up.add_argument("--tiny", action="store_true", help="the random tiny model: no download, no GPU")
+    up.set_defaults(func=cmd_up)
     api = sub.add_parser("api", help="serve the API with gunicorn")
     api.add_argument("--port", type=int, default=None)
     api.set_defaults(func=cmd_api)
@@ -205,11 +294,22 @@ def add_workers_command(sub) -> None:
     workers.set_defaults(func=cmd_workers)
 
 
-def client_parser(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
+def add_server_arguments(command: argparse.ArgumentParser) -> None:
+    """--url and --key: a flag, else VISIONQ_URL / VISIONQ_API_KEY, else what the last `up` here wrote."""
+    from cli.local_state import read_state
+
     settings = get_settings()
+    state = read_state(settings.data_dir)
+    default_url = state.get("api_url") or f"http://{settings.api_host}:{settings.api_port}"
+    command.add_argument("--url", default=os.environ.get("VISIONQ_URL") or default_url,
+                         help="the API (or VISIONQ_URL; default: the local stack's, else :8000)")
+    command.add_argument("--key", default=os.environ.get("VISIONQ_API_KEY") or state.get("key"),
+                         help="API key (or VISIONQ_API_KEY; default: the local stack's)")
+
+
+def client_parser(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
     command = sub.add_parser(name, help=help_text)
-    command.add_argument("--url", default=os.environ.get("VISIONQ_URL", f"http://{settings.api_host}:{settings.api_port}"))
-    command.add_argument("--key", default=os.environ.get("VISIONQ_API_KEY"), help="API key (or VISIONQ_API_KEY)")
+    add_server_arguments(command)
     command.set_defaults(func=func)
     return command
 
@@ -225,12 +325,17 @@ def add_client_commands(sub) -> None:
     submit.add_argument("images", nargs="+")
     add_job_options(submit)
     submit.add_argument("--idempotency-key")
+    submit.add_argument("--server-paths", action="store_true",
+                        help="plain paths that are not local files name files under the server's VISIONQ_IMAGE_ROOT")
     submit.add_argument("--webhook", help="URL to POST the job's end to (signed; see `visionq webhooks listen`)")
     submit.add_argument("--model", help="one of the server's models (default: its default model)")
     submit.add_argument("--priority", choices=["high", "normal", "low"], help="among this key's jobs (default normal)")
     submit.add_argument("--start-within", type=float, help="fail the job if it has not started within N seconds")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=600.0)
+    jobs = client_parser(sub, "jobs", "list this key's jobs, newest first", cmd_jobs)
+    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
+    jobs.add_argument("--limit", type=int, default=20)
     get = client_parser(sub, "get", "show a job", cmd_get)
     get.add_argument("id")
     get.add_argument("--wait", type=float, default=0, help="seconds to wait for the job to end (at most 60)")
@@ -270,23 +375,59 @@ def add_webhook_commands(sub) -> None:
     hooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
     worker = hooks_sub.add_parser("worker", help="the delivery worker (CPU, a pool of threads; no model)")
     worker.add_argument("--name", help="Celery node name, e.g. webhooks@%%h")
+    secret = hooks_sub.add_parser("secret", help="the secret that signs events sent to jobs' own webhook URLs")
+    add_server_arguments(secret)
     listen = hooks_sub.add_parser("listen", help="receive, verify and print webhooks locally")
     listen.add_argument("--host", default="127.0.0.1")
     listen.add_argument("--port", type=int, default=9000)
     listen.add_argument("--secret", help="whsec_... to verify signatures (or VISIONQ_WEBHOOK_SECRET)")
 
 
+EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 3, 130  # 2: a usage error (argparse)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except Exception as exc:  # the client's errors are shown plainly, without a traceback
-        from cli.client import ApiError
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line and a hint; the traceback only with --debug
+        if args.debug:
+            raise
+        message, hint, code = explain(exc, args)
+        print(f"error: {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+        return code
 
-        if isinstance(exc, ApiError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        raise
+
+def explain(exc: Exception, args) -> tuple[str, str | None, int]:
+    """What went wrong in one line, what to do about it, and the exit code."""
+    import requests
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from cli.client import ApiError
+
+    if isinstance(exc, CliError):
+        return exc.message, exc.hint, EXIT_REFUSED
+    if isinstance(exc, ApiError):
+        hint = "check the key (--key or VISIONQ_API_KEY)" if exc.status == 401 else None
+        return str(exc), hint, EXIT_REFUSED
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        url = getattr(args, "url", "the API")
+        return (f"cannot reach the API at {url}", "is `visionq up` running? Point --url (or VISIONQ_URL) at it",
+                EXIT_UNREACHABLE)
+    if isinstance(exc, RedisConnectionError):
+        return (f"cannot reach Redis: {exc}", "is `visionq up` running? Point VISIONQ_REDIS_URL at its Redis",
+                EXIT_UNREACHABLE)
+    if isinstance(exc, OSError):
+        import errno
+
+        hint = "another process holds that port: pick another --port" if exc.errno == errno.EADDRINUSE else None
+        return str(exc), hint, EXIT_REFUSED
+    return f"{type(exc).__name__}: {exc}", "run again with --debug for the traceback", EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def api_command(settings: Settings, port: int | None = None) -> list[str]:
         "--bind", f"{settings.api_host}:{port or settings.api_port}",
         "--workers", str(settings.api_workers), "--threads", str(settings.api_threads),
         "--worker-class", "gthread", "--graceful-timeout", "30", "--timeout", "120",
+        "--keep-alive", str(settings.api_keepalive_s),
     ]
 
 
@@ -88,7 +89,7 @@ class Stack:
 
     def __init__(self, settings: Settings, *, env: dict[str, str] | None = None, api_port: int | None = None,
                  log_dir: Path | None = None, api: bool = True, worker: bool = True, webhooks: bool = True,
-                 batches: bool = True):
+                 batches: bool = True, redis_port: int | None = None, api_key: str | None = None):
         self.settings = settings
         self.extra_env = env or {}
         self.api_port = api_port or settings.api_port
@@ -96,11 +97,12 @@ class Stack:
         self.want_api, self.want_worker, self.want_webhooks, self.want_batches = api, worker, webhooks, batches
         self.redis: EmbeddedRedis | None = None
         self.redis_url = settings.redis_url
+        self.redis_port = redis_port
         self.processes: dict[str, subprocess.Popen] = {}
         self.worker_name = default_worker_name()
         self.webhooks_name = default_webhooks_name()
         self.batches_name = default_batches_name()
-        self.api_key: str | None = None
+        self.api_key: str | None = api_key  # reused if this Redis still knows it, else a new one is made
         self._stopping = threading.Event()
 
     @property
@@ -115,9 +117,11 @@ class Stack:
         """Start every part and return once the API answers and the worker has loaded its model."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.redis_url:
-            self.redis = EmbeddedRedis(self.settings.data_dir / "redis").start()
+            self.redis = EmbeddedRedis(self.settings.data_dir / "redis", port=self.redis_port).start()
             self.redis_url = self.redis.url
-        self.api_key, _ = KeyStore(self.redis_client()).create("local")
+        keys = KeyStore(self.redis_client())
+        if self.api_key is None or keys.lookup(self.api_key) is None:
+            self.api_key, _ = keys.create("local")
         if self.want_worker:
             self.start_worker()
         if self.want_webhooks:

@@ -3,7 +3,8 @@ event's Standard Webhooks signature with the `standardwebhooks` package (the way
 prints it, remembers every request, and answers 204 (or 401 when the signature does not verify).
 
 Point a job at it with `"webhook": {"url": "http://127.0.0.1:<port>/"}` on a server that allows it
-(VISIONQ_ALLOW_HTTP=true, VISIONQ_URL_ALLOWED_NETWORKS='["127.0.0.0/8"]'); the tests' receiver is this class.
+(VISIONQ_WEBHOOK_ALLOW_HTTP=true, VISIONQ_WEBHOOK_ALLOWED_NETWORKS='["127.0.0.0/8"]'); the tests' receiver is this
+class.
 """
 
 from __future__ import annotations

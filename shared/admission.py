@@ -49,7 +49,8 @@ def check_image_count(count: int, low: int, high: int, settings: Settings) -> No
     high = min(high, settings.max_images)
     if not low <= count <= high:
         wanted = f"exactly {low}" if low == high else f"{low} to {high}"
-        raise WrongImageCount(f"this task takes {wanted} images, got {count}")
+        noun = "image" if low == high == 1 else "images"
+        raise WrongImageCount(f"this task takes {wanted} {noun}, got {count}")
 
 
 def check_question(question: str | None, settings: Settings) -> str | None:

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     # Lists are JSON in the environment, e.g. VISIONQ_URL_ALLOWED_NETWORKS='["127.0.0.0/8"]'.
     allow_http: bool = False  # plain http:// URLs (https only by default)
     url_allowed_networks: list[str] = []  # CIDRs exempt from the non-global-address rule
+    # Webhook targets have their own allowances (the host lists and timeouts are shared): loosening one for local
+    # development never opens the other (shared/webhooks/targets.py).
+    webhook_allow_http: bool = False
+    webhook_allowed_networks: list[str] = []
     url_allow_hosts: list[str] = []  # non-empty: only these hosts (and their subdomains)
     url_deny_hosts: list[str] = []  # never these hosts (and their subdomains)
     url_connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -140,6 +144,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_workers: int = 2
     api_threads: int = 16
+    # How long gunicorn keeps an idle connection open: longer than a load balancer's idle timeout (60 s on the
+    # common ones), or the balancer reuses a connection the API has just closed (a reset).
+    api_keepalive_s: int = Field(default=75, ge=1)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # A worker serves Prometheus metrics on this port (0: none); `visionq workers` gives its N-th child port + N.
@@ -153,7 +160,7 @@ class Settings(BaseSettings):
             raise ValueError("must be empty or s3://bucket[/prefix]")
         return value
 
-    @field_validator("url_allowed_networks")
+    @field_validator("url_allowed_networks", "webhook_allowed_networks")
     @classmethod
     def _networks_parse(cls, value: list[str]) -> list[str]:
         for cidr in value:

@@ -63,10 +63,12 @@ def s3_server() -> str:
 def settings(redis_server, tiny_model_path, image_root, s3_server, tmp_path_factory) -> Settings:
     from tests.http_server import NETWORK
 
-    # Image URLs: http, and the test HTTP server's own loopback address (tests/http_server.py), are allowed.
+    # Image URLs and webhooks: http, and the test HTTP server's own loopback address (tests/http_server.py), are
+    # allowed.
     return Settings(redis_url=redis_server.url, model=str(tiny_model_path), image_root=image_root,
                     data_dir=tmp_path_factory.mktemp("data"), queue="visionq-test", allow_http=True,
-                    url_allowed_networks=[NETWORK], s3_endpoint_url=s3_server,
+                    url_allowed_networks=[NETWORK], webhook_allow_http=True, webhook_allowed_networks=[NETWORK],
+                    s3_endpoint_url=s3_server,
                     results_s3_uri=f"s3://{RESULTS_BUCKET}/runs")
 
 
@@ -87,6 +89,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "VISIONQ_MODELS": PARKED_MODEL,  # accepted, served by no worker: its jobs stay queued
         "VISIONQ_ALLOW_HTTP": str(settings.allow_http).lower(),
         "VISIONQ_URL_ALLOWED_NETWORKS": json.dumps(settings.url_allowed_networks),
+        "VISIONQ_WEBHOOK_ALLOW_HTTP": str(settings.webhook_allow_http).lower(),
+        "VISIONQ_WEBHOOK_ALLOWED_NETWORKS": json.dumps(settings.webhook_allowed_networks),
         "VISIONQ_S3_ENDPOINT_URL": settings.s3_endpoint_url,
         "VISIONQ_RESULTS_S3_URI": settings.results_s3_uri,
         **S3_ENV,

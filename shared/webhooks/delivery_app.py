@@ -26,6 +26,7 @@ from shared.store.jobs import JobStore
 from shared.store.workers import WorkerRegistry
 from shared.webhooks.sender import Sender
 from shared.webhooks.store import WebhookStore
+from shared.webhooks.targets import webhook_guard
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def delivery() -> Delivery:
     client = connect(settings)
     hooks = WebhookStore(client, webhook_queue(settings))
     jobs = JobStore.from_settings(client, settings)
-    return Delivery(settings, hooks, Sender(settings, jobs, hooks, guarded_client(settings)), WorkerRegistry(client))
+    sender = Sender(settings, jobs, hooks, guarded_client(webhook_guard(settings)))
+    return Delivery(settings, hooks, sender, WorkerRegistry(client))
 
 
 @app.task(name=DISPATCH_WEBHOOKS_TASK)

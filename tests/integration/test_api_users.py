@@ -147,6 +147,14 @@ def test_cancel_a_finished_job_is_409(make_client):
     client = make_client()
     job = client.wait(client.submit("describe", IMAGE, max_new_tokens=1)["id"], 60)
     assert error_code(lambda: client.cancel(job["id"])) == (409, "already_finished")
+    with pytest.raises(ApiError, match="the job has already ended: succeeded"):
+        client.cancel(job["id"])
+    parked = client.submit("describe", IMAGE, model=PARKED_MODEL)  # served by no worker: still queued
+    client.cancel(parked["id"])
+    with pytest.raises(ApiError, match="the job has already been canceled"):
+        client.cancel(parked["id"])
+    with pytest.raises(ApiError, match="this task takes exactly 1 image, got 2"):
+        client.submit("describe", IMAGE * 2)
 
 
 # --- listing ----------------------------------------------------------------------------------------------
@@ -222,3 +230,24 @@ def test_health_and_readiness(api_url, stack):
     assert requests.get(f"{api_url}/healthz", timeout=5).json() == {"status": "ok"}
     ready = requests.get(f"{api_url}/readyz", timeout=5)
     assert ready.status_code == 200 and stack.worker_name in ready.json()["workers"]
+
+
+# --- the server -------------------------------------------------------------------------------------------
+
+
+def test_an_idle_connection_outlives_gunicorns_default_keep_alive(api_url):
+    """gunicorn's own default (2 s) resets a connection a client (or a load balancer) reuses after it; the API
+    keeps idle connections API_KEEPALIVE_S (75 s), so the same socket still answers after 3 s."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    address = urlsplit(api_url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    connection.request("GET", "/healthz")
+    connection.getresponse().read()
+    first = connection.sock
+    time.sleep(3)  # the idle time itself is what is tested
+    connection.request("GET", "/healthz")
+    assert connection.getresponse().status == 200
+    assert connection.sock is first  # no reconnect was needed
+    connection.close()

@@ -23,7 +23,8 @@ from tests.images import encode, random_image
 from tests.webhook_receiver import ScriptedReceiver
 
 BUCKET = "batch-inputs"
-HOOK_ENV = {"VISIONQ_ALLOW_HTTP": "true", "VISIONQ_URL_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
+HOOK_ENV = {"VISIONQ_ALLOW_HTTP": "false", "VISIONQ_URL_ALLOWED_NETWORKS": "[]",  # the README's recipe
+            "VISIONQ_WEBHOOK_ALLOW_HTTP": "true", "VISIONQ_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
             "VISIONQ_WEBHOOK_TIMEOUT_S": "2", "VISIONQ_WEBHOOK_RETRY_BASE_S": "0.2",
             "VISIONQ_WEBHOOK_RETRY_MAX_S": "0.5", "VISIONQ_WEBHOOK_POLL_S": "0.1"}
 
@@ -322,6 +323,8 @@ def test_visionq_batch_of_a_folder_writes_its_results_and_resumes_the_same_batch
     assert all(line["status"] == "succeeded" for line in results)
     batch_id = json.loads((tmp_path / "results.jsonl.batch.json").read_text())["batch_id"]
     assert f"batch {batch_id}" in first.stdout
+    assert "4 images in" in first.stdout and "1 other files skipped" in first.stdout
+    assert "4 succeeded, 0 failed, 0 canceled, 0 lines refused" in first.stdout
     again = visionq("batch", str(folder), "--task", "ocr", "--max-new-tokens", "2", "--out", str(out), client=client,
                     cwd=tmp_path)
     assert again.returncode == 0 and f"batch {batch_id}: completed" in again.stdout  # the same batch, not a new one

@@ -15,3 +15,6 @@ def test_the_demo_runs_every_task_through_the_api(tmp_path):
     for task in ("describe", "ocr", "compare"):
         assert f"== {task} job" in done.stdout and "succeeded" in done.stdout
     assert done.stdout.count(": succeeded") == 3
+    assert "random weights" in done.stdout  # a newcomer is told why the text is gibberish
+    texts = [line for line in done.stdout.splitlines() if line.startswith("text (")]
+    assert len(texts) == 3 and not any("\\u" in line or "\\n" in line for line in texts)  # no escapes

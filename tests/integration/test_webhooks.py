@@ -18,11 +18,14 @@ from shared.store.connection import connect
 from tests.conftest import settings_env
 from tests.webhook_receiver import ScriptedReceiver
 
-# Loopback receivers allowed (the defaults refuse them: see the last tests); retries fast; give up after 5 s.
-HOOK_ENV = {"VISIONQ_ALLOW_HTTP": "true", "VISIONQ_URL_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
+# Loopback receivers allowed, by the webhook allowances only (the defaults refuse them: see the last tests);
+# retries fast; give up after 5 s.
+HOOK_ENV = {"VISIONQ_ALLOW_HTTP": "false", "VISIONQ_URL_ALLOWED_NETWORKS": "[]",  # the README's recipe
+            "VISIONQ_WEBHOOK_ALLOW_HTTP": "true", "VISIONQ_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
             "VISIONQ_WEBHOOK_TIMEOUT_S": "1", "VISIONQ_WEBHOOK_RETRY_BASE_S": "0.2",
             "VISIONQ_WEBHOOK_RETRY_MAX_S": "0.3", "VISIONQ_WEBHOOK_GIVE_UP_S": "5", "VISIONQ_WEBHOOK_POLL_S": "0.1"}
-DEFAULT_GUARD_ENV = {"VISIONQ_ALLOW_HTTP": "false", "VISIONQ_URL_ALLOWED_NETWORKS": "[]"}
+DEFAULT_GUARD_ENV = {"VISIONQ_ALLOW_HTTP": "false", "VISIONQ_URL_ALLOWED_NETWORKS": "[]",
+                     "VISIONQ_WEBHOOK_ALLOW_HTTP": "false", "VISIONQ_WEBHOOK_ALLOWED_NETWORKS": "[]"}
 IMAGE = ["bar_chart.png"]
 
 
@@ -215,6 +218,16 @@ def test_a_webhook_url_the_default_guard_refuses_is_a_400_at_submit(default_guar
     with pytest.raises(ApiError) as refused:
         client.add_webhook("https://127.0.0.1/hook")
     assert (refused.value.status, refused.value.code) == (400, "invalid_webhook_url")
+
+
+def test_the_development_recipe_leaves_image_urls_to_loopback_refused(hook_client, receiver):
+    """The recipe opens loopback to webhooks (every test above delivers to one), and to nothing else."""
+    for url, code in ((receiver.url + "a.png", "invalid_image_ref"),
+                      (receiver.url.replace("http://", "https://") + "a.png", "image_forbidden_address")):
+        with pytest.raises(ApiError) as refused:
+            hook_client.submit("describe", [url], webhook={"url": receiver.url})
+        assert (refused.value.status, refused.value.code) == (422, code), url
+    assert receiver.received == []
 
 
 def test_unknown_webhook_events_are_refused(hook_client, receiver):

@@ -14,9 +14,10 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from shared.config import Settings
 from shared.errors import InvalidWebhookEvents, WebhookUrlRefused
 from shared.jobs import WebhookSpec
+from shared.outbound.netguard import ForbiddenAddress, UrlRefused, check_url
 from shared.webhooks.events import EVENTS, new_secret, payload, signed_headers
 from shared.webhooks.retries import backoff_s, retry_after_s, retryable
-from shared.webhooks.targets import check_webhook
+from shared.webhooks.targets import check_webhook, webhook_guard
 
 
 def test_signed_headers_verify_with_the_standardwebhooks_package():
@@ -62,7 +63,7 @@ def test_which_answers_are_retried(status, again):
 
 
 def test_a_webhook_gets_every_event_by_default_and_only_known_ones():
-    settings = Settings(allow_http=True, url_allowed_networks=["127.0.0.0/8"])
+    settings = Settings(webhook_allow_http=True, webhook_allowed_networks=["127.0.0.0/8"])
     assert check_webhook(WebhookSpec(url="http://127.0.0.1:9/"), settings).events == list(EVENTS)
     for events in ([], ["job.exploded"], ["job.failed", "job.failed"]):
         with pytest.raises(InvalidWebhookEvents):
@@ -75,6 +76,23 @@ def test_a_webhook_gets_every_event_by_default_and_only_known_ones():
 def test_the_ssrf_guard_refuses_webhook_urls_by_default(url):
     with pytest.raises(WebhookUrlRefused):
         check_webhook(WebhookSpec(url=url), Settings())
+
+
+def test_image_and_webhook_allowances_are_separate():
+    """The development recipe (webhook allowances only) lets webhooks reach loopback, never image URLs; and
+    image allowances open no webhook target."""
+    recipe = Settings(webhook_allow_http=True, webhook_allowed_networks=["127.0.0.0/8"])
+    check_webhook(WebhookSpec(url="http://127.0.0.1:9000/"), recipe)
+    check_url("https://127.0.0.1:9000/", webhook_guard(recipe))
+    with pytest.raises(UrlRefused, match="scheme"):
+        check_url("http://127.0.0.1:9000/a.png", recipe)
+    with pytest.raises(ForbiddenAddress):
+        check_url("https://127.0.0.1:9000/a.png", recipe)
+    images_open = Settings(allow_http=True, url_allowed_networks=["127.0.0.0/8"])
+    check_url("http://127.0.0.1:9000/a.png", images_open)
+    for url in ("http://127.0.0.1:9000/", "https://127.0.0.1:9000/"):
+        with pytest.raises(WebhookUrlRefused):
+            check_webhook(WebhookSpec(url=url), images_open)
 
 
 def test_the_delivery_worker_imports_no_torch():

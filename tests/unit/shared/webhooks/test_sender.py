@@ -13,6 +13,7 @@ from shared.store.jobs import JobStore
 from shared.store.keys import job_key
 from shared.webhooks.sender import Sender
 from shared.webhooks.store import WebhookStore
+from shared.webhooks.targets import webhook_guard
 from tests.jobs import UNCONSUMED_QUEUE, make_job
 from tests.webhook_receiver import ScriptedReceiver
 
@@ -26,11 +27,11 @@ def receiver():
 
 
 def make_sender(settings, **changes) -> Sender:
-    settings = settings.model_copy(update={"allow_http": True, "url_allowed_networks": ["127.0.0.0/8"],
+    settings = settings.model_copy(update={"webhook_allow_http": True, "webhook_allowed_networks": ["127.0.0.0/8"],
                                            "webhook_timeout_s": 2.0, **changes})
     client = connect(settings)
     return Sender(settings, JobStore(client, settings.result_ttl_s, webhook_queue=HOOK_QUEUE),
-                  WebhookStore(client, HOOK_QUEUE), guarded_client(settings))
+                  WebhookStore(client, HOOK_QUEUE), guarded_client(webhook_guard(settings)))
 
 
 def ended_job(sender: Sender, url: str, owner: str = "sender-tests") -> str:
@@ -62,7 +63,7 @@ def test_a_redirect_is_an_answer_not_followed_and_not_retried(settings, receiver
 def test_the_guard_refuses_at_send_time_too(settings, receiver):
     """A URL accepted at submit may not be reachable when sent (settings changed, DNS now points inside)."""
     job_id = ended_job(make_sender(settings), receiver.url)
-    strict = make_sender(settings, url_allowed_networks=[])
+    strict = make_sender(settings, webhook_allowed_networks=[])
     assert strict.deliver(job_id, "job") == "failed"
     assert receiver.received == []
     assert "refused by the URL guard" in strict.hooks.deliveries(job_id)[0].attempts[0].error
