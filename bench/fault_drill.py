@@ -107,7 +107,7 @@ class Drill:
         env = {**env_for(self.settings, DRILL_FIELDS), "OMP_NUM_THREADS": "1", "VISIONQ_RATE_PER_S": "100000",
                "VISIONQ_RATE_BURST": "100000",
                # Every job carries a webhook to the drill's receiver on loopback; retries come quickly.
-               "VISIONQ_ALLOW_HTTP": "true", "VISIONQ_URL_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
+               "VISIONQ_WEBHOOK_ALLOW_HTTP": "true", "VISIONQ_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
                "VISIONQ_WEBHOOK_RETRY_BASE_S": "0.5", "VISIONQ_WEBHOOK_RETRY_MAX_S": "2"}
         self.api = Stack(self.settings, env=env, api_port=free_port(), log_dir=folder / "logs", worker=False)
         self.supervisor = Supervisor(self.settings, gpu_workers([str(i) for i in range(config.workers)],
