@@ -88,11 +88,17 @@ class Fault:
 
 @dataclass
 class Submissions:
-    """What the submitters saw: accepted job ids (in order) and refusals that were retried."""
+    """What the submitters saw: accepted job ids (in order), refusals that were retried and those that were not."""
 
     accepted: list[str] = field(default_factory=list)
     retried: Counter = field(default_factory=Counter)
+    refused: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def progress(self, share: str):
+        """What a wait for `share` of the submissions says when it times out: the refusals that explain it."""
+        return lambda: (f"{share} submitted ({len(self.accepted)} accepted; retried: {dict(self.retried) or 0}; "
+                        f"refused: {self.refused[:1] or 'none'})")
 
 
 class Drill:
@@ -205,7 +211,7 @@ def wait_for(check, timeout_s: float, what: str):
         if value:
             return value
         time.sleep(0.02)
-    raise TimeoutError(f"timed out waiting for {what}")
+    raise TimeoutError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 def submit_until_accepted(client: Client, max_new_tokens: int, idempotency_key: str,
@@ -217,6 +223,8 @@ def submit_until_accepted(client: Client, max_new_tokens: int, idempotency_key: 
             return client.submit("describe", ["bar_chart.png"], max_new_tokens=max_new_tokens,
                                  idempotency_key=idempotency_key, webhook=getattr(client, "webhook", None))["id"]
         except (ApiError, requests.RequestException) as exc:
+            if isinstance(exc, ApiError) and exc.status < 500 and exc.status != 429:
+                raise  # refused for the request itself (a bad setting of the drill), not by a fault
             if time.monotonic() > deadline:
                 raise
             if retried is not None:
@@ -230,7 +238,11 @@ def submit_all(client: Client, config: DrillConfig, out: Submissions) -> None:
 
     def one(index: int) -> None:
         time.sleep(max(0.0, started + index * interval - time.monotonic()))
-        job_id = submit_until_accepted(client, config.max_new_tokens, f"drill-{index}", out.retried)
+        try:
+            job_id = submit_until_accepted(client, config.max_new_tokens, f"drill-{index}", out.retried)
+        except ApiError as exc:
+            out.refused.append(str(exc))
+            raise
         with out.lock:
             out.accepted.append(job_id)
 
@@ -405,13 +417,13 @@ def run_drill(config: DrillConfig, folder: Path, model: Path, image_root: Path) 
         drill.started = time.monotonic()
         submitter = threading.Thread(target=submit_all, args=(client, config, subs))
         submitter.start()
-        wait_for(lambda: len(subs.accepted) >= config.jobs * 0.2, config.submit_s * 2, "20% submitted")
+        wait_for(lambda: len(subs.accepted) >= config.jobs * 0.2, config.submit_s * 2, subs.progress("20%"))
         killed = drill.interrupt_worker(client, signal.SIGKILL, "SIGKILL")
         with subs.lock:
             subs.accepted.append(killed.job_id)
-        wait_for(lambda: len(subs.accepted) >= config.jobs * 0.45, config.submit_s * 2, "45% submitted")
+        wait_for(lambda: len(subs.accepted) >= config.jobs * 0.45, config.submit_s * 2, subs.progress("45%"))
         drill.restart_redis()
-        wait_for(lambda: len(subs.accepted) >= config.jobs * 0.7, config.submit_s * 2, "70% submitted")
+        wait_for(lambda: len(subs.accepted) >= config.jobs * 0.7, config.submit_s * 2, subs.progress("70%"))
         termed = drill.interrupt_worker(client, signal.SIGTERM, "SIGTERM")
         with subs.lock:
             subs.accepted.append(termed.job_id)
