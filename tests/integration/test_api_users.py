@@ -128,15 +128,22 @@ def test_cancel_a_running_job_stops_its_generation(make_client, stack, settings)
     from shared.store.jobs import JobStore
 
     client, store = make_client(), JobStore(connect(settings), settings.result_ttl_s)
+
+    def jobs_counted() -> int:  # the worker counts a job after storing its result: absent before its first
+        return WorkerRegistry(store.redis).info(stack.worker_name).get("jobs", 0)
+
+    counted = jobs_counted()
     full = client.wait(client.submit("describe", IMAGE, max_new_tokens=1024)["id"], 120)
     full_s = full["result"]["timings"]["inference_ms"] / 1000
+    while jobs_counted() == counted:  # the full job counted, so that the count below moves only for the next
+        time.sleep(0.01)
     job = client.submit("describe", IMAGE, max_new_tokens=1024)
     while client.get(job["id"])["status"] != "running":
         time.sleep(0.01)
-    jobs_before = WorkerRegistry(store.redis).info(stack.worker_name)["jobs"]
+    jobs_before = jobs_counted()
     canceled_at = time.monotonic()
     assert client.cancel(job["id"])["status"] == "canceled"
-    while WorkerRegistry(store.redis).info(stack.worker_name)["jobs"] == jobs_before:  # the runner is done with it
+    while jobs_counted() == jobs_before:  # the runner is done with it
         time.sleep(0.01)
     assert time.monotonic() - canceled_at < full_s / 2, "generation ran on after the cancel"
     ended = client.get(job["id"])
