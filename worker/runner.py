@@ -12,7 +12,7 @@ import redis
 from PIL import Image
 
 from shared.config import Settings
-from shared.errors import DeadlineExceeded, ImageUnreadable, InferenceFailed, VisionqError, WorkerLost
+from shared.errors import ImageUnreadable, InferenceFailed, VisionqError, WorkerLost
 from shared.images.refs import Access, load_images
 from shared.images.uploads import UploadStore
 from shared.jobs import Job, JobFailure, JobResult, Timings, TokenCounts, utcnow
@@ -54,8 +54,7 @@ class JobRunner:
         deadline = job.start_deadline()
         if deadline is not None and time.time() > deadline and job.attempts == 0:
             # On the list past its deadline (the queue's tick had not ended it yet): it must not run.
-            failure = DeadlineExceeded("the job did not start within its start_within_s")
-            self.store.mark_failed(job_id, JobFailure(code=failure.code, message=failure.message), only_queued=True)
+            self.store.fail_past_deadline(job_id)
             return
         transition = self.store.mark_running(job_id, self.worker_name)
         if not transition.applied:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import redis
 
 from shared.config import Settings
+from shared.errors import DeadlineExceeded
 from shared.jobs import PRIORITY_RANKS, Job, JobFailure, JobResult, JobStatus, sources_of, utcnow
 from shared.routing import webhook_queue as webhook_queue_of
 from shared.store import scripts
@@ -220,6 +221,12 @@ class JobStore:
         """Queued or running -> failed, with the reason (`only_queued`: only a job that has not started)."""
         fields = {"error": failure.model_dump_json(), "finished_at": utcnow().isoformat()}
         return self._apply(job_id, JobStatus.FAILED, fields, sources=[JobStatus.QUEUED] if only_queued else None)
+
+    def fail_past_deadline(self, job_id: str) -> Transition:
+        """Queued -> failed deadline_exceeded: the job did not start within its start_within_s (one that started
+        or ended meanwhile is left as it is)."""
+        failure = DeadlineExceeded("the job did not start within its start_within_s")
+        return self.mark_failed(job_id, JobFailure(code=failure.code, message=failure.message), only_queued=True)
 
     def mark_canceled(self, job_id: str, failure: JobFailure) -> Transition:
         """Queued or running -> canceled, with who canceled and why."""

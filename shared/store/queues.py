@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import redis
 
-from shared.errors import DeadlineExceeded
-from shared.jobs import JobFailure, QueuePlace
+from shared.jobs import QueuePlace
 from shared.store import scripts
 from shared.store.keys import (
     KEY_WEIGHTS,
@@ -125,9 +124,7 @@ class Queues:
         due = self.redis.zrangebyscore(deadlines_key(queue), "-inf", time.time(), start=0, num=limit)
         ended = []
         for job_id in due:
-            failure = DeadlineExceeded("the job did not start within its start_within_s")
-            if store.mark_failed(job_id, JobFailure(code=failure.code, message=failure.message),
-                                 only_queued=True).applied:
+            if store.fail_past_deadline(job_id).applied:
                 ended.append(job_id)
             else:
                 self.redis.zrem(deadlines_key(queue), job_id)  # not queued any more (or gone)
