@@ -38,11 +38,10 @@ def held_delivery_tags() -> list[str]:
     return [request.message.delivery_tag for request in requests if request.message is not None]
 
 
-def beat(name: str, settings: Settings, workers: WorkerRegistry, broker: Broker, queues: Queues | None = None) -> None:
+def beat(name: str, settings: Settings, workers: WorkerRegistry, broker: Broker, queues: Queues) -> None:
     """One heartbeat."""
     workers.heartbeat(name)
-    if queues is not None:
-        queues.serving(worker_queue(settings), name)
+    queues.serving(worker_queue(settings), name)
     broker.renew_leases(held_delivery_tags())
     for job_id in broker.sweep_lost(worker_queue(settings), name, settings):
         log.warning("job %s had lost its queue message (Redis crash?): queued again", job_id)
@@ -55,8 +54,8 @@ def tick(name: str, settings: Settings, queues: Queues, store) -> None:
             log.info("job %s did not start within its deadline: failed", job_id)
 
 
-def start(name: str, settings: Settings, workers: WorkerRegistry, broker: Broker, queues: Queues | None = None,
-          store=None) -> threading.Thread:
+def start(name: str, settings: Settings, workers: WorkerRegistry, broker: Broker, queues: Queues,
+          store) -> threading.Thread:
     """Beat every settings.heartbeat_s (and tick the queues every queue_tick_s) in a daemon thread, also while a
     long job runs (torch releases the GIL)."""
     def beat_forever() -> None:
@@ -66,13 +65,12 @@ def start(name: str, settings: Settings, workers: WorkerRegistry, broker: Broker
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + settings.heartbeat_s
                     beat(name, settings, workers, broker, queues)
-                if queues is not None:
-                    tick(name, settings, queues, store)
+                tick(name, settings, queues, store)
             except redis.RedisError:
                 log.warning("heartbeat failed: Redis unreachable")
             except Exception:  # the thread must live on: it renews the leases of the jobs this worker holds
                 log.exception("heartbeat failed")
-            time.sleep(min(settings.heartbeat_s, settings.queue_tick_s) if queues is not None else settings.heartbeat_s)
+            time.sleep(min(settings.heartbeat_s, settings.queue_tick_s))
 
     thread = threading.Thread(target=beat_forever, name="visionq-heartbeat", daemon=True)
     thread.start()
