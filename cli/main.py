@@ -182,6 +182,9 @@ def checked_images(images: list[str], server_paths: bool) -> list[str]:
 
 def cmd_jobs(args) -> int:
     page = client_of(args).list(status=args.status, limit=args.limit)
+    if not page["jobs"]:  # say so: an empty output reads like a hang or a wrong key
+        which = f"{args.status} jobs" if args.status else "jobs"
+        print(f"no {which} for this key", file=sys.stderr)
     for job in page["jobs"]:
         print(f"{job['id']}  {job['status']:<9}  {job['task']:<8}  {job.get('created_at', '')}")
     if page.get("next_cursor"):

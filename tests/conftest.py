@@ -140,7 +140,7 @@ def make_client(stack, settings):
     def make(**limits) -> Client:
         secret, key = KeyStore(connect(settings)).create("test", **limits)
         client = Client(stack.api_url, key=secret, timeout_s=30)
-        client.key_id = key.id
+        client.key_id, client.secret = key.id, secret
         return client
 
     return make

@@ -163,3 +163,41 @@ def test_visionq_jobs_lists_by_status_and_webhooks_secret_shows_the_secret(stack
     assert secret.returncode == 0 and secret.stdout.strip() == client.webhook_secret()
     refused = visionq("jobs", "--url", stack.api_url, "--key", "vq_wrong", cwd=tmp_path)
     assert refused.returncode == 1 and "401 unauthorized" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_visionq_jobs_says_so_when_a_key_has_no_jobs(stack, make_client, tmp_path):
+    fresh = make_client()
+    listed = visionq("jobs", "--url", stack.api_url, "--key", fresh.secret, cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout == "" and "no jobs for this key" in listed.stderr
+    canceled = visionq("jobs", "--status", "canceled", "--url", stack.api_url, "--key", fresh.secret, cwd=tmp_path)
+    assert "no canceled jobs for this key" in canceled.stderr
+
+
+def test_ctrl_c_while_a_batch_is_followed_is_a_clean_stop_and_the_same_command_resumes_it(stack, tmp_path):
+    from tests.conftest import PARKED_MODEL
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "one.png").write_bytes((Path(stack.settings.image_root) / "bar_chart.png").read_bytes())
+    command = [sys.executable, "-m", "cli.main", "batch", "photos", "--task", "describe", "--model", PARKED_MODEL,
+               "--out", "results.jsonl", "--url", stack.api_url, "--key", stack.api_key]
+    follower = subprocess.Popen(command, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        first = wait_for_line(follower, "batch ", timeout_s=60)[-1]  # created; followed forever (no worker)
+        time.sleep(1.5)  # a poll or two into the progress bar
+        follower.send_signal(signal.SIGINT)
+        out, err = follower.communicate(timeout=30)
+    finally:
+        end(follower)
+    assert follower.returncode == 130 and "Traceback" not in err, err
+    assert "run the same command again to resume" in out
+    batch_id = first.split()[1].rstrip(":")
+    again = subprocess.Popen(command, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert wait_for_line(again, "batch ", timeout_s=60)[-1].split()[1].rstrip(":") == batch_id  # not made twice
+        again.send_signal(signal.SIGINT)
+        again.communicate(timeout=30)
+    finally:
+        end(again)
+    visionq("batch", "cancel", batch_id, "--url", stack.api_url, "--key", stack.api_key, cwd=tmp_path)
