@@ -60,7 +60,16 @@ def scaled(settings, second_model, tmp_path_factory):
             pids = [wait_ready(store, name) for name in NAMES]
             yield api, supervisor, store, second_model, metrics_port, pids
     finally:
-        if supervisor.poll() is None:
+        stop_supervisor(supervisor)
+
+
+def stop_supervisor(supervisor: subprocess.Popen) -> None:
+    """SIGTERM, which the supervisor passes on to its workers; SIGKILL would leave them orphaned, loading models."""
+    if supervisor.poll() is None:
+        supervisor.terminate()
+        try:
+            supervisor.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             supervisor.kill()
             supervisor.wait()
 
