@@ -79,7 +79,7 @@ def cmd_up(args) -> int:
             print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, a worker and a webhook delivery "
                   f"worker; logs in {stack.log_dir}. Ctrl-C stops.", flush=True)
             print(f"local API key: {stack.api_key} (kept in {state}, where the client commands find it and the "
-                  "API's address)", flush=True)
+                  f"API's address); the web console: {stack.api_url}/console", flush=True)
             stack.processes["api"].wait()  # the others are restarted when they exit
     except (KeyboardInterrupt, Stopped):
         print("stopped", flush=True)

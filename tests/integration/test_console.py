@@ -35,17 +35,19 @@ TIMEOUT_MS = 60_000
 
 
 def chromium_path() -> str | None:
-    """The system's Chromium (VISIONQ_CHROMIUM overrides): ./run test installs Debian's package as root."""
-    candidates = [os.environ.get("VISIONQ_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"]
-    return next((found for name in candidates if name and (found := shutil.which(name))), None)
+    """The system's Chromium, or the one VISIONQ_CHROMIUM names: ./run test installs Debian's package as root."""
+    if os.environ.get("VISIONQ_CHROMIUM"):
+        return shutil.which(os.environ["VISIONQ_CHROMIUM"])
+    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser():
+    """One headless Chromium for the session (each test opens contexts of its own: their own cookies)."""
     path = chromium_path()
     if path is None:
-        pytest.skip("no Chromium found (apt-get install chromium, or set VISIONQ_CHROMIUM): the console's browser "
-                    "tests need one")
+        pytest.skip(f"no Chromium found ({os.environ.get('VISIONQ_CHROMIUM') or 'chromium'} is not on PATH; "
+                    "apt-get install chromium, or set VISIONQ_CHROMIUM): the console's browser tests need one")
     with playwright_api.sync_playwright() as driver:
         launched = driver.chromium.launch(executable_path=path, args=["--no-sandbox"])
         yield launched
