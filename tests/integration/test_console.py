@@ -4,6 +4,7 @@ the tiny model and real webhook receivers. Screenshots go to tests/artifacts/con
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from cli.stack import Stack
 from shared.store.api_keys import KeyStore
 from shared.store.connection import connect
 from tests.conftest import PARKED_MODEL, settings_env
+from tests.http_server import Route
 from tests.images import png
 from tests.paths import REPO
 from tests.webhook_receiver import ScriptedReceiver
@@ -179,6 +181,41 @@ def test_another_key_cannot_see_the_job_and_a_tokenless_post_is_refused(user, br
     assert refused.status == 403 and "csrf_rejected" in refused.text()
     assert client.get(job["id"])["status"] == "queued"
     client.cancel(job["id"])
+
+
+def test_a_form_on_another_site_cannot_act_for_the_signed_in_browser(user, console_stack, http_server):
+    _, client, page = user
+    job = client.submit("describe", ["bar_chart.png"], model=PARKED_MODEL)
+    target = f"{console_stack.api_url}/console/jobs/{job['id']}/cancel"
+    forged = (f'<form id="f" method="post" action="{target}"><input name="csrf_token" value="guessed"></form>'
+              '<script>document.getElementById("f").submit()</script>').encode()
+    evil = http_server.add("/forged-cancel", Route(forged, "text/html"))  # 127.0.0.5: another site than 127.0.0.1
+    page.goto(evil)
+    expect(page).to_have_url(re.compile(r"/console/sign-in$"))  # the SameSite cookie stayed home: no session
+    assert client.get(job["id"])["status"] == "queued"
+    client.cancel(job["id"])
+
+
+def test_a_batch_page_shows_its_progress_gives_its_files_and_retries_its_failures(user, artifacts):
+    _, client, page = user
+    lines = [{"custom_id": "good-1", "images": ["bar_chart.png"]}, {"custom_id": "good-2", "images": ["bar_chart.png"]},
+             {"custom_id": "broken", "images": ["not_an_image.png"]}, {"custom_id": "refused", "images": []}]
+    batch = client.wait_batch(client.create_batch(requests=lines, task="describe", max_new_tokens=2)["id"],
+                              timeout_s=120, poll_s=0.1)
+    assert batch["status"] == "completed" and batch["counts"]["failed"] == 1
+    page.get_by_role("link", name="Batches").click()
+    page.get_by_role("link", name=batch["id"]).click()
+    assert page.get_by_label("Ended").get_attribute("value") == "3"
+    assert page.get_by_label("Ended").get_attribute("max") == "3"
+    assert page.get_by_label("Failed").get_attribute("value") == "1"
+    page.screenshot(path=artifacts / "batch.png", full_page=True)
+    with page.expect_download() as results:
+        page.get_by_role("link", name="Results (JSONL)").click()
+    got = [json.loads(line) for line in Path(results.value.path()).read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in got) == ["broken", "good-1", "good-2"]
+    page.get_by_role("button", name="Retry the 1 failed items").click()
+    expect(page.get_by_role("status")).to_have_text("Its failed items run again.")
+    assert client.wait_batch(batch["id"], timeout_s=120, poll_s=0.1)["attempt"] == 2
 
 
 def test_the_queues_page_updates_itself_and_charts_the_jobs_that_ended(user, artifacts):
