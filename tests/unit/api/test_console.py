@@ -203,3 +203,29 @@ def test_history_counts_the_jobs_that_end_each_minute(app, keys, redis_server):
 def test_the_chart_scales_the_series_to_its_box():
     assert chart_points([0, 1, 2], width=100, height=10) == "0.0,10.0 50.0,5.0 100.0,0.0"
     assert chart_points([0, 0], width=100, height=10) == "0.0,10.0 100.0,10.0"
+
+
+def test_the_job_list_pages_and_filters(app, keys):
+    secret, _ = keys.create("console-unit")
+    made = [submit_json(app, secret) for _ in range(3)]
+    client = signed_in(app, secret)
+    first = client.get("/console/jobs?limit=2").get_data(as_text=True)
+    older = re.search(r'<a rel="next" href="([^"]+)"', first).group(1).replace("&amp;", "&")
+    second = client.get(older).get_data(as_text=True)
+    assert [job_id in first for job_id in made] == [False, True, True]  # newest first
+    assert made[0] in second and 'rel="next"' not in second
+    assert made[0] not in client.get("/console/jobs?status=succeeded").get_data(as_text=True)
+    assert client.get(f"/console/jobs?q={made[0]}").headers["Location"].endswith(f"/console/jobs/{made[0]}")
+    assert "No job of yours" in client.get("/console/jobs?q=nosuchjob").get_data(as_text=True)
+
+
+def test_a_web_image_is_a_link_the_console_never_fetches(app, keys):
+    secret, _ = keys.create("console-unit")
+    url = "https://93.184.216.34/photo.png"  # a public address: accepted at submit, never fetched by the API
+    answer = app.test_client().post("/v1/jobs", json={"task": "describe", "images": [url]},
+                                    headers={"Authorization": f"Bearer {secret}"})
+    job_id = answer.get_json()["id"]
+    client = signed_in(app, secret)
+    html = client.get(f"/console/jobs/{job_id}").get_data(as_text=True)
+    assert f'<a href="{url}" rel="noopener noreferrer nofollow">' in html and "<img" not in html
+    assert client.get(f"/console/jobs/{job_id}/images/0").status_code == 422  # no route fetches it either
