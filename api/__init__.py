@@ -10,7 +10,7 @@ from shared.images.decode import configure_pillow
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The Flask app factory; tests pass their own settings."""
-    from api import batches, deliveries, errors, health, jobs, metrics, openapi, queues, uploads, webhooks
+    from api import batches, console, deliveries, errors, health, jobs, metrics, openapi, queues, uploads, webhooks
     from api.context import init_app
 
     settings = settings or get_settings()
@@ -28,5 +28,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    console.register(app)
     metrics.init_app(app)
     return app

@@ -18,6 +18,7 @@ from shared.store.connection import connect
 from shared.store.jobs import JobStore
 from shared.store.queues import Queues
 from shared.store.rates import RateLimiter
+from shared.store.sessions import ConsoleSessions
 from shared.store.workers import WorkerRegistry
 from shared.webhooks.store import WebhookStore
 
@@ -35,18 +36,20 @@ class Services:
     hooks: WebhookStore
     batches: BatchStore
     queues: Queues
+    sessions: ConsoleSessions
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Create the process's Redis clients (strings, and bytes for uploads) and every store on them, the key cache
-    and the finished-job cache."""
+    """Create the process's Redis clients (strings, and bytes for uploads) and every store on them, the key cache,
+    the finished-job cache and the console's sign-ins."""
     client, binary = connect(settings), connect(settings, decode_responses=False)
     app.extensions["visionq"] = Services(
         settings=settings, store=JobStore.from_settings(client, settings), rates=RateLimiter(client),
         workers=WorkerRegistry(client), broker=Broker(client),
         key_cache=KeyCache(KeyStore(client), settings.key_cache_s), finished=FinishedJobs(settings.result_ttl_s),
         uploads=UploadStore(settings, binary), hooks=WebhookStore(client, webhook_queue(settings)),
-        batches=BatchStore.from_settings(client, binary, settings), queues=Queues(client, settings.broker_window))
+        batches=BatchStore.from_settings(client, binary, settings), queues=Queues(client, settings.broker_window),
+        sessions=ConsoleSessions(client, settings.console_session_s))
 
 
 def services() -> Services:

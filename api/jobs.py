@@ -10,6 +10,7 @@ from enum import StrEnum
 
 from flask import Blueprint, Response, g, request
 from pydantic import ValidationError
+from werkzeug.datastructures import MultiDict
 
 from api.auth import authenticate, charge_now, check_rate
 from api.context import services
@@ -41,12 +42,18 @@ bp.before_request(authenticate)
 def submit_job():
     """Accept a job: 202 with the queued job and its Location; a repeated Idempotency-Key gives the same job.
     The body is JSON, or multipart/form-data with the images inline (stored as uploads)."""
+    return admit(request.form if request.mimetype == "multipart/form-data" else None)
+
+
+def admit(form: MultiDict | None) -> Response:
+    """Validate, write and enqueue the request's job for g.key: from the JSON body, or from these multipart form
+    fields and the request's files (the web console's submit form comes this way too)."""
     svc = services()
-    multipart = request.mimetype == "multipart/form-data"
+    multipart = form is not None
     if multipart:
         charge_now()  # before any image is stored: a request over its key's rate stores nothing
     try:
-        request_body, digest = parse_multipart(svc.settings) if multipart else parse_json()
+        request_body, digest = parse_multipart(svc.settings, form) if multipart else parse_json()
         job = build_job(request_body, svc.settings, caller_access()).model_copy(update={"owner": g.key.id})
     except VisionqError:
         if not multipart:
@@ -187,11 +194,10 @@ def parse_json() -> tuple[JobRequest, str]:
     return body, request_hash(body)
 
 
-def parse_multipart(settings: Settings) -> tuple[JobRequest, str]:
+def parse_multipart(settings: Settings, form: MultiDict) -> tuple[JobRequest, str]:
     """A multipart body: form fields task, question, max_new_tokens and images (refs), then the image files,
     which are stored as uploads of the caller and follow the `images` refs in the job, in the order sent. The
     digest (for Idempotency-Key) covers the files' contents, not the upload ids this request made."""
-    form = request.form
     files = read_files(settings)
     fields: dict = {name: form.get(name) for name in form if name != "images"}
     fields["images"] = form.getlist("images")

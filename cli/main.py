@@ -79,7 +79,7 @@ def cmd_up(args) -> int:
             print(f"visionq is up: API {stack.api_url}, Redis {stack.redis_url}, a worker and a webhook delivery "
                   f"worker; logs in {stack.log_dir}. Ctrl-C stops.", flush=True)
             print(f"local API key: {stack.api_key} (kept in {state}, where the client commands find it and the "
-                  "API's address)", flush=True)
+                  f"API's address); the web console: {stack.api_url}/console", flush=True)
             stack.processes["api"].wait()  # the others are restarted when they exit
     except (KeyboardInterrupt, Stopped):
         print("stopped", flush=True)
@@ -233,7 +233,8 @@ def cmd_keys(args) -> int:
     if args.keys_command == "create":
         buckets = [b.strip() for b in (args.s3_buckets or "").split(",") if b.strip()]
         secret, key = keys.create(args.name, rate_per_s=args.rate, burst=args.burst,
-                                  max_active_jobs=args.max_active_jobs, s3_buckets=buckets, weight=args.weight)
+                                  max_active_jobs=args.max_active_jobs, s3_buckets=buckets, weight=args.weight,
+                                  admin=args.admin or None)
         print(f"key id {key.id} ({key.name}); the secret below is shown once and not stored:\n{secret}")
     elif args.keys_command == "revoke":
         if not keys.revoke(args.id):
@@ -367,6 +368,7 @@ def add_key_commands(sub) -> None:
     create.add_argument("--s3-buckets", help="comma-separated S3 buckets this key's s3:// image refs may read")
     create.add_argument("--weight", type=float, help="its share of each model's queue against other keys' "
                         "(default 1: a key of weight 2 gets twice the turns)")
+    create.add_argument("--admin", action="store_true", help="the web console shows this key every key's jobs")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     keys_sub.add_parser("list", help="every key (never the secrets)")

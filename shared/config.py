@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     max_active_jobs: int = Field(default=10_000, ge=1)  # queued or running at once, per key
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
     key_cache_s: float = Field(default=2.0, ge=0)  # a revoked key may work this long in a process that cached it
+    console_session_s: int = Field(default=8 * 3600, gt=0)  # a web console sign-in lasts this long (api/console/)
 
     # --- Images: sources and bounds (shared/images/) -----------------------------------------------------------
     image_root: Path = Path("images")  # where plain paths in a job's images are read from

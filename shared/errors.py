@@ -124,6 +124,12 @@ class Unauthorized(VisionqError):
     code, http_status = "unauthorized", 401
 
 
+class CsrfRejected(VisionqError):
+    """A console form must come from the console's own page, with its session's token."""
+
+    code, http_status = "csrf_rejected", 403
+
+
 class NotFound(VisionqError):
     """No such resource (or it has expired)."""
 

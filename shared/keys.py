@@ -21,6 +21,7 @@ class ApiKey(BaseModel):
     name: str
     created_at: datetime
     revoked: bool = False
+    admin: bool = False  # may see every key's jobs in the web console (api/console/)
     rate_per_s: float | None = None
     burst: int | None = None
     max_active_jobs: int | None = None

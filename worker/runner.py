@@ -62,8 +62,9 @@ class JobRunner:
         if transition.attempts > self.settings.max_attempts:
             self._fail(job_id, WorkerLost(f"the job was interrupted {transition.attempts - 1} times"))
             return
+        tokens = 0
         try:
-            self._execute(job)
+            tokens = self._execute(job)
         except VisionqError as exc:
             self._fail(job_id, exc)
         except redis.ConnectionError:
@@ -72,9 +73,10 @@ class JobRunner:
             log.exception("job %s failed in inference", job_id)
             self._fail(job_id, InferenceFailed())
         finally:
-            self.workers.count_job(self.worker_name, loads=load_count())
+            self.workers.count_job(self.worker_name, loads=load_count(), tokens=tokens)
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: Job) -> int:
+        """Run the job and store its result; the tokens it generated (0 when it was canceled)."""
         started = time.perf_counter()
         queue_ms = (utcnow() - job.created_at).total_seconds() * 1000
         with self.batcher.expect():  # submitted inside: the GPU thread sees either a preparer or a ticket
@@ -89,14 +91,16 @@ class JobRunner:
             raise InferenceFailed(f"the model did not finish the job within {self.settings.job_timeout_s} s") from None
         if completion.canceled:
             log.info("job %s was canceled while it ran", job.id)
-            return
+            return 0
         with self.cpu_work:  # storing the result is Python work that competes with the GPU thread too
-            stored = self._store_result(job, completion, (time.perf_counter() - started) * 1000 - images_ms,
+            tokens = self._store_result(job, completion, (time.perf_counter() - started) * 1000 - images_ms,
                                         queue_ms, images_ms)
-        if stored and self.settings.results_s3_uri:
+        if tokens is not None and self.settings.results_s3_uri:
             archive_result(self.store.get(job.id) or job, self.settings)
+        return tokens or 0
 
-    def _store_result(self, job: Job, completion, inference_ms: float, queue_ms: float, images_ms: float) -> bool:
+    def _store_result(self, job: Job, completion, inference_ms: float, queue_ms: float, images_ms: float) -> int | None:
+        """Mark the job succeeded with its result; the tokens it generated, or None when it was ended elsewhere."""
         generation = self.engine.generation(completion, inference_ms)
         result = JobResult(
             text=generation.text,
@@ -107,8 +111,8 @@ class JobRunner:
         )
         if not self.store.mark_succeeded(job.id, result).applied:
             log.info("job %s was ended elsewhere (canceled?) while it ran; result dropped", job.id)
-            return False
-        return True
+            return None
+        return generation.completion_tokens
 
     def _load_images(self, job: Job) -> list[Image.Image]:
         try:

@@ -97,6 +97,17 @@ def load_images(refs: list[str], settings: Settings, access: Access = NO_ACCESS)
             raise
 
 
+def held_bytes(ref: str, settings: Settings, access: Access) -> bytes:
+    """The bytes of an image the server holds itself (an upload of `access.owner`, or a data URI), for the web
+    console to show; InvalidImageRef for any other kind, which the console only links to and never fetches."""
+    kind = ref_kind(ref)
+    if kind == "upload":
+        return _uploads(access).get(_upload_id(ref), access.owner)
+    if kind == "data":
+        return _decode_data_uri(ref, settings)
+    raise InvalidImageRef("only uploads and data URIs are shown; other images are links")
+
+
 def fetch_bytes(ref: str, settings: Settings, access: Access, budget: Budget) -> bytes:
     """The raw bytes a reference points at, bounded by settings.max_image_bytes and the job's budget."""
     kind = ref_kind(ref)

@@ -16,8 +16,8 @@ class KeyStore:
         self.redis = client
 
     def create(self, name: str, **limits: float | int | list[str] | None) -> tuple[str, ApiKey]:
-        """Make a key with optional limits (and `s3_buckets`); returns its secret (shown once, never stored) and
-        its facts."""
+        """Make a key with optional limits (and `s3_buckets`, `admin`); returns its secret (shown once, never stored)
+        and its facts."""
         secret = new_secret()
         secret_hash = hash_secret(secret)
         key = ApiKey(id=key_id_of(secret_hash), name=name, created_at=utcnow(),

@@ -137,6 +137,11 @@ def queue_ends_key(queue: str, bucket: str) -> str:
     return f"{PREFIX}:ends:{queue}:{bucket}"
 
 
+def queue_minute_ends_key(queue: str, minute: str) -> str:
+    """The same count per minute, kept an hour: the web console's chart of jobs/s."""
+    return f"{PREFIX}:ends-minute:{queue}:{minute}"
+
+
 def queue_workers_key(queue: str) -> str:
     """Zset: worker serving this queue -> its last heartbeat, once its model is loaded."""
     return f"{PREFIX}:serving:{queue}"
@@ -165,6 +170,14 @@ WORKERS_KEY = f"{PREFIX}:workers"  # zset: worker name -> time of its last heart
 def worker_key(name: str) -> str:
     """Hash of what a worker published about itself (model, pid, loads, batches, ...)."""
     return f"{PREFIX}:worker:{name}"
+
+
+# --- web console (api/console/) ------------------------------------------------------------------------------
+
+
+def console_session_key(token_hash: str) -> str:
+    """Hash of one console sign-in (key id, CSRF token), found by the hash of its cookie's token."""
+    return f"{PREFIX}:console-session:{token_hash}"
 
 
 # --- batches (shared/batches/) ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from shared.store.keys import (
     owner_vtimes_key,
     queue_clock_key,
     queue_ends_key,
+    queue_minute_ends_key,
     queue_seq_key,
     queue_starting_key,
     queue_tick_lock_key,
@@ -51,6 +52,7 @@ TEMPLATES = json.dumps({
     "waiting": waiting_key("{queue}", "{owner}"), "owners": waiting_owners_key("{queue}"),
     "clock": queue_clock_key("{queue}"), "vtimes": owner_vtimes_key("{queue}"), "weights": KEY_WEIGHTS,
     "deadlines": deadlines_key("{queue}"), "job": job_key("{job}"), "ends": queue_ends_key("{queue}", "{bucket}"),
+    "minutes": queue_minute_ends_key("{queue}", "{minute}"),
     "serving": queue_workers_key("{queue}"), "starting": queue_starting_key("{queue}"),
 })
 
@@ -155,6 +157,16 @@ class Queues:
         queued, mine, live, starting, ends = pipe.execute()
         return {"queued": queued, "queued_for_key": mine, "live_workers": live, "starting_workers": starting,
                 "jobs_per_s": round(sum(int(e or 0) for e in ends) / 60, 2)}
+
+    def history(self, queues: list[str], minutes: int = 60) -> list[int]:
+        """Jobs these queues ended after running in each of the last `minutes` minutes, oldest first, the current
+        (partial) minute last: the console's chart (lua/queue_keys.lua counts them)."""
+        now_minute = math.floor(time.time() / 60)
+        span = range(now_minute - minutes + 1, now_minute + 1)
+        if not queues:
+            return [0] * minutes
+        counts = self.redis.mget([queue_minute_ends_key(q, str(m)) for m in span for q in queues])
+        return [sum(int(c or 0) for c in counts[i:i + len(queues)]) for i in range(0, len(counts), len(queues))]
 
     def depth(self, queues: list[str]) -> dict[str, int]:
         """Every job still queued in each queue: on the list or waiting for it (the autoscaler's true backlog)."""

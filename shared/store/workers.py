@@ -29,10 +29,13 @@ class WorkerRegistry:
             pipe.hset(worker_key(name), mapping={k: json.dumps(v) for k, v in fields.items()})
             pipe.execute()
 
-    def count_job(self, name: str, loads: int) -> None:
-        """One more job handled by this worker, and how many models its process has loaded so far."""
+    def count_job(self, name: str, loads: int, tokens: int = 0) -> None:
+        """One more job handled by this worker (with the tokens it generated, for the console's tokens/s), and how
+        many models its process has loaded so far."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(worker_key(name), "jobs", 1)
+        if tokens:
+            pipe.hincrby(worker_key(name), "tokens", tokens)
         pipe.hset(worker_key(name), "loads", loads)
         pipe.execute()
 

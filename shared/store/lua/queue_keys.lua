@@ -1,6 +1,7 @@
 -- requires: fill
 -- The keys of one queue's structures (shared/store/queues.py), from the templates of shared/store/keys.py that
--- the caller passes as one JSON object: {queue} filled in each here; waiting keeps {owner}, job {job}, ends {bucket}.
+-- the caller passes as one JSON object: {queue} filled in each here; waiting keeps {owner}, job {job}, ends {bucket},
+-- minutes {minute}.
 -- WAITING_BASE: a job's score in the queue's index while it waits for the list (2^50 + its sequence number; on the
 -- list, its sequence number alone), so that the lost-message sweep tells the two apart.
 local WAITING_BASE = 1125899906842624
@@ -21,7 +22,12 @@ local function count_end(job_key, templates)
   local queue = redis.call('HGET', job_key, 'queue')
   if not queue then return end
   local clock = redis.call('TIME')
-  local key = fill(queue_keys(templates, queue).ends, 'bucket', tostring(math.floor(tonumber(clock[1]) / 10)))
+  local q = queue_keys(templates, queue)
+  local key = fill(q.ends, 'bucket', tostring(math.floor(tonumber(clock[1]) / 10)))
   redis.call('INCR', key)
   redis.call('EXPIRE', key, 120)
+  -- Per minute, kept an hour and a little: the console's chart of the last hour (one key a minute per queue).
+  local minute = fill(q.minutes, 'minute', tostring(math.floor(tonumber(clock[1]) / 60)))
+  redis.call('INCR', minute)
+  redis.call('EXPIRE', minute, 3900)
 end
