@@ -98,6 +98,10 @@ def run(client: Client, args) -> int:
     if not args.target.startswith("s3://") and not Path(args.target).expanduser().exists():
         print(f"error: {args.target} is neither a folder, a file nor an s3:// URI", file=sys.stderr)
         return 2
+    if Path(args.target).is_dir() and not any(image_files(Path(args.target))):  # a batch of nothing would fail
+        print(f"error: no images in {args.target} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, in subfolders too)",
+              file=sys.stderr)
+        return 1
     ask = Ask(args.task, args.question, args.max_new_tokens, args.model, args.priority, args.strict, args.webhook)
     return run_source(client, args.target, ask, Path(args.out or "batch-results.jsonl"), wait=not args.no_wait)
 
@@ -122,7 +126,10 @@ def run_source(client: Client, source: str, ask: Ask, out: Path, wait: bool = Tr
     if state.source != source or state.ask != asdict(ask):
         state = State(source=source, ask=asdict(ask))
     batch = resumed(client, state)
-    if batch is None:
+    if batch is not None:
+        print(f"resuming batch {batch['id']}, made by an earlier run of this command (its state: {state_path})",
+              flush=True)
+    else:
         body, key = prepare(client, source, ask, state, state_path)
         batch = client.create_batch(**body, **ask.options(), idempotency_key=key)
         state.batch_id, state.uploads = batch["id"], {}
@@ -168,10 +175,14 @@ def idempotency_key(identity: str, ask: Ask) -> str:
     return f"batch-{digest}"
 
 
+def image_files(folder: Path):
+    return (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def folder_input(client: Client, folder: Path, ask: Ask, state: State, state_path: Path) -> tuple[dict, str]:
     """Upload the folder's images (those not uploaded by an earlier run), then its lines: inline when few, else
     as a JSONL upload. custom_id: each file's path within the folder."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(image_files(folder))
     names = [p.relative_to(folder).as_posix() for p in files]
     todo = [(name, path) for name, path in zip(names, files, strict=True) if not usable(state.uploads.get(name))]
     others = sum(1 for p in folder.rglob("*") if p.is_file()) - len(files)

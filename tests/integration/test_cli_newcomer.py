@@ -195,9 +195,17 @@ def test_ctrl_c_while_a_batch_is_followed_is_a_clean_stop_and_the_same_command_r
     again = subprocess.Popen(command, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     try:
-        assert wait_for_line(again, "batch ", timeout_s=60)[-1].split()[1].rstrip(":") == batch_id  # not made twice
+        assert f"resuming batch {batch_id}," in wait_for_line(again, "resuming batch", timeout_s=60)[-1]  # not twice
         again.send_signal(signal.SIGINT)
         again.communicate(timeout=30)
     finally:
         end(again)
     visionq("batch", "cancel", batch_id, "--url", stack.api_url, "--key", stack.api_key, cwd=tmp_path)
+
+
+def test_a_batch_of_a_folder_without_images_is_refused_before_anything_is_made(stack, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    refused = visionq("batch", "empty", "--url", stack.api_url, "--key", stack.api_key, cwd=tmp_path)
+    assert refused.returncode == 1 and "error: no images in empty" in refused.stderr, refused.stderr
+    assert not (tmp_path / "batch-results.jsonl.batch.json").exists()  # no batch was started
