@@ -6,6 +6,7 @@ import sys
 
 from cli.client import Client, file_to_data_uri
 from cli.embedded_redis import free_port
+from cli.local_state import STATE_FILE, read_state, remember_key
 from cli.samples import write_samples
 from cli.stack import Stack
 from shared.config import Settings
@@ -31,9 +32,11 @@ def run_demo(settings: Settings, max_new_tokens: int = 32) -> int:
     print("the tiny model has random weights: its text is gibberish; the demo shows the path (API, Redis, worker),"
           " not what a real model says (visionq up serves the real one)")
     env = {"VISIONQ_MODEL": str(model_path.resolve()), "VISIONQ_IMAGE_ROOT": str(image_root.resolve())}
-    with Stack(settings, env=env, api_port=free_port(), batches=False) as stack:  # a free port: :8000 may be taken
+    reuse = read_state(settings.data_dir).get("key")  # the local key `up` and earlier demos use: not one more
+    with Stack(settings, env=env, api_port=free_port(), batches=False, api_key=reuse) as stack:  # :8000 may be taken
+        remember_key(settings.data_dir, stack.api_key)
         print(f"API at {stack.api_url}, Redis at {stack.redis_url}, logs in {stack.log_dir}")
-        print(f"local API key (shown once): {stack.api_key}")
+        print(f"local API key: {stack.api_key} (kept in {settings.data_dir / STATE_FILE} for `visionq up`)")
         client = Client(stack.api_url, key=stack.api_key)
         submitted = [client.submit(task, refs, max_new_tokens=max_new_tokens) for task, refs in demo_jobs(images)]
         finished = [client.wait(job["id"], timeout_s=120) for job in submitted]

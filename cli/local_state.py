@@ -22,9 +22,19 @@ def read_state(data_dir: Path) -> dict:
 
 def write_state(data_dir: Path, *, api_url: str, redis_url: str, key: str) -> Path:
     """Record the running stack; the file holds a key, so only its owner may read it."""
+    return _write(data_dir, {"api_url": api_url, "redis_url": redis_url, "key": key})
+
+
+def remember_key(data_dir: Path, key: str) -> Path:
+    """Keep the local key for the next `up` or demo (the demo's stack is gone when it ends: its address is not
+    recorded, whatever an earlier `up` wrote stays)."""
+    return _write(data_dir, {**read_state(data_dir), "key": key})
+
+
+def _write(data_dir: Path, state: dict) -> Path:
     path = Path(data_dir) / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as out:
-        json.dump({"api_url": api_url, "redis_url": redis_url, "key": key}, out)
+        json.dump(state, out)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,3 +19,5 @@ def test_the_demo_runs_every_task_through_the_api(tmp_path):
     assert "random weights" in done.stdout  # a newcomer is told why the text is gibberish
     texts = [line for line in done.stdout.splitlines() if line.startswith("text (")]
     assert len(texts) == 3 and not any("\\u" in line or "\\n" in line for line in texts)  # no escapes
+    state = json.loads((tmp_path / ".visionq" / "local.json").read_text())  # the one local key, for `up` to reuse
+    assert f"local API key: {state['key']} " in done.stdout and "api_url" not in state  # the demo's API is gone
