@@ -268,7 +268,7 @@ class BlockDecodeStep(DecodeStep):
         self.slots, self.seen = layout.slots[:rows], layout.seen[:rows]
         # transformers takes a 4-D mask as it is given; block attention ignores it (the lengths mask the rows).
         self.mask = torch.ones((rows, 1, 1, 1), dtype=torch.bool, device=layout.tokens.device)
-        self.attention = blocks_attention(model)
+        self.attention = blocks_attention(model, self.table, self.seen)
         self.graph = None
 
     def state(self) -> tuple[torch.Tensor, ...]:
@@ -281,8 +281,7 @@ class BlockDecodeStep(DecodeStep):
         self.seen.copy_(self.lengths + 1)
         with self.attention:
             out = self.model(inputs_embeds=self.embed(self.tokens), attention_mask=self.mask,
-                             position_ids=self.positions, use_cache=True, logits_to_keep=1,
-                             blocks=(self.table, self.seen), **{CACHE_KW: self.kv})
+                             position_ids=self.positions, use_cache=True, logits_to_keep=1, **{CACHE_KW: self.kv})
         self.tokens.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
         # Free rows stay at length 0 (they write the trash block's first slot, and attend to it alone).
         self.lengths.add_(self.live)

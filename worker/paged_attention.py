@@ -12,8 +12,8 @@ Triton (CPU builds of torch) a torch reference gathers each row's blocks into a 
 length mask; tests/unit/worker/test_paged_attention.py compares the two.
 
 `blocks_attention(model)` makes the model's attention layers call `decode_attention` for the block (transformers'
-attention interface, switched per attention module's config), with the table and lengths passed as the forward's
-`blocks` keyword: transformers hands unknown keywords down to the attention function.
+attention interface, switched per attention module's config), over the table and lengths it was entered with (not
+a keyword of the forward: not every transformers version hands unknown keywords down to attention).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ except ImportError:  # CPU builds of torch come without Triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 IMPLEMENTATION = "visionq_blocks"  # not "paged|...": transformers gives that prefix a meaning of its own
+_current: list[tuple[torch.Tensor, torch.Tensor]] = []  # (table, seen) of the decode step running now
 
 
 if triton is not None:
@@ -110,13 +111,12 @@ def reference_decode(query, keys, values, table, seen, scale):
     return out.transpose(1, 2)
 
 
-def _blocks_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, blocks=None,
-                              **_kwargs):
+def _blocks_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_kwargs):
     """transformers' attention-function signature; `key` and `value` are the layer's block pools (the cache's
-    `update` returns them) and `blocks` the step's (table, seen)."""
-    if blocks is None:
-        raise RuntimeError("block attention runs only in the decoder's decode step (it passes `blocks`)")
-    table, seen = blocks
+    `update` returns them), read through the table of the step that entered `blocks_attention`."""
+    if not _current:
+        raise RuntimeError("block attention runs only within blocks_attention (the decoder's decode step)")
+    table, seen = _current[-1]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return decode_attention(query, key, value, table, seen, scale), None
 
@@ -125,10 +125,11 @@ AttentionInterface.register(IMPLEMENTATION, _blocks_attention_forward)
 
 
 class blocks_attention:
-    """Within the block, the model's attention layers use `decode_attention` (their configs name it), whatever
-    attention the model was loaded with; the prefill keeps the model's own."""
+    """Within the block, the model's attention layers use `decode_attention` over `table` and `seen` (their configs
+    name it), whatever attention the model was loaded with; the prefill keeps the model's own."""
 
-    def __init__(self, model):
+    def __init__(self, model, table: torch.Tensor, seen: torch.Tensor):
+        self.tensors = (table, seen)
         configs = {id(m.config): m.config for m in model.modules()
                    if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "o_proj")}
         if not configs:
@@ -140,8 +141,10 @@ class blocks_attention:
         self.saved = [config._attn_implementation_internal for config in self.configs]
         for config in self.configs:
             config._attn_implementation_internal = IMPLEMENTATION
+        _current.append(self.tensors)
         return self
 
     def __exit__(self, *_exc):
+        _current.pop()
         for config, saved in zip(self.configs, self.saved, strict=True):
             config._attn_implementation_internal = saved
