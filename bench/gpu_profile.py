@@ -10,8 +10,8 @@ its --new-tokens):
   static batch): prefill time per row, decode time per step (graphed on CUDA), rows/s.
 - prefill: one prefill chunk split into vision tower and whole forward, with its kernels grouped (matrix products,
   attention, the rest); then `Decoder.admit` of a batch into a layout's free rows at a few prefill chunk sizes.
-- mixed: `Decoder.generate` of 2 x the largest row count of prompts whose max_new_tokens are log-uniform in
-  --lengths (seeded), at most that many rows at once: rows join as others end (the decoder alone, continuous).
+- mixed: `Decoder.generate` of 2 x --mixed-rows (default: the largest row count) prompts whose max_new_tokens are
+  log-uniform in --lengths (seeded), at most that many rows at once: rows join as others end (the decoder alone).
 - decode: with rows admitted, the decode step of those rows (`DecodeStep`, captured in a CUDA graph on CUDA) under
   each SDPA backend, and the kernels of one eager step. The rows' state is put back after each backend, so each
   times the same positions.
@@ -177,13 +177,14 @@ def mixed_lengths(decoder: Decoder, prompts: list[Prompt], rows: int, lengths: s
     draw = random.Random(seed)
     batch = [Prompt(prompts[i % len(prompts)].inputs, round(math.exp(draw.uniform(math.log(low), math.log(high)))))
              for i in range(2 * rows)]
+    # The warm-up captures the row-count buckets' graphs: the first `rows` prompts, a quarter of their tokens.
+    decoder.generate([Prompt(p.inputs, max(2, p.max_new_tokens // 4)) for p in batch[:rows]], lambda _r, _c: None,
+                     max_rows=rows)
     produced: list[int] = []
-    for _trial in ("warm-up", "timed"):
-        produced.clear()
-        started = synced()
-        stats = decoder.generate(batch, lambda _r, c: produced.append(len(c.tokens)), max_rows=rows)
-        total = synced() - started
-        reset(decoder)
+    started = synced()
+    stats = decoder.generate(batch, lambda _r, c: produced.append(len(c.tokens)), max_rows=rows)
+    total = synced() - started
+    reset(decoder)
     print(f"  mixed {len(batch)} prompts, max_new_tokens {lengths} (mean {sum(produced) / len(produced):.0f}), at "
           f"most {rows} rows: {sum(produced) / total:.0f} output tok/s, {len(batch) / total:.1f} rows/s, "
           f"{stats.steps} steps ({stats.decode_s / max(1, stats.steps) * 1000:.2f} ms/step), prefill "
@@ -394,6 +395,7 @@ def main() -> None:
     parser.add_argument("--parts", default="batches,prefill,decode,overlap", help="also: mixed")
     parser.add_argument("--kv-blocks", default="off", help="KV caches to run, in order: off (rows), on (blocks)")
     parser.add_argument("--lengths", default="16:512", help="the mixed part's max_new_tokens range (log-uniform)")
+    parser.add_argument("--mixed-rows", type=int, default=0, help="the mixed part's rows at most")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fused", default="both", choices=["off", "on", "both"],
                         help="the Triton elementwise kernels (worker/kernels.py): without, with, or without then with "
@@ -441,7 +443,7 @@ def probe(model, processor, crops: int | None, args, out: Path, kv_budget: int, 
     if "batches" in parts:
         attempt(whole_batches, decoder, prompts, rows_list)
     if "mixed" in parts:
-        attempt(mixed_lengths, decoder, prompts, max(rows_list), args.lengths, args.seed)
+        attempt(mixed_lengths, decoder, prompts, args.mixed_rows or max(rows_list), args.lengths, args.seed)
     if "prefill" in parts:
         attempt(prefill_parts, model, decoder, prompts, out, ints(args.chunk_tokens))
         reset(decoder)

@@ -3,7 +3,8 @@ against plain attention over each row's own tokens.
 
 The kernel runs on the CPU in Triton's interpreter (a subprocess with TRITON_INTERPRET=1, as the fused kernels'
 test does) and, compiled, on CUDA. Rows of lengths 1 to a few blocks, a block just full and one just begun, blocks
-scattered over the pool in no order, grouped-query heads and a head_dim that is not a power of two (Phi-3's 96).
+scattered over the pool in no order, grouped-query heads, a head_dim that is not a power of two (Phi-3's 96), and
+a row's blocks walked by one program or split over several (whose partial sums are merged).
 """
 
 from __future__ import annotations
@@ -65,16 +66,18 @@ def kernel_report(device: str, dtype_name: str) -> dict[str, float]:
         query, keys, values, table, seen = case(device, dtype, heads, kv_heads, head_dim)
         scale = head_dim ** -0.5
         expected = plain(query, keys, values, table, seen, scale)
-        got = paged_attention._triton_decode(query, keys, values, table, seen, scale)
-        assert got.shape == expected.shape and got.dtype == dtype
-        report[f"kernel {heads}/{kv_heads} x {head_dim}"] = float((got.float() - expected).abs().max())
+        for splits in (1, 4):  # each row's blocks walked by one program, or shared by four and merged
+            got = paged_attention._triton_decode(query, keys, values, table, seen, scale, splits=splits)
+            assert got.shape == expected.shape and got.dtype == dtype
+            report[f"kernel {heads}/{kv_heads} x {head_dim}, {splits} splits"] = float(
+                (got.float() - expected).abs().max())
         reference = paged_attention.reference_decode(query, keys, values, table, seen, scale)
         report[f"reference {heads}/{kv_heads} x {head_dim}"] = float((reference.float() - expected).abs().max())
     return report
 
 
 def check(report: dict[str, float], tolerance: float) -> None:
-    assert len(report) == 6
+    assert len(report) == 9
     for name, difference in report.items():
         assert difference <= tolerance, f"{name}: off by {difference:.2e}"
 
