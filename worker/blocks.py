@@ -73,13 +73,16 @@ class BlockLayout:
         """Whether a row of `need` tokens can be admitted now, beside rows of `also` blocks admitted with it."""
         return need <= self.length and blocks_for(need, self.block_size) + also <= len(self.free_blocks)
 
-    def take(self, row: int, need: int) -> None:
-        count = blocks_for(need, self.block_size)
-        if count > len(self.free_blocks):
-            raise ValueError(f"{count} blocks asked for, {len(self.free_blocks)} free")
-        owned = [self.free_blocks.pop() for _ in range(count)]
-        self.owned[row] = owned
-        self.table[row, :count] = torch.tensor(owned, dtype=torch.int32)
+    def take(self, rows: list[int], needs: list[int]) -> None:
+        """Hand each row the blocks of its need; their table rows go to the device in one copy."""
+        counts = [blocks_for(need, self.block_size) for need in needs]
+        if sum(counts) > len(self.free_blocks):
+            raise ValueError(f"{sum(counts)} blocks asked for, {len(self.free_blocks)} free")
+        tables = torch.full((len(rows), self.table.shape[1]), TRASH, dtype=torch.int32)
+        for i, (row, count) in enumerate(zip(rows, counts, strict=True)):
+            self.owned[row] = [self.free_blocks.pop() for _ in range(count)]
+            tables[i, :count] = torch.tensor(self.owned[row], dtype=torch.int32)
+        self.table.index_copy_(0, torch.tensor(rows, device=self.table.device), tables.to(self.table.device))
 
     def free(self, rows: list[int]) -> None:
         """Give the rows' blocks back and reset their state: they write to the trash block from now on."""

@@ -10,6 +10,10 @@ slot and attention mask), so on CUDA it is captured once per row-count bucket in
 eager Phi-3 step is bound by kernel launches (~45 ms), a replay is not. Only the occupied prefix of the rows (up to
 the bucket of the highest occupied row) is run. On the CPU the same step runs eagerly, so the tests exercise
 everything but the capture.
+
+With `kv_blocks` (VISIONQ_KV_BLOCKS) the cache is one pool of blocks instead (worker/blocks.py): a row holds only
+its own tokens, a prompt joins when its row's blocks are free (`fits`), and the decode step attends through each
+row's block table (`BlockDecodeStep`, worker/paged_attention.py). The layout's `length` then bounds one row only.
 """
 
 from __future__ import annotations
@@ -455,10 +459,7 @@ class Decoder:
         mask = inputs["attention_mask"]
         index = torch.tensor(free, device=self.device)
         if self.blocks:
-            if sum(blocks_for(row.prompt.need, layout.block_size) for row in rows) > len(layout.free_blocks):
-                raise ValueError(f"{len(rows)} prompts need more than the {len(layout.free_blocks)} free blocks")
-            for i, row in zip(free, rows, strict=True):
-                layout.take(i, row.prompt.need)
+            layout.take(free, [row.prompt.need for row in rows])  # raises, taking none, if they are not free
             sink = layout.prefill_sink(free, [row.prompt.length for row in rows], length)
         else:
             sink = layout.prefill_sink(index)
