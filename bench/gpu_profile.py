@@ -2,6 +2,7 @@
 
     python -m bench.gpu_profile [--num-crops 4,16] [--out DIR]
     python -m bench.gpu_profile --model /tmp/tiny-llava --device cpu --rows 2,4 --new-tokens 8   # a smoke run
+    python -m bench.gpu_profile --kv-blocks off,on --parts batches,mixed,decode   # rows of one length vs blocks
 
 For each num_crops, with the worker's own `Decoder` (no queue, no API; no end-of-sequence ids, so every row runs
 its --new-tokens):
@@ -9,6 +10,8 @@ its --new-tokens):
   static batch): prefill time per row, decode time per step (graphed on CUDA), rows/s.
 - prefill: one prefill chunk split into vision tower and whole forward, with its kernels grouped (matrix products,
   attention, the rest); then `Decoder.admit` of a batch into a layout's free rows at a few prefill chunk sizes.
+- mixed: `Decoder.generate` of 2 x --mixed-rows (default: the largest row count) prompts whose max_new_tokens are
+  log-uniform in --lengths (seeded), at most that many rows at once: rows join as others end (the decoder alone).
 - decode: with rows admitted, the decode step of those rows (`DecodeStep`, captured in a CUDA graph on CUDA) under
   each SDPA backend, and the kernels of one eager step. The rows' state is put back after each backend, so each
   times the same positions.
@@ -16,6 +19,8 @@ its --new-tokens):
   high-priority one (the wall time of both, against the sum of each alone). The decoder itself runs admit and step
   on one thread, one after the other; this asks whether running them side by side would pay. Its prefill is a
   plain forward (its own cache), not `admit`: the arena's rows are busy decoding.
+--kv-blocks runs everything once per KV cache: rows of one length (off) and blocks (on, worker/blocks.py; its
+decode step attends with its own kernel, so the SDPA backends do not apply).
 Full profiler tables go to --out. On the CPU (--device cpu) the same parts run eagerly (no graphs; the kernels
 grouped are CPU operators; the SDPA backends are what the CPU has); the overlap needs CUDA streams and is skipped.
 --model loads a saved checkpoint (cli/tiny_model.py builds tiny ones) instead of the real-shape random Phi-3-V.
@@ -26,6 +31,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import random
 import threading
 import time
 from pathlib import Path
@@ -36,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench.phi3v_gpu import CONFIG, image, synced
 from cli.tiny_model import build_phi3v_tokenizer
 from worker import kernels
-from worker.decoding import Decoder, DecodeStep, Prompt, collate
+from worker.decoding import BlockDecodeStep, Decoder, DecodeStep, Prompt, collate
 from worker.engine import PHI3_PROMPT_MODEL_TYPES
 from worker.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 from worker.prompts import chat_messages, phi3_prompt
@@ -163,6 +170,28 @@ def whole_batches(decoder: Decoder, prompts: list[Prompt], rows_list: list[int])
         reset(decoder)
 
 
+@torch.inference_mode()
+def mixed_lengths(decoder: Decoder, prompts: list[Prompt], rows: int, lengths: str, seed: int) -> None:
+    """Continuous decoding of prompts of mixed max_new_tokens, at most `rows` at once."""
+    low, high = (int(x) for x in lengths.split(":"))
+    draw = random.Random(seed)
+    batch = [Prompt(prompts[i % len(prompts)].inputs, round(math.exp(draw.uniform(math.log(low), math.log(high)))))
+             for i in range(2 * rows)]
+    # The warm-up captures the row-count buckets' graphs: the first `rows` prompts, a quarter of their tokens.
+    decoder.generate([Prompt(p.inputs, max(2, p.max_new_tokens // 4)) for p in batch[:rows]], lambda _r, _c: None,
+                     max_rows=rows)
+    produced: list[int] = []
+    started = synced()
+    stats = decoder.generate(batch, lambda _r, c: produced.append(len(c.tokens)), max_rows=rows)
+    total = synced() - started
+    reset(decoder)
+    print(f"  mixed {len(batch)} prompts, max_new_tokens {lengths} (mean {sum(produced) / len(produced):.0f}), at "
+          f"most {rows} rows: {sum(produced) / total:.0f} output tok/s, {len(batch) / total:.1f} rows/s, "
+          f"{stats.steps} steps ({stats.decode_s / max(1, stats.steps) * 1000:.2f} ms/step), prefill "
+          f"{stats.prefill_s:.2f} s, peak rows {stats.peak_rows}, layout {stats.cache_rows} x "
+          f"{stats.cache_length}{peak_memory(decoder.model)}", flush=True)
+
+
 def vision_tower(model, inputs: dict[str, torch.Tensor]):
     """The image encoder alone (Phi-3-V's embedding with its crops, or LLaVA's tower and projector), or None."""
     embed = getattr(model.model, "vision_embed_tokens", None)
@@ -238,7 +267,10 @@ class RowState:
         self.saved = [t.clone() for t in self.tensors()]
 
     def tensors(self):
-        return self.layout.tokens, self.layout.positions, self.layout.write, self.layout.mask
+        layout = self.layout
+        if hasattr(layout, "lengths"):  # a block layout
+            return layout.tokens, layout.positions, layout.lengths
+        return layout.tokens, layout.positions, layout.write, layout.mask
 
     def restore(self) -> None:
         for tensor, value in zip(self.tensors(), self.saved, strict=True):
@@ -256,9 +288,10 @@ def decode_backends(model, decoder: Decoder, prompts: list[Prompt], out: Path) -
     layout, state = decoder.layout, RowState(decoder.layout)
     graphed = decoder.use_graphs and decoder.graphable(layout.length)  # as Decoder._step decides
     results, default = {}, None
+    kind = BlockDecodeStep if decoder.blocks else DecodeStep
     with decoder.rope:
-        for name, backends in BACKENDS:
-            trial = DecodeStep(model, layout, rows)
+        for name, backends in BACKENDS[:1] if decoder.blocks else BACKENDS:
+            trial = kind(model, layout, rows)
             try:
                 with sdpa_kernel(backends) if backends else contextlib.nullcontext():
                     if graphed:
@@ -273,9 +306,10 @@ def decode_backends(model, decoder: Decoder, prompts: list[Prompt], out: Path) -
             state.restore()
             if name == "default" and name in results and not results[name].startswith("failed"):
                 default = trial
-        print(f"  {'graphed' if graphed else 'eager'} decode step, {rows} rows, cache {layout.length}: "
+        print(f"  {'graphed' if graphed else 'eager'} decode step, {rows} rows, cache {layout.length}"
+          f"{' (blocks)' if decoder.blocks else ''}: "
               + ", ".join(f"{k} {v}" for k, v in results.items()), flush=True)
-        eager = DecodeStep(model, layout, rows)
+        eager = kind(model, layout, rows)
         groups = profile(eager.step, out, f"decode-{rows}-{layout.length}", cuda)
         state.restore()
     print(f"    eager step kernels: {fmt(groups)}", flush=True)
@@ -358,7 +392,11 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=float, default=0.0,
                         help="KV budget (default: 3/4 of free GPU memory; 1 GiB on the CPU)")
     parser.add_argument("--out", default="/tmp/gpu-profile")
-    parser.add_argument("--parts", default="batches,prefill,decode,overlap")
+    parser.add_argument("--parts", default="batches,prefill,decode,overlap", help="also: mixed")
+    parser.add_argument("--kv-blocks", default="off", help="KV caches to run, in order: off (rows), on (blocks)")
+    parser.add_argument("--lengths", default="16:512", help="the mixed part's max_new_tokens range (log-uniform)")
+    parser.add_argument("--mixed-rows", type=int, default=0, help="the mixed part's rows at most")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fused", default="both", choices=["off", "on", "both"],
                         help="the Triton elementwise kernels (worker/kernels.py): without, with, or without then with "
                              "(CUDA only: on the CPU, off)")
@@ -380,15 +418,16 @@ def main() -> None:
         if fused:
             print(f"fused kernels: {', '.join(kernels.fuse(model)) or 'none apply'}", flush=True)
         for crops in ints(args.num_crops) if processor is None else [None]:
-            probe(model, processor or phi3v_processor(crops), crops, args, out / ("fused" if fused else "eager"),
-                  kv_budget)
+            for blocks in args.kv_blocks.split(","):
+                probe(model, processor or phi3v_processor(crops), crops, args,
+                      out / ("fused" if fused else "eager"), kv_budget, blocks == "on")
 
 
 def phi3v_processor(crops: int):
     return Phi3VProcessor(Phi3VImageProcessor(num_crops=crops), build_phi3v_tokenizer())
 
 
-def probe(model, processor, crops: int | None, args, out: Path, kv_budget: int) -> None:
+def probe(model, processor, crops: int | None, args, out: Path, kv_budget: int, blocks: bool = False) -> None:
     parts = args.parts.split(",")
     rows_list = ints(args.rows) or ([64, 128] if (crops or 0) <= 4 else [16, 32, 48])
     if args.rows:
@@ -397,11 +436,14 @@ def probe(model, processor, crops: int | None, args, out: Path, kv_budget: int) 
         decode_rows = rows_list[-2] if (crops or 0) <= 4 else 24
     prompts = make_prompts(model, processor, max(rows_list), args.new_tokens)
     label = "fused" if out.name == "fused" else "eager"
-    print(f"num_crops={crops if crops is not None else 'as saved'} ({label} elementwise kernels): prompt "
-          f"{prompts[0].length} tokens, {args.new_tokens} new tokens", flush=True)
-    decoder = Decoder(model, [], 0, use_graphs=True, kv_budget_bytes=kv_budget)
+    print(f"num_crops={crops if crops is not None else 'as saved'} ({label} elementwise kernels, KV cache by "
+          f"{'blocks' if blocks else 'rows'}): prompt {prompts[0].length} tokens, {args.new_tokens} new tokens",
+          flush=True)
+    decoder = Decoder(model, [], 0, use_graphs=True, kv_budget_bytes=kv_budget, kv_blocks=blocks)
     if "batches" in parts:
         attempt(whole_batches, decoder, prompts, rows_list)
+    if "mixed" in parts:
+        attempt(mixed_lengths, decoder, prompts, args.mixed_rows or max(rows_list), args.lengths, args.seed)
     if "prefill" in parts:
         attempt(prefill_parts, model, decoder, prompts, out, ints(args.chunk_tokens))
         reset(decoder)

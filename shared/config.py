@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     kv_cache_fraction: float = Field(default=0.75, gt=0, le=1)
     cpu_kv_cache_mb: int = Field(default=2048, gt=0)
     prefill_tokens: int = Field(default=16384, gt=0)  # padded prompt tokens per prefill forward
+    # The KV cache by blocks (worker/blocks.py): rows of any length share one pool, admitted by free blocks; off,
+    # rows of one layout length (the longest need of the run's first prompts).
+    kv_blocks: bool = False
 
     # --- Batches (shared/batches/): one request for many jobs ---------------------------------------------------
     batch_max_items: int = Field(default=100_000, ge=1)  # lines (or objects under an S3 prefix) of one batch

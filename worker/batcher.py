@@ -141,7 +141,7 @@ class Batcher:
             if ticket.future.done():  # canceled while it waited
                 self.deferred.popleft()
                 continue
-            if not self.decoder.fits(ticket.prompt) or (joining and self.decoder.running
+            if not self.decoder.fits(ticket.prompt, [t.prompt for t in joining]) or (joining and self.decoder.running
                                                         and ticket.prompt.length > budget):
                 break
             budget -= ticket.prompt.length

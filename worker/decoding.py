@@ -10,6 +10,10 @@ slot and attention mask), so on CUDA it is captured once per row-count bucket in
 eager Phi-3 step is bound by kernel launches (~45 ms), a replay is not. Only the occupied prefix of the rows (up to
 the bucket of the highest occupied row) is run. On the CPU the same step runs eagerly, so the tests exercise
 everything but the capture.
+
+With `kv_blocks` (VISIONQ_KV_BLOCKS) the cache is one pool of blocks instead (worker/blocks.py): a row holds only
+its own tokens, a prompt joins when its row's blocks are free (`fits`), and the decode step attends through each
+row's block table (`BlockDecodeStep`, worker/paged_attention.py). The layout's `length` then bounds one row only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from worker.blocks import BLOCK_SIZE, BlockLayout, blocks_for
+from worker.paged_attention import blocks_attention
 from worker.rope import LONG_ROPE_TYPES, long_rope_modules, original_max_positions, per_row_rope
 
 log = logging.getLogger(__name__)
@@ -220,6 +226,10 @@ class DecodeStep:
         self.write.add_(1).clamp_(max=self.limit)
         self.positions.add_(1)
 
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a step changes (a capture puts them back)."""
+        return self.tokens, self.positions, self.write, self.mask
+
     def run(self) -> None:
         if self.graph is not None:
             self.graph.replay()
@@ -230,7 +240,7 @@ class DecodeStep:
         """Warm up on a side stream, then record one step. Rows may be decoding: their state is put back after, and
         the keys and values the warm-up wrote land in slots their mask hides, which the next step writes again
         before it reads them."""
-        saved = [t.clone() for t in (self.tokens, self.positions, self.write, self.mask)]
+        saved = [t.clone() for t in self.state()]
         with _static_rope(self.model):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -243,9 +253,43 @@ class DecodeStep:
             # freed graph cannot be captured into again.
             with torch.cuda.graph(graph):
                 self.step()
-        for tensor, value in zip((self.tokens, self.positions, self.write, self.mask), saved, strict=True):
+        for tensor, value in zip(self.state(), saved, strict=True):
             tensor.copy_(value)
         self.graph = graph
+
+
+class BlockDecodeStep(DecodeStep):
+    """The decode step over a block layout: each row writes its new key and value at the slot its length and block
+    table give, and attention reads each row's own tokens only (worker/paged_attention.py). Fixed shapes and all
+    state in tensors, as `DecodeStep`: captured once per row-count bucket."""
+
+    def __init__(self, model, layout: BlockLayout, rows: int):
+        self.model, self.rows, self.layout = model, rows, layout
+        self.embed = model.get_input_embeddings()
+        self.kv = layout.view(rows)
+        self.tokens, self.positions = layout.tokens[:rows], layout.positions[:rows]
+        self.lengths, self.live, self.table = layout.lengths[:rows], layout.live[:rows], layout.table[:rows]
+        self.slots, self.seen = layout.slots[:rows], layout.seen[:rows]
+        # transformers takes a 4-D mask as it is given; block attention ignores it (the lengths mask the rows).
+        self.mask = torch.ones((rows, 1, 1, 1), dtype=torch.bool, device=layout.tokens.device)
+        self.attention = blocks_attention(model, self.table, self.seen)
+        self.graph = None
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        return self.tokens, self.positions, self.lengths, self.slots, self.seen
+
+    def step(self) -> None:
+        size = self.layout.block_size
+        block = self.table.gather(1, (self.lengths // size).view(-1, 1)).view(-1)
+        self.slots.copy_(block.long() * size + self.lengths % size)
+        self.seen.copy_(self.lengths + 1)
+        with self.attention:
+            out = self.model(inputs_embeds=self.embed(self.tokens), attention_mask=self.mask,
+                             position_ids=self.positions, use_cache=True, logits_to_keep=1, **{CACHE_KW: self.kv})
+        self.tokens.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        # Free rows stay at length 0 (they write the trash block's first slot, and attend to it alone).
+        self.lengths.add_(self.live)
+        self.positions.add_(self.live.view(-1, 1))
 
 
 class _static_rope:
@@ -281,7 +325,7 @@ class Decoder:
     and hands back the rows that ended. Everything runs on the caller's one thread (the GPU thread)."""
 
     def __init__(self, model, eos_ids: Sequence[int], pad_id: int, *, use_graphs: bool, kv_budget_bytes: int,
-                 prefill_tokens: int = 16384):
+                 prefill_tokens: int = 16384, kv_blocks: bool = False):
         self.model, self.pad_id = model, pad_id
         self.eos_ids = frozenset(eos_ids)
         self.device = next(model.parameters()).device
@@ -290,8 +334,10 @@ class Decoder:
         self.kv_budget_bytes = kv_budget_bytes
         self.prefill_tokens = prefill_tokens
         self.kv_shape = KVShape.of(model)
+        # The KV cache by blocks (worker/blocks.py): rows hold their own tokens only; else rows of one length.
+        self.blocks = kv_blocks
         self.arena: torch.Tensor | None = None
-        self.layout: Layout | None = None
+        self.layout: Layout | BlockLayout | None = None
         self.steps: dict[int, DecodeStep] = {}  # of the current layout, by rows
         self.rows: list[Row | None] = []
         self.rope = per_row_rope(model)
@@ -311,9 +357,14 @@ class Decoder:
     def free_rows(self) -> int:
         return len(self.rows) - self.running
 
-    def fits(self, prompt: Prompt) -> bool:
-        """Whether the current layout's rows are long enough for the prompt (a free row is another matter)."""
-        return self.layout is not None and prompt.need <= self.layout.length
+    def fits(self, prompt: Prompt, joining: Sequence[Prompt] = ()) -> bool:
+        """Whether the current layout's rows are long enough for the prompt (a free row is another matter); with
+        blocks, also whether its blocks are free now, beside those of the prompts `joining` with it."""
+        if self.layout is None or prompt.need > self.layout.length:
+            return False
+        if not self.blocks:
+            return True
+        return self.layout.fits(prompt.need, sum(blocks_for(p.need, self.layout.block_size) for p in joining))
 
     @torch.inference_mode()
     def plan(self, need: int, max_rows: int) -> None:
@@ -321,19 +372,44 @@ class Decoder:
         if self.running:
             raise RuntimeError("the layout changes only while no row runs")
         length = length_bucket(need)
-        rows = max(1, min(max_rows, self.max_rows(length)))
+        if self.blocks:
+            pool = self._pool(max_rows, length)
+            rows = max(1, min(max_rows, pool.shape[1] - 1))
+        else:
+            rows = max(1, min(max_rows, self.max_rows(length)))
         if self.layout is not None and (self.layout.rows, self.layout.length) == (rows, length):
             return
         self.steps.clear()
         self.layout = None
-        self.layout = Layout(self.kv_shape, rows, length, self._arena(rows, length))
+        if self.blocks:
+            self.layout = BlockLayout(self.kv_shape.layers, rows, length, pool)
+        else:
+            self.layout = Layout(self.kv_shape, rows, length, self._arena(rows, length))
         self.rows = [None] * rows
 
-    def _arena(self, rows: int, length: int) -> torch.Tensor:
+    def _pool(self, rows: int, length: int) -> torch.Tensor:
+        """The block pool, [2 x layers, blocks, BLOCK_SIZE, kv_heads, head_dim] over the arena: on CUDA the whole KV
+        budget (allocated once), on the CPU enough for `rows` rows of `length` (within the budget); always at least
+        one row of `length` and the trash block."""
+        shape = self.kv_shape
+        per_block = shape.bytes_per_token * BLOCK_SIZE
+        budget = self.kv_budget_bytes // per_block
+        blocks = budget if self.device.type == "cuda" else min(budget, rows * blocks_for(length))
+        blocks = max(blocks, blocks_for(length)) + 1
+        elements = blocks * per_block // self.dtype.itemsize
+        arena = self.arena if self.arena is not None and self.arena.numel() >= elements else None
+        if arena is None:
+            self.steps.clear()
+            self.layout = None
+            arena = self._arena(0, 0, elements)
+        return arena[:blocks * per_block // self.dtype.itemsize].view(
+            2 * shape.layers, blocks, BLOCK_SIZE, shape.heads, shape.head_dim)
+
+    def _arena(self, rows: int, length: int, elements: int = 0) -> torch.Tensor:
         """The memory that layouts view: on CUDA the whole KV budget as one buffer, allocated once (changing the
         layout allocates nothing and nothing fragments); on the CPU only as much as the largest layout so far.
         Zeroed: slots that a mask hides must hold finite numbers (0 x NaN would reach the output)."""
-        elements = rows * length * self.kv_shape.bytes_per_token // self.dtype.itemsize
+        elements = elements or rows * length * self.kv_shape.bytes_per_token // self.dtype.itemsize
         if self.arena is None or self.arena.numel() < elements:
             if self.device.type == "cuda":
                 elements = max(elements, self.kv_budget_bytes // self.dtype.itemsize)
@@ -362,8 +438,9 @@ class Decoder:
         for item in tagged:
             prompt = item[1]
             grown_longest, grown_new = max(longest, prompt.length), max(most_new, prompt.max_new_tokens)
+            # Rows of blocks store no padding; rows of one length hold it, so it must fit each row's length.
             if chunks and (grown_longest * (len(chunks[-1]) + 1) <= self.prefill_tokens
-                           and grown_longest + grown_new <= self.layout.length):
+                           and (self.blocks or grown_longest + grown_new <= self.layout.length)):
                 chunks[-1].append(item)
                 longest, most_new = grown_longest, grown_new
             else:
@@ -381,15 +458,30 @@ class Decoder:
         inputs = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None) for k, v in inputs.items()}
         mask = inputs["attention_mask"]
         index = torch.tensor(free, device=self.device)
-        out = self.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
-                         logits_to_keep=1, **{CACHE_KW: layout.prefill_sink(index)})
+        if self.blocks:
+            layout.take(free, [row.prompt.need for row in rows])  # raises, taking none, if they are not free
+            sink = layout.prefill_sink(free, [row.prompt.length for row in rows], length)
+        else:
+            sink = layout.prefill_sink(index)
+        try:
+            out = self.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
+                             logits_to_keep=1, **{CACHE_KW: sink})
+        except BaseException:
+            if self.blocks:
+                layout.free(free)  # the chunk's blocks go back: the caller may prefill its prompts again
+            raise
         firsts = out.logits[:, -1].argmax(-1)
         del out
-        row_mask = torch.zeros((len(rows), layout.length), dtype=torch.bool, device=self.device)
-        row_mask[:, :length] = mask.bool()
-        layout.mask.index_copy_(0, index, row_mask.view(len(rows), 1, 1, -1))
+        if self.blocks:
+            lengths = torch.tensor([row.prompt.length for row in rows], device=self.device)
+            layout.lengths.index_copy_(0, index, lengths)
+            layout.live.index_fill_(0, index, 1)
+        else:
+            row_mask = torch.zeros((len(rows), layout.length), dtype=torch.bool, device=self.device)
+            row_mask[:, :length] = mask.bool()
+            layout.mask.index_copy_(0, index, row_mask.view(len(rows), 1, 1, -1))
+            layout.write.index_fill_(0, index, length)
         layout.positions.index_copy_(0, index, mask.sum(-1, keepdim=True))
-        layout.write.index_fill_(0, index, length)
         layout.tokens.index_copy_(0, index, firsts.view(-1, 1))
         for i, row, token in zip(free, rows, firsts.tolist(), strict=True):
             row.tokens.append(token)
@@ -432,7 +524,8 @@ class Decoder:
     def _step(self, rows: int) -> DecodeStep:
         step = self.steps.get(rows)
         if step is None:
-            step = self.steps[rows] = DecodeStep(self.model, self.layout, rows)
+            kind = BlockDecodeStep if self.blocks else DecodeStep
+            step = self.steps[rows] = kind(self.model, self.layout, rows)
             if self.use_graphs and self.graphable(self.layout.length):
                 try:
                     step.capture()
@@ -495,7 +588,8 @@ class Decoder:
             raise ValueError("every prompt must fit the layout")
         while waiting or self.running:
             started = time.perf_counter()
-            joining, waiting = waiting[:self.free_rows()], waiting[self.free_rows():]
+            joining = self._joining(waiting)
+            waiting = waiting[len(joining):]
             for i, completion in self.admit(joining):
                 on_done(i, completion)
             stats.prefill_s += time.perf_counter() - started
@@ -508,6 +602,15 @@ class Decoder:
             stats.decode_s += time.perf_counter() - started
             stats.steps += 1
         return stats
+
+    def _joining(self, waiting: list[tuple[int, Prompt]]) -> list[tuple[int, Prompt]]:
+        """The waiting prompts, FIFO, that free rows (and with blocks, free blocks) take now."""
+        joining: list[tuple[int, Prompt]] = []
+        for item in waiting[:self.free_rows()]:
+            if not self.fits(item[1], [prompt for _, prompt in joining]):
+                break
+            joining.append(item)
+        return joining
 
 
 def _extended(row: Row) -> Row:

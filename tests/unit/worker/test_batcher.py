@@ -90,3 +90,26 @@ def test_canceled_jobs_end_early_with_a_canceled_completion(tiny):
     future = batcher.submit("cancel-me", long_one)
     completion = future.result(timeout=60)
     assert completion.canceled and len(completion.tokens) < 400
+
+
+def test_with_blocks_a_burst_waits_for_free_blocks_and_every_result_is_exact(tiny):
+    """A block pool for two rows' needs and a cap of six: the GPU thread admits by free blocks (a prompt whose
+    blocks are not free waits, with those behind it), never by rows alone."""
+    from worker.blocks import BLOCK_SIZE, blocks_for
+    from worker.decoding import KVShape
+
+    processor, model = tiny
+    prompts = [prompt(processor, seed, max_new_tokens=70 + 9 * seed) for seed in range(6)]
+    pool = 2 * max(blocks_for(p.need) for p in prompts)
+    runs = []
+    blocks = Decoder(model, [model.generation_config.eos_token_id], processor.tokenizer.pad_token_id,
+                     use_graphs=False, kv_budget_bytes=pool * BLOCK_SIZE * KVShape.of(model).bytes_per_token,
+                     kv_blocks=True)
+    batcher = Batcher(blocks, max_batch=6, wait_s=0.5, on_batch=runs.append)
+    futures = [batcher.submit(f"job{i}", p) for i, p in enumerate(prompts)]
+    results = [future.result(timeout=120).tokens for future in futures]
+    deadline = time.monotonic() + 10
+    while sum(run.rows for run in runs) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runs[0].cache_rows == 6 and max(run.peak_rows for run in runs) <= 3 and sum(r.rows for r in runs) == 6
+    assert results == [alone(model, processor, p) for p in prompts]

@@ -1,0 +1,107 @@
+"""Block attention (worker/paged_attention.py): the Triton kernel against the torch reference, and the reference
+against plain attention over each row's own tokens.
+
+The kernel runs on the CPU in Triton's interpreter (a subprocess with TRITON_INTERPRET=1, as the fused kernels'
+test does) and, compiled, on CUDA. Rows of lengths 1 to a few blocks, a block just full and one just begun, blocks
+scattered over the pool in no order, grouped-query heads, a head_dim that is not a power of two (Phi-3's 96), and
+a row's blocks walked by one program or split over several (whose partial sums are merged).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the kernel is compiled for it")
+TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                            reason="Triton is not installed (it comes with CUDA builds of torch and the test extra)")
+LENGTHS = [1, 63, 64, 65, 200, 7]
+
+
+def case(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int = 64):
+    """Query, pools, table and lengths of LENGTHS rows, each row's blocks drawn at random from the pool."""
+    generator = torch.Generator().manual_seed(heads * 100 + head_dim)
+    columns = max(-(-n // block_size) for n in LENGTHS) + 1
+    pool_blocks = len(LENGTHS) * columns + 1
+    keys = torch.randn(pool_blocks, block_size, kv_heads, head_dim, generator=generator)
+    values = torch.randn(pool_blocks, block_size, kv_heads, head_dim, generator=generator)
+    order = torch.randperm(pool_blocks - 1, generator=generator) + 1
+    table = order[:len(LENGTHS) * columns].view(len(LENGTHS), columns).to(torch.int32)
+    query = torch.randn(len(LENGTHS), heads, 1, head_dim, generator=generator)
+    seen = torch.tensor(LENGTHS, dtype=torch.int32)
+    move = {"device": device}
+    return (query.to(dtype=dtype, **move), keys.to(dtype=dtype, **move), values.to(dtype=dtype, **move),
+            table.to(**move), seen.to(**move))
+
+
+def plain(query, keys, values, table, seen, scale) -> torch.Tensor:
+    """Each row alone: its tokens gathered in order, softmax attention in fp32, no masks."""
+    rows, heads, _, head_dim = query.shape
+    block_size, kv_heads = keys.shape[1], keys.shape[2]
+    out = []
+    for row in range(rows):
+        n = int(seen[row])
+        ids = table[row, :-(-n // block_size)].long()
+        k = keys[ids].reshape(-1, kv_heads, head_dim)[:n].float().repeat_interleave(heads // kv_heads, dim=1)
+        v = values[ids].reshape(-1, kv_heads, head_dim)[:n].float().repeat_interleave(heads // kv_heads, dim=1)
+        weights = torch.softmax(torch.einsum("hd,nhd->hn", query[row, :, 0].float(), k) * scale, dim=-1)
+        out.append(torch.einsum("hn,nhd->hd", weights, v))
+    return torch.stack(out).unsqueeze(1)
+
+
+@torch.inference_mode()
+def kernel_report(device: str, dtype_name: str) -> dict[str, float]:
+    """Per case: the largest difference of the kernel from plain attention, and of the reference from it."""
+    from worker import paged_attention
+
+    dtype = getattr(torch, dtype_name)
+    report = {}
+    for heads, kv_heads, head_dim in ((4, 2, 16), (4, 4, 96), (8, 1, 64)):
+        query, keys, values, table, seen = case(device, dtype, heads, kv_heads, head_dim)
+        scale = head_dim ** -0.5
+        expected = plain(query, keys, values, table, seen, scale)
+        for splits in (1, 4):  # each row's blocks walked by one program, or shared by four and merged
+            got = paged_attention._triton_decode(query, keys, values, table, seen, scale, splits=splits)
+            assert got.shape == expected.shape and got.dtype == dtype
+            report[f"kernel {heads}/{kv_heads} x {head_dim}, {splits} splits"] = float(
+                (got.float() - expected).abs().max())
+        reference = paged_attention.reference_decode(query, keys, values, table, seen, scale)
+        report[f"reference {heads}/{kv_heads} x {head_dim}"] = float((reference.float() - expected).abs().max())
+    return report
+
+
+def check(report: dict[str, float], tolerance: float) -> None:
+    assert len(report) == 9
+    for name, difference in report.items():
+        assert difference <= tolerance, f"{name}: off by {difference:.2e}"
+
+
+@TRITON
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("float16", 2e-3)])
+def test_the_kernel_equals_plain_attention_in_the_triton_interpreter(dtype, tolerance):
+    code = ("import json; from tests.unit.worker.test_paged_attention import kernel_report; "
+            f"print(json.dumps(kernel_report('cpu', '{dtype}')))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    check(json.loads(out.stdout.strip().splitlines()[-1]), tolerance)
+
+
+def test_the_reference_equals_plain_attention():
+    from worker import paged_attention
+
+    query, keys, values, table, seen = case("cpu", torch.float32, 4, 2, 16)
+    got = paged_attention.reference_decode(query, keys, values, table, seen, 0.25)
+    assert (got - plain(query, keys, values, table, seen, 0.25)).abs().max() <= 1e-5
+
+
+@CUDA
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-4), ("bfloat16", 2e-2)])
+def test_the_kernel_equals_plain_attention_on_cuda(dtype, tolerance):
+    check(kernel_report("cuda", dtype), tolerance)

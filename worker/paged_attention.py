@@ -1,0 +1,198 @@
+"""Decode attention over a KV cache kept in fixed-size blocks: one query token per row, each row its own length.
+
+The decoder's block cache (worker/blocks.py) holds each layer's keys and values as [blocks, block_size, kv_heads,
+head_dim]; a row's tokens live in the blocks its row of the block table names, in order, and `seen[row]` of them
+count. `decode_attention` reads only those tokens: no row pays for its neighbours' lengths, unlike attention over
+rows padded to the longest.
+
+On CUDA (and on the CPU in Triton's interpreter, TRITON_INTERPRET=1, for tests) a Triton kernel does it, one
+program per (row, kv head), split over a few programs per row when the rows are few: it walks the row's blocks
+with an online softmax in fp32, its products as tensor-core dots. Its launch has fixed
+shapes and reads the table and lengths from device tensors, so a CUDA graph captures it once per row count. Without
+Triton (CPU builds of torch) a torch reference gathers each row's blocks into a contiguous view and runs SDPA with a
+length mask; tests/unit/worker/test_paged_attention.py compares the two.
+
+`blocks_attention(model)` makes the model's attention layers call `decode_attention` for the block (transformers'
+attention interface, switched per attention module's config), over the table and lengths it was entered with (not
+a keyword of the forward: not every transformers version hands unknown keywords down to attention).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AttentionInterface
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch come without Triton
+    triton = None
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+IMPLEMENTATION = "visionq_blocks"  # not "paged|...": transformers gives that prefix a meaning of its own
+_current: list[tuple[torch.Tensor, torch.Tensor]] = []  # (table, seen) of the decode step running now
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, seen_ptr, out_ptr, part_ptr, stat_ptr, scale, group, head_dim,
+                       q_row_stride, q_head_stride, kv_block_stride, kv_token_stride, kv_head_stride,
+                       table_row_stride, out_row_stride, out_head_stride,
+                       BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, SPLITS: tl.constexpr,
+                       PRECISION: tl.constexpr):
+        """One program per (row, kv head, split): the query heads of that kv head (padded to GROUP >= 16 rows, so
+        that both products run as tensor-core dots and Triton pipelines the block loads) over the split's share of
+        the row's blocks, with an online softmax in fp32. With one split it writes the output; with more, its
+        unnormalized sum and its (max, total) for `_merge`."""
+        row = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+        g = tl.arange(0, GROUP)
+        d = tl.arange(0, HEAD_DIM)
+        heads = kv_head * group + g
+        q_mask = (g < group)[:, None] & (d < head_dim)[None, :]
+        q = tl.load(q_ptr + row * q_row_stride + heads[:, None] * q_head_stride + d[None, :], mask=q_mask, other=0.0)
+        seen = tl.load(seen_ptr + row).to(tl.int32)
+        blocks = tl.cdiv(seen, BLOCK)
+        share = tl.cdiv(blocks, SPLITS)
+        first, last = split * share, tl.minimum(blocks, (split + 1) * share)
+        t = tl.arange(0, BLOCK)
+        top = tl.full([GROUP], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP], dtype=tl.float32)
+        acc = tl.zeros([GROUP, HEAD_DIM], dtype=tl.float32)
+        for column in range(first, last):
+            block = tl.load(table_ptr + row * table_row_stride + column).to(tl.int64)
+            valid = column * BLOCK + t < seen
+            offsets = block * kv_block_stride + t[:, None] * kv_token_stride + kv_head * kv_head_stride + d[None, :]
+            keep = valid[:, None] & (d < head_dim)[None, :]
+            k = tl.load(k_ptr + offsets, mask=keep, other=0.0)
+            v = tl.load(v_ptr + offsets, mask=keep, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP, BLOCK]
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            new_top = tl.maximum(top, tl.max(scores, axis=1))
+            p = tl.exp(scores - new_top[:, None])
+            alpha = tl.exp(top - new_top)
+            total = total * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            top = new_top
+        if SPLITS == 1:
+            out = acc / total[:, None]
+            tl.store(out_ptr + row * out_row_stride + heads[:, None] * out_head_stride + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        else:
+            # part: [rows, heads, SPLITS, HEAD_DIM] fp32; stat: [rows, heads, SPLITS, 2] fp32 (max, total)
+            n_heads = tl.num_programs(1) * group
+            slot = (row * n_heads + heads) * SPLITS + split
+            tl.store(part_ptr + slot[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < group)[:, None])
+            tl.store(stat_ptr + slot * 2, top, mask=g < group)
+            tl.store(stat_ptr + slot * 2 + 1, total, mask=g < group)
+
+
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
+                     seen: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of query [rows, heads, 1, head_dim] over each row's first `seen[row]` cached tokens (keys and
+    values [blocks, block_size, kv_heads, head_dim], table [rows, columns] of block ids); [rows, 1, heads,
+    head_dim], as transformers' attention functions return it."""
+    if triton is not None and (query.is_cuda or INTERPRETED):
+        return _triton_decode(query, keys, values, table, seen, scale)
+    return reference_decode(query, keys, values, table, seen, scale)
+
+
+def splits_for(rows: int, kv_heads: int, columns: int) -> int:
+    """How many programs share a row's blocks: enough programs to fill the GPU (~132 SMs, a few each) when the
+    rows are few (one row alone would walk its blocks on 32 programs), one when they are many."""
+    splits = 1
+    while rows * kv_heads * splits < 1024 and splits < 16 and splits * 2 <= columns:
+        splits *= 2
+    return splits
+
+
+def _triton_decode(query, keys, values, table, seen, scale, splits: int | None = None):
+    rows, heads, _, head_dim = query.shape
+    block_size, kv_heads = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    splits = splits or splits_for(rows, kv_heads, table.shape[1])
+    head_pad = triton.next_power_of_2(head_dim)
+    out = torch.empty((rows, 1, heads, head_dim), dtype=query.dtype, device=query.device)
+    part = stat = out
+    if splits > 1:
+        part = torch.empty((rows, heads, splits, head_pad), dtype=torch.float32, device=query.device)
+        stat = torch.empty((rows, heads, splits, 2), dtype=torch.float32, device=query.device)
+    _decode_kernel[(rows, kv_heads, splits)](
+        query, keys, values, table, seen, out, part, stat, scale, group, head_dim,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        table.stride(0), out.stride(0), out.stride(2),
+        BLOCK=block_size, HEAD_DIM=head_pad, GROUP=max(16, triton.next_power_of_2(group)), SPLITS=splits,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+    if splits == 1:
+        return out
+    return _merge(part[..., :head_dim], stat, out)
+
+
+def _merge(part: torch.Tensor, stat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The splits' partial softmax sums into one: each weighted by exp(its max - the overall max)."""
+    top, total = stat[..., 0], stat[..., 1]  # [rows, heads, splits]
+    weight = torch.exp(top - top.amax(-1, keepdim=True))  # a split with no tokens: max -inf, weight 0
+    merged = (part * weight[..., None]).sum(2) / (total * weight).sum(-1, keepdim=True)
+    out.copy_(merged.unsqueeze(1))
+    return out
+
+
+def reference_decode(query, keys, values, table, seen, scale):
+    """The same attention in torch: each row's blocks gathered into one view, the slots past its length masked.
+    The view is as long as the longest row (read from `seen`: eager only, a CUDA graph cannot capture it)."""
+    rows, heads, _, head_dim = query.shape
+    block_size, kv_heads = keys.shape[1], keys.shape[2]
+    columns = -(-int(seen.max()) // block_size)
+    ids = table[:, :columns].long()
+
+    def gather(pool):
+        view = pool[ids].reshape(rows, columns * block_size, kv_heads, head_dim).transpose(1, 2)
+        return view.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else view
+
+    mask = torch.arange(columns * block_size, device=query.device) < seen.view(-1, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, gather(keys), gather(values),
+                                                           attn_mask=mask.view(rows, 1, 1, -1), scale=scale)
+    return out.transpose(1, 2)
+
+
+def _blocks_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_kwargs):
+    """transformers' attention-function signature; `key` and `value` are the layer's block pools (the cache's
+    `update` returns them), read through the table of the step that entered `blocks_attention`."""
+    if not _current:
+        raise RuntimeError("block attention runs only within blocks_attention (the decoder's decode step)")
+    table, seen = _current[-1]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return decode_attention(query, key, value, table, seen, scale), None
+
+
+AttentionInterface.register(IMPLEMENTATION, _blocks_attention_forward)
+
+
+class blocks_attention:
+    """Within the block, the model's attention layers use `decode_attention` over `table` and `seen` (their configs
+    name it), whatever attention the model was loaded with; the prefill keeps the model's own."""
+
+    def __init__(self, model, table: torch.Tensor, seen: torch.Tensor):
+        self.tensors = (table, seen)
+        configs = {id(m.config): m.config for m in model.modules()
+                   if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "o_proj")}
+        if not configs:
+            raise ValueError(f"no attention layers found in {type(model).__name__} for block attention")
+        self.configs = list(configs.values())
+        self.saved: list[str | None] = []
+
+    def __enter__(self):
+        self.saved = [config._attn_implementation_internal for config in self.configs]
+        for config in self.configs:
+            config._attn_implementation_internal = IMPLEMENTATION
+        _current.append(self.tensors)
+        return self
+
+    def __exit__(self, *_exc):
+        _current.pop()
+        for config, saved in zip(self.configs, self.saved, strict=True):
+            config._attn_implementation_internal = saved
