@@ -3,21 +3,31 @@ that join and leave the running batch at every step.
 
 Celery runs the worker with a threads pool of 2 x max_batch: each task thread loads its job's images and runs the
 processor (CPU work that overlaps the GPU), then waits here for its own completion. The GPU thread loops: take in
-the prompts waiting now (FIFO), prefill as many as there are free rows (at most `prefill_tokens` padded tokens a
-step, so the running rows are not held up long), run one decode step of every row, hand back the rows that ended
-(each job's future resolves at once, and its row is free for the next prompt), and every CANCEL_POLL_S end the rows
-of canceled jobs. Prefill runs between decode steps, not inside them: the decode step keeps its fixed shapes and
-its CUDA graph, and the prefill its batched forward; the cost is a decode step that waits for a prefill chunk.
+the prompts waiting now, prefill as many as there are free rows, shortest first (see below; at most
+`prefill_tokens` padded tokens a step, so the running rows are not held up long), run one decode step of every
+row, hand back the rows that ended (each job's future resolves at once, and its row is free for the next prompt),
+and every CANCEL_POLL_S end the rows of canceled jobs. Prefill runs between decode steps, not inside them: the
+decode step keeps its fixed shapes and its CUDA graph, and the prefill its batched forward; the cost is a decode
+step that waits for a prefill chunk.
 
 A run starts when the GPU thread is idle and a prompt arrives: it waits a little for a burst to gather (`wait_s`,
 longer while task threads are still preparing), and lays the KV arena out in rows long enough for every prompt
 waiting then. A later prompt whose need is longer waits, with those behind it, until the run's rows have ended, and
 starts the next run with longer rows. A message is acknowledged only when its task returns, after the result is
 stored, so a worker killed mid-run leaves every unfinished job to be redelivered.
+
+Admission order, when more prompts wait than rows are free: by `arrival + short_first x max_new_tokens`, the
+arrival being the ticket's number in the order tickets reached the GPU thread. A job that asks for few tokens
+holds its row briefly, so letting it pass a long one costs the long one little and saves the short one a whole
+long wait (shortest job first minimizes the mean wait); the arrival term is the aging bound: a job of m tokens can
+be passed only by jobs that arrived within the next short_first x m arrivals (at most 1,024 with the default
+weight and max_new_tokens_limit), so no job waits forever however many short jobs keep coming. A count of
+arrivals rather than seconds keeps the order a function of what arrived, the same on every run.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -35,6 +45,8 @@ from worker.decoding import BatchStats, Completion, Decoder, Prompt
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_S = 0.2
+# Arrivals per new token a job asks for (see the module docstring): how far a short job may pass a long one.
+SHORT_FIRST = 1.0
 
 
 @dataclass(eq=False)  # hashed by identity: the decoder's rows carry tickets as their tags
@@ -44,6 +56,7 @@ class Ticket:
     job_id: str
     prompt: Prompt
     future: Future = field(default_factory=Future)
+    rank: float = 0.0  # its place in the admission order: lower goes first (ties: arrival)
 
 
 class Batcher:
@@ -51,8 +64,10 @@ class Batcher:
 
     def __init__(self, decoder: Decoder, max_batch: int, wait_s: float, fill_wait_s: float = 0.0,
                  canceled: Callable[[list[str]], set[str]] = lambda ids: set(),
-                 on_batch: Callable[[BatchStats], None] = lambda stats: None):
+                 on_batch: Callable[[BatchStats], None] = lambda stats: None, short_first: float = SHORT_FIRST):
         self.decoder, self.max_batch, self.wait_s = decoder, max_batch, wait_s
+        self.short_first = short_first  # 0: first come, first served
+        self.arrivals = itertools.count()  # next() is atomic under the GIL: task threads number their tickets
         self.fill_wait_s = max(wait_s, fill_wait_s)
         self.canceled, self.on_batch = canceled, on_batch
         self.waiting: queue.Queue[Ticket] = queue.Queue()
@@ -78,7 +93,7 @@ class Batcher:
 
     def submit(self, job_id: str, prompt: Prompt) -> Future:
         """Queue one prompt; the future gets its Completion (or the exception that ended its row)."""
-        ticket = Ticket(job_id, prompt)
+        ticket = Ticket(job_id, prompt, rank=next(self.arrivals) + self.short_first * prompt.max_new_tokens)
         self.waiting.put(ticket)
         return ticket.future
 
@@ -131,11 +146,15 @@ class Batcher:
                 return
 
     def _admit(self, stats: BatchStats) -> None:
-        """Prefill waiting tickets into free rows, FIFO, up to one prefill chunk's tokens (all free rows when
-        nothing decodes yet); a ticket that needs longer rows stops the admissions until the run ends."""
+        """Prefill waiting tickets into free rows, lowest rank first, up to one prefill chunk's tokens (all free rows
+        when nothing decodes yet); a ticket that needs longer rows stops the admissions until the run ends."""
         joining: list[Ticket] = []
         budget = self.decoder.prefill_tokens
         free = self.decoder.free_rows()
+        if free and len(self.deferred) > 1:
+            # Sorted in place of a heap: the deque's other users stay as they are, and timsort on a deque that
+            # was sorted at the last admission and has new tickets at its end is close to linear.
+            self.deferred = deque(sorted(self.deferred, key=lambda t: t.rank))
         while self.deferred and len(joining) < free:
             ticket = self.deferred[0]
             if ticket.future.done():  # canceled while it waited

@@ -90,3 +90,49 @@ def test_canceled_jobs_end_early_with_a_canceled_completion(tiny):
     future = batcher.submit("cancel-me", long_one)
     completion = future.result(timeout=60)
     assert completion.canceled and len(completion.tokens) < 400
+
+
+class RecordingDecoder(Decoder):
+    """The real decoder, noting the order in which prompts are admitted."""
+
+    admitted: list[str]
+
+    def admit(self, tagged):
+        self.admitted += [ticket.job_id for ticket, _prompt in tagged]
+        return super().admit(tagged)
+
+
+def admission_order(tiny, short_first: float, waiting: list[tuple[str, int]]) -> list[str]:
+    """Two rows, both held by blockers while `waiting` (job id, max_new_tokens) queues up; the order in which
+    the waiting jobs were admitted once the blockers ended."""
+    processor, model = tiny
+    recording = RecordingDecoder(model, [model.generation_config.eos_token_id], processor.tokenizer.pad_token_id,
+                                 use_graphs=False, kv_budget_bytes=1 << 30)
+    recording.admitted = []
+    recording.eos_ids = frozenset()  # every row makes exactly its max_new_tokens: the order is the policy's alone
+    batcher = Batcher(recording, max_batch=2, wait_s=0.5, short_first=short_first)
+    blockers = [batcher.submit(f"blocker{i}", prompt(processor, 70 + i, max_new_tokens=60)) for i in range(2)]
+    while len(recording.admitted) < 2:
+        time.sleep(0.005)
+    # The blockers hold both rows for 60 steps; these all wait before either ends (submitting takes microseconds).
+    futures = [batcher.submit(job_id, prompt(processor, i, max_new_tokens=tokens))
+               for i, (job_id, tokens) in enumerate(waiting)]
+    assert not any(f.done() for f in blockers)
+    for future in futures:
+        future.result(timeout=60)
+    assert recording.admitted[:2] == ["blocker0", "blocker1"]
+    return recording.admitted[2:]
+
+
+def test_waiting_jobs_are_admitted_shortest_first(tiny):
+    waiting = [("t40", 40), ("t30", 30), ("t20", 20), ("t10", 10), ("t5", 5), ("t8", 8)]
+    assert admission_order(tiny, 100.0, waiting) == ["t5", "t8", "t10", "t20", "t30", "t40"]
+    assert admission_order(tiny, 0.0, waiting) == [job_id for job_id, _ in waiting]  # 0: first come, first served
+
+
+def test_a_long_job_is_passed_by_at_most_short_first_x_its_tokens_later_arrivals(tiny):
+    # The long job (40 tokens, weight 0.1: passed by at most 4 later arrivals) arrives first, then eight of 4
+    # tokens: the short ones within the next 4 arrivals (rank < its own) go before it, every later one after it.
+    waiting = [("long", 40)] + [(f"s{i}", 4) for i in range(1, 9)]
+    order = admission_order(tiny, 0.1, waiting)
+    assert order == ["s1", "s2", "s3", "long", "s4", "s5", "s6", "s7", "s8"]
