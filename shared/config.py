@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa
     trust_remote_code: bool = False
+    # Models that take a job's num_crops (Phi-3-vision's processor), as shell-style patterns matched against the
+    # model's name, case-insensitively. The API decides from the name alone: it loads no model, and a job may be
+    # submitted before any worker of its model has started (a worker whose processor turns out not to take it
+    # fails such a job with the same code).
+    num_crops_models: list[str] = ["*phi-3-vision*", "*phi-3.5-vision*"]
 
     # --- Requests: the bounds of what one request may ask for --------------------------------------------------
     max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import worker.models.phi3v  # noqa: F401  (registers the native Phi-3-vision port with the Auto classes)
 from shared.config import Settings
+from shared.errors import NumCropsUnsupported
 from worker import kernels
 from worker.decoding import Completion, Decoder, Prompt
 from worker.prompts import chat_messages, phi3_prompt
@@ -78,6 +80,8 @@ class Engine:
         remote = settings.trust_remote_code
         self.config = AutoConfig.from_pretrained(self.model_id, trust_remote_code=remote)
         self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=remote)
+        # Phi-3-vision's processor (the port, worker/models/phi3v) takes a crop count per call.
+        self.takes_num_crops = "num_crops" in inspect.signature(self.processor.__call__).parameters
         self.model = AutoModelForImageTextToText.from_pretrained(
             self.model_id, dtype=self.dtype, attn_implementation=resolve_attention(settings.attn_implementation,
                                                                                    self.device),
@@ -100,9 +104,17 @@ class Engine:
             chat_messages(n_images, question), add_generation_prompt=True, tokenize=False
         )
 
-    def prepare(self, images: list[Image.Image], question: str, max_new_tokens: int) -> Prompt:
-        """The processor's tensors for one prompt, on the CPU: task threads run this while the GPU is busy."""
-        encoded = self.processor(text=self.prompt(len(images), question), images=images, return_tensors="pt")
+    def prepare(self, images: list[Image.Image], question: str, max_new_tokens: int,
+                num_crops: int | None = None) -> Prompt:
+        """The processor's tensors for one prompt, on the CPU: task threads run this while the GPU is busy.
+        `num_crops` (None: the processor's own) is for Phi-3-vision's processor only."""
+        options = {}
+        if num_crops is not None:
+            if not self.takes_num_crops:  # the API let it through: VISIONQ_NUM_CROPS_MODELS names this model
+                raise NumCropsUnsupported(f"this worker's model ({self.model_id}) does not take num_crops")
+            options["num_crops"] = num_crops
+        encoded = self.processor(text=self.prompt(len(images), question), images=images, return_tensors="pt",
+                                 **options)
         # Pixels in the model's dtype already: half the bytes for the GPU thread to batch and copy (same rounding).
         inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in encoded.items()}
         return Prompt(inputs, max_new_tokens)
@@ -110,11 +122,13 @@ class Engine:
     def text(self, tokens: list[int]) -> str:
         return self.processor.decode(tokens, skip_special_tokens=True)
 
-    def generate(self, images: list[Image.Image], question: str, max_new_tokens: int) -> Generation:
+    def generate(self, images: list[Image.Image], question: str, max_new_tokens: int,
+                 num_crops: int | None = None) -> Generation:
         """Greedy generation for one job, alone (the worker batches jobs through worker.batcher instead)."""
         started = time.perf_counter()
         done: list[Completion] = []
-        self.decoder.generate([self.prepare(images, question, max_new_tokens)], lambda _row, c: done.append(c))
+        self.decoder.generate([self.prepare(images, question, max_new_tokens, num_crops)],
+                              lambda _row, c: done.append(c))
         return self.generation(done[0], (time.perf_counter() - started) * 1000)
 
     def generation(self, completion: Completion, inference_ms: float) -> Generation:

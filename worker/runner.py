@@ -80,7 +80,7 @@ class JobRunner:
         with self.batcher.expect():  # submitted inside: the GPU thread sees either a preparer or a ticket
             images = self._load_images(job)  # mostly waiting on I/O and C decoders, not on the GIL
             with self.cpu_work:
-                prompt = self.engine.prepare(images, job.question, job.max_new_tokens)
+                prompt = self.engine.prepare(images, job.question, job.max_new_tokens, job.num_crops)
             images_ms = (time.perf_counter() - started) * 1000
             future = self.batcher.submit(job.id, prompt)
         try:
