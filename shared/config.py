@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill: a lone job's extra delay
     batch_fill_ms: float = Field(default=20.0, ge=0)  # longer, but only for jobs the worker is already preparing
     prepare_threads: int = Field(default=4, ge=1)  # task threads running the processor or storing a result at once
+    # Processes that decode images and run the processor (worker/preprocess.py), off the GPU thread's GIL. auto:
+    # min(4, CPUs - 1) on CUDA, 0 on the CPU; 0: in the task threads.
+    preprocess_processes: int | Literal["auto"] = "auto"
     cuda_graphs: bool = True  # capture the decode step per (rows, length) bucket on CUDA
     fused_kernels: bool = True  # Triton kernels for norms, rotary and activations on CUDA (worker/kernels.py)
     # Of the GPU memory left after loading the weights, for the KV arena; the rest holds a prefill chunk's activations.

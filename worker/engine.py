@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import logging
 import time
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 import worker.models.phi3v  # noqa: F401  (registers the native Phi-3-vision port with the Auto classes)
 from shared.config import Settings
-from shared.errors import NumCropsUnsupported
 from worker import kernels
 from worker.decoding import Completion, Decoder, Prompt
-from worker.prompts import chat_messages, phi3_prompt
+from worker.preprocess import Encoder
 
 log = logging.getLogger(__name__)
-
-# Checkpoints prompted with the Phi-3 cookbook string rather than a chat template.
-PHI3_PROMPT_MODEL_TYPES = frozenset({"phi3_v"})
 
 _loads = 0  # how many times this process has loaded a model: the worker reports it, tests check it stays 1
 
@@ -78,10 +73,9 @@ class Engine:
             torch.set_num_threads(1)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         remote = settings.trust_remote_code
-        self.config = AutoConfig.from_pretrained(self.model_id, trust_remote_code=remote)
-        self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=remote)
-        # Phi-3-vision's processor (the port, worker/models/phi3v) takes a crop count per call.
-        self.takes_num_crops = "num_crops" in inspect.signature(self.processor.__call__).parameters
+        self.encoder = Encoder(self.model_id, remote, self.dtype)
+        self.config, self.processor = self.encoder.config, self.encoder.processor
+        self.takes_num_crops = self.encoder.takes_num_crops
         self.model = AutoModelForImageTextToText.from_pretrained(
             self.model_id, dtype=self.dtype, attn_implementation=resolve_attention(settings.attn_implementation,
                                                                                    self.device),
@@ -98,26 +92,13 @@ class Engine:
 
     def prompt(self, n_images: int, question: str) -> str:
         """The prompt text: the Phi-3 cookbook string, or the same turn through the processor's chat template."""
-        if self.config.model_type in PHI3_PROMPT_MODEL_TYPES or not getattr(self.processor, "chat_template", None):
-            return phi3_prompt(n_images, question)
-        return self.processor.apply_chat_template(
-            chat_messages(n_images, question), add_generation_prompt=True, tokenize=False
-        )
+        return self.encoder.prompt(n_images, question)
 
     def prepare(self, images: list[Image.Image], question: str, max_new_tokens: int,
                 num_crops: int | None = None) -> Prompt:
-        """The processor's tensors for one prompt, on the CPU: task threads run this while the GPU is busy.
-        `num_crops` (None: the processor's own) is for Phi-3-vision's processor only."""
-        options = {}
-        if num_crops is not None:
-            if not self.takes_num_crops:  # the API let it through: VISIONQ_NUM_CROPS_MODELS names this model
-                raise NumCropsUnsupported(f"this worker's model ({self.model_id}) does not take num_crops")
-            options["num_crops"] = num_crops
-        encoded = self.processor(text=self.prompt(len(images), question), images=images, return_tensors="pt",
-                                 **options)
-        # Pixels in the model's dtype already: half the bytes for the GPU thread to batch and copy (same rounding).
-        inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in encoded.items()}
-        return Prompt(inputs, max_new_tokens)
+        """The processor's tensors for one prompt, on the CPU, in this thread (the worker's task threads use
+        worker.preprocess.Preprocessor, which may run it in another process). `num_crops`: Phi-3-vision only."""
+        return Prompt(self.encoder.encode(images, question, num_crops), max_new_tokens)
 
     def text(self, tokens: list[int]) -> str:
         return self.processor.decode(tokens, skip_special_tokens=True)

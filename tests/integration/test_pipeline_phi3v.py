@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -28,8 +29,10 @@ def phi3v_path(tmp_path_factory):
 def phi3v_stack(settings, phi3v_path, tmp_path_factory):
     phi3v = settings.model_copy(update={"queue": "visionq-phi3v", "model": str(phi3v_path)})
     # Its model's name is no Phi-3-vision checkpoint's: the setting says that it takes num_crops.
+    # One preprocessing process (worker/preprocess.py; the CPU default is none): these jobs' images are decoded
+    # and their prompts made there, so that the results below check the pool's path too.
     env = {**settings_env(phi3v), "VISIONQ_QUEUE": "visionq-phi3v",
-           "VISIONQ_NUM_CROPS_MODELS": json.dumps([f"*/{phi3v_path.name}"])}
+           "VISIONQ_NUM_CROPS_MODELS": json.dumps([f"*/{phi3v_path.name}"]), "VISIONQ_PREPROCESS_PROCESSES": "1"}
     with Stack(phi3v, env=env, api_port=free_port(), log_dir=tmp_path_factory.mktemp("phi3v-logs"),
                webhooks=False, batches=False) as stack:
         yield stack
@@ -114,3 +117,11 @@ def test_num_crops_out_of_range_is_refused(phi3v_stack, crops):
                              headers={"Authorization": f"Bearer {phi3v_stack.api_key}"},
                              json={"task": "describe", "images": ["bar_chart.png"], "num_crops": crops})
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_num_crops"
+
+
+def test_the_worker_prepares_its_jobs_in_its_own_preprocessing_process(phi3v_stack):
+    from shared.store.workers import WorkerRegistry
+
+    info = WorkerRegistry(phi3v_stack.redis_client()).info(phi3v_stack.worker_name)
+    children = Path(f"/proc/{info['pid']}/task/{info['pid']}/children").read_text().split()
+    assert len(info["preprocess_pids"]) == 1 and str(info["preprocess_pids"][0]) in children, info
