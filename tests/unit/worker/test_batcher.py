@@ -136,3 +136,18 @@ def test_a_long_job_is_passed_by_at_most_short_first_x_its_tokens_later_arrivals
     waiting = [("long", 40)] + [(f"s{i}", 4) for i in range(1, 9)]
     order = admission_order(tiny, 0.1, waiting)
     assert order == ["s1", "s2", "s3", "long", "s4", "s5", "s6", "s7", "s8"]
+
+
+def test_a_store_that_cannot_say_which_jobs_are_canceled_ends_no_run(tiny):
+    processor, model = tiny
+
+    asked = []
+
+    def unreachable(ids):
+        asked.append(ids)
+        raise ConnectionError("Redis is down")
+
+    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=0.05, canceled=unreachable)
+    long_one = prompt(processor, 1, max_new_tokens=1500)  # long enough for polls (CANCEL_POLL_S)
+    assert batcher.submit("job", long_one).result(timeout=60).tokens == alone(model, processor, long_one)
+    assert asked and asked[0] == ["job"]  # it was asked, and failed, while the job ran
