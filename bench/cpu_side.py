@@ -3,13 +3,14 @@ preprocessing pool (worker/preprocess.py), on the CPU with the tiny Phi-3-vision
 
     python -m bench.cpu_side [--rate 40] [--seconds 10] [--processes 0,2] [--size 336x336] [--num-crops 4]
 
-A stand-in GPU thread loops decode steps: a little Python (what the real step does on the host: replay the
-graph, read the tokens, settle the rows; `--host-ms`) then a wait with the GIL released (the GPU's part,
-`--step-ms`). Task threads prepare jobs meanwhile at `--rate` jobs/s (the issue's goal is 40 on one H200), in
-this process (`--processes 0`) or through the pool. Printed per mode: the jobs prepared, a job's wall time and the
-CPU time its task thread spent in this process (inline: everything, which mostly holds the GIL; pool: sending the
-bytes and unpickling the tensors), and the GPU thread's stall per step (its step's time beyond the same step
-alone: waiting for the GIL, and for a core) with the step rate relative to alone, the measure behind the issue's
+A stand-in GPU thread loops steps: `--launches` tiny torch ops (each gives the GIL up and must take it back, as a
+kernel launch does: an eager prefill makes hundreds), a little Python (what the real step does on the host:
+settle the rows; `--host-ms`), then a wait with the GIL released (the GPU's part, `--step-ms`). Task threads
+prepare jobs meanwhile at `--rate` jobs/s (the issue's goal is 40 on one H200), in this process (`--processes 0`)
+or through the pool. Printed per mode: the jobs prepared, a job's wall time and the CPU time its task thread spent
+in this process (inline: everything, much of it holding the GIL; pool: sending the bytes and unpickling the
+tensors), and the GPU thread's stall per step (its step's time beyond the same step alone: waiting for the GIL,
+and for a core) with the step rate relative to alone, the measure behind the issue's
 "the system reaches 0.95x of the decoder alone".
 """
 
@@ -36,11 +37,14 @@ QUESTION = "Describe this image in detail."
 class GpuThread:
     """Steps of `host_s` Python then `gpu_s` with the GIL released; each step's wall time."""
 
-    def __init__(self, host_s: float, gpu_s: float):
-        self.host_s, self.gpu_s, self.steps, self.running = host_s, gpu_s, [], True
+    def __init__(self, host_s: float, gpu_s: float, launches: int):
+        self.host_s, self.gpu_s, self.launches, self.steps, self.running = host_s, gpu_s, launches, [], True
+        self.tensor = torch.zeros(8)
         self.thread = threading.Thread(target=self._loop, name="gpu", daemon=True)
 
     def _host_work(self) -> None:
+        for _ in range(self.launches):
+            self.tensor.add_(1)
         deadline = time.perf_counter() + self.host_s
         rows = list(range(64))
         while time.perf_counter() < deadline:  # small Python operations, like settling rows
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--size", default="336x336")
     parser.add_argument("--num-crops", type=int, default=4)
     parser.add_argument("--host-ms", type=float, default=0.5)
+    parser.add_argument("--launches", type=int, default=300, help="GIL hand-offs per step (tiny torch ops)")
     parser.add_argument("--step-ms", type=float, default=15.0)
     parser.add_argument("--switch-interval", type=float, default=0.0005, help="as the worker sets it")
     args = parser.parse_args()
@@ -125,11 +130,12 @@ def main() -> None:
     blobs = [jpeg(width, height, seed) for seed in range(8)]
     settings = Settings(model=str(model))
     encoder = Encoder(settings.model, False, torch.bfloat16)
-    alone = GpuThread(args.host_ms / 1000, args.step_ms / 1000).run_for(min(3.0, args.seconds))
+    alone = GpuThread(args.host_ms / 1000, args.step_ms / 1000, args.launches).run_for(min(3.0, args.seconds))
     base = statistics.median(alone)
     print(f"model {model}, images {args.size} JPEG, num_crops {args.num_crops}, {args.rate:g} jobs/s for "
           f"{args.seconds:g} s, {args.threads} task threads, switch interval {args.switch_interval * 1000:g} ms; "
-          f"GPU thread alone: step {base * 1000:.2f} ms ({args.host_ms:g} ms Python + {args.step_ms:g} ms waiting)",
+          f"GPU thread alone: step {base * 1000:.2f} ms ({args.launches} launches, {args.host_ms:g} ms Python, "
+          f"{args.step_ms:g} ms waiting)",
           flush=True)
     for processes in (int(p) for p in args.processes.split(",")):
         measure(Preprocessor(settings, encoder, processes), blobs, base, args)
@@ -138,7 +144,7 @@ def main() -> None:
 def measure(preprocessor: Preprocessor, blobs: list[bytes], base: float, args) -> None:
     """One mode: the GPU thread's steps while the task threads prepare jobs at the rate."""
     preprocessor.prepare(blobs[:1], QUESTION, 64, args.num_crops)  # warm
-    gpu = GpuThread(args.host_ms / 1000, args.step_ms / 1000)
+    gpu = GpuThread(args.host_ms / 1000, args.step_ms / 1000, args.launches)
     results: dict = {}
 
     def prepare_jobs() -> None:
