@@ -1,8 +1,9 @@
 """Iteration-level scheduling: task threads hand prepared prompts to one GPU thread, which decodes them in rows
 that join and leave the running batch at every step.
 
-Celery runs the worker with a threads pool of 2 x max_batch: each task thread loads its job's images and runs the
-processor (CPU work that overlaps the GPU), then waits here for its own completion. The GPU thread loops: take in
+Celery runs the worker with a threads pool of 2 x max_batch: each task thread fetches its job's images and has
+them decoded and the processor run (worker/preprocess.py: CPU work that overlaps the GPU, in processes of its own
+so that it does not hold this thread's GIL), then waits here for its own completion. The GPU thread loops: take in
 the prompts waiting now, prefill as many as there are free rows, shortest first (see below; at most
 `prefill_tokens` padded tokens a step, so the running rows are not held up long), run one decode step of every
 row, hand back the rows that ended (each job's future resolves at once, and its row is free for the next prompt),
