@@ -102,7 +102,7 @@ class RecordingDecoder(Decoder):
         return super().admit(tagged)
 
 
-def admission_order(tiny, short_first: float, waiting: list[tuple[str, int]]) -> list[str]:
+def admission_order(tiny, short_lane: bool, waiting: list[tuple[str, int]]) -> list[str]:
     """Two rows, both held by blockers while `waiting` (job id, max_new_tokens) queues up; the order in which
     the waiting jobs were admitted once the blockers ended."""
     processor, model = tiny
@@ -110,7 +110,7 @@ def admission_order(tiny, short_first: float, waiting: list[tuple[str, int]]) ->
                                  use_graphs=False, kv_budget_bytes=1 << 30)
     recording.admitted = []
     recording.eos_ids = frozenset()  # every row makes exactly its max_new_tokens: the order is the policy's alone
-    batcher = Batcher(recording, max_batch=2, wait_s=0.5, short_first=short_first)
+    batcher = Batcher(recording, max_batch=2, wait_s=0.5, short_lane=short_lane)
     blockers = [batcher.submit(f"blocker{i}", prompt(processor, 70 + i, max_new_tokens=60)) for i in range(2)]
     while len(recording.admitted) < 2:
         time.sleep(0.005)
@@ -124,18 +124,21 @@ def admission_order(tiny, short_first: float, waiting: list[tuple[str, int]]) ->
     return recording.admitted[2:]
 
 
-def test_waiting_jobs_are_admitted_shortest_first(tiny):
+def test_the_short_lane_and_the_oldest_lane_take_turns_at_the_free_rows(tiny):
     waiting = [("t40", 40), ("t30", 30), ("t20", 20), ("t10", 10), ("t5", 5), ("t8", 8)]
-    assert admission_order(tiny, 100.0, waiting) == ["t5", "t8", "t10", "t20", "t30", "t40"]
-    assert admission_order(tiny, 0.0, waiting) == [job_id for job_id, _ in waiting]  # 0: first come, first served
+    # Shortest (t5), oldest (t40), shortest left (t8), oldest left (t30), ...
+    assert admission_order(tiny, True, waiting) == ["t5", "t40", "t8", "t30", "t10", "t20"]
+    assert admission_order(tiny, False, waiting) == [job_id for job_id, _ in waiting]  # first come, first served
 
 
-def test_a_long_job_is_passed_by_at_most_short_first_x_its_tokens_later_arrivals(tiny):
-    # The long job (40 tokens, weight 0.1: passed by at most 4 later arrivals) arrives first, then eight of 4
-    # tokens: the short ones within the next 4 arrivals (rank < its own) go before it, every later one after it.
-    waiting = [("long", 40)] + [(f"s{i}", 4) for i in range(1, 9)]
-    order = admission_order(tiny, 0.1, waiting)
-    assert order == ["s1", "s2", "s3", "long", "s4", "s5", "s6", "s7", "s8"]
+def test_a_long_job_waits_for_at_most_two_admissions_per_older_job_plus_one(tiny):
+    # However many short jobs arrive after it, the long one (the oldest waiting) takes the second free row.
+    waiting = [("long", 400)] + [(f"s{i}", 4) for i in range(1, 9)]
+    order = admission_order(tiny, True, waiting)
+    assert order.index("long") <= 1 and sorted(order) == sorted(job_id for job_id, _ in waiting)
+    two_long = [("old", 300), ("long", 400)] + [(f"s{i}", 4) for i in range(1, 7)]
+    order = admission_order(tiny, True, two_long)
+    assert order.index("old") <= 1 and order.index("long") <= 3  # one older job: at most 2 x 1 + 1 admissions
 
 
 def test_a_store_that_cannot_say_which_jobs_are_canceled_ends_no_run(tiny):
