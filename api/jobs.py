@@ -195,14 +195,15 @@ def parse_json() -> tuple[JobRequest, str]:
 
 
 def parse_multipart(settings: Settings, form: MultiDict) -> tuple[JobRequest, str]:
-    """A multipart body: form fields task, question, max_new_tokens and images (refs), then the image files,
-    which are stored as uploads of the caller and follow the `images` refs in the job, in the order sent. The
+    """A multipart body: form fields task, question, max_new_tokens, num_crops and images (refs), then the image
+    files, which are stored as uploads of the caller and follow the `images` refs in the job, in the order sent. The
     digest (for Idempotency-Key) covers the files' contents, not the upload ids this request made."""
     files = read_files(settings)
     fields: dict = {name: form.get(name) for name in form if name != "images"}
     fields["images"] = form.getlist("images")
-    if fields.get("max_new_tokens") is not None:
-        fields["max_new_tokens"] = form_int(fields["max_new_tokens"])
+    for name in ("max_new_tokens", "num_crops"):
+        if fields.get(name) is not None:
+            fields[name] = form_int(fields[name])
     if fields.get("start_within_s") is not None:
         fields["start_within_s"] = form_number(fields["start_within_s"])
     fields["images"] += ["sha256:" + hashlib.sha256(data).hexdigest() for data in files]

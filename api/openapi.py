@@ -24,7 +24,7 @@ from api.schemas import (
 )
 from shared.batches.batch import Batch, BatchRequest, BatchStatus
 from shared.config import Settings
-from shared.jobs import Job, JobRequest, JobStatus
+from shared.jobs import MAX_NUM_CROPS, Job, JobRequest, JobStatus
 from shared.webhooks.endpoints import Delivery, Endpoint
 
 bp = Blueprint("openapi", __name__)
@@ -148,6 +148,7 @@ def multipart_job(settings: Settings) -> dict:
     return {"type": "object", "required": ["task"], "properties": {
         "task": {"type": "string"}, "question": {"type": "string"},
         "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit},
+        "num_crops": {"type": "integer", "minimum": 1, "maximum": MAX_NUM_CROPS},
         "images": {"type": "array", "items": {"type": "string"}},
         "file": {"type": "array", "maxItems": settings.max_images, "items": {"type": "string", "format": "binary"}},
     }}

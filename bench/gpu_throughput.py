@@ -1,6 +1,7 @@
 """GPU throughput of visionq against the seed loop and plain batched `generate`, measured in the same run.
 
-    python -m bench.gpu_throughput --num-crops 4 [--jobs 256] [--caps 1,16,64,128] [--gpus 0] [--lengths 16:512]
+    python -m bench.gpu_throughput --num-crops 4 [--num-crops-mix 4,16] [--jobs 256] [--caps 1,16,64,128] [--gpus 0]
+                                   [--lengths 16:512]
 
 Workload: Phi-3-vision of the real shape with random weights (tests/data/phi3_vision_128k_config.json: Phi-3-mini
 decoder, hidden 3072, 32 layers; CLIP ViT-L/14-336), bf16, SDPA, describe jobs on one 336x336 image, greedy,
@@ -14,6 +15,10 @@ With `--lengths LO:HI`, each cap also runs the mixed workload beside the forced 
 max_new_tokens are log-uniform in LO..HI (seeded by `--seed`; the model has no end-of-sequence token, so each job
 makes exactly that many), and prints output tokens/s, its ratio to the forced run's, and the p50 latency of the
 jobs of at most 32 tokens.
+
+Each job sets its own `num_crops` through the API (`--num-crops`, or `--num-crops-mix 4,16`: the jobs take the
+listed counts in turn, so one batch mixes them); the saved processor's own setting is `--num-crops` and is what
+the baselines run with.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def build_model(folder: Path, num_crops: int) -> None:
     config.save_pretrained(folder)
 
 
-def baselines(folder: Path, jobs: int, seed_jobs: int, batches: list[int], new_tokens: int) -> float:
+def baselines(folder: Path, jobs: int, seed_jobs: int, batches: list[int], new_tokens: int, num_crops: int) -> float:
     """The seed loop and plain batched generate; returns the seed loop's jobs/s (the ratios' denominator)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -73,7 +78,8 @@ def baselines(folder: Path, jobs: int, seed_jobs: int, batches: list[int], new_t
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
 
     def generate(count: int, model=model) -> float:
-        inputs = processor(text=[text] * count if count > 1 else text, images=images[:count], return_tensors="pt")
+        inputs = processor(text=[text] * count if count > 1 else text, images=images[:count], return_tensors="pt",
+                           num_crops=num_crops)
         inputs = inputs.to("cuda", torch.bfloat16)
         started = synced()
         with torch.inference_mode():
@@ -140,11 +146,13 @@ def mixed_lengths(count: int, low: int, high: int, seed: int) -> list[int]:
     return [min(high, max(low, round(math.exp(rng.uniform(math.log(low), math.log(high)))))) for _ in range(count)]
 
 
-def run_jobs(client: Client, store: JobStore, lengths: list[int], images: list[str]) -> dict:
-    """Queue one job per entry of `lengths` (its max_new_tokens) at once and wait for all; jobs/s, output
-    tokens/s, latency percentiles (all jobs, and those of at most 32 tokens), and how many ran twice."""
+def run_jobs(client: Client, store: JobStore, lengths: list[int], images: list[str], crops: list[int]) -> dict:
+    """Queue one job per entry of `lengths` (its max_new_tokens; its num_crops: `crops` in turn) at once and wait
+    for all; jobs/s, output tokens/s, latency percentiles (all jobs, and those of at most 32 tokens), and how many
+    ran twice."""
     started = time.perf_counter()
-    ids = [client.submit("describe", [images[i % len(images)]], max_new_tokens=new_tokens)["id"]
+    ids = [client.submit("describe", [images[i % len(images)]], max_new_tokens=new_tokens,
+                         num_crops=crops[i % len(crops)])["id"]
            for i, new_tokens in enumerate(lengths)]
     submitted = time.perf_counter() - started
     pending = set(ids)
@@ -229,7 +237,8 @@ def stop_workers(stack: Stack, names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-crops", type=int, default=4)
+    parser.add_argument("--num-crops", type=int, default=4, help="every job's num_crops (and the processor's own)")
+    parser.add_argument("--num-crops-mix", default="", help="e.g. 4,16: the jobs' num_crops in turn, instead")
     parser.add_argument("--jobs", type=int, default=256)
     parser.add_argument("--caps", default="1,16,64,128")
     parser.add_argument("--gpus", default="0", help="comma-separated; one worker per GPU (a row per prefix: 1, 2, ...)")
@@ -243,6 +252,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-forced", action="store_true", help="only the mixed workload")
     args = parser.parse_args()
+    crops = [int(n) for n in args.num_crops_mix.split(",") if n] or [args.num_crops]
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="visionq-bench-"))
     model_dir, image_dir = Path(args.model) if args.model else work / "model", work / "images"
@@ -254,16 +264,19 @@ def main() -> None:
     device = f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     print(f"device: {device}, torch {torch.__version__}, "
           f"workload: Phi-3-vision real shape, random bf16 weights, SDPA, describe on one 336x336 image, "
-          f"num_crops={args.num_crops}, {args.new_tokens} new tokens forced, greedy", flush=True)
+          f"num_crops per job {'/'.join(map(str, crops))}, {args.new_tokens} new tokens forced, greedy", flush=True)
     if not (model_dir / "config.json").exists():
         build_model(model_dir, args.num_crops)
     batches = [int(b) for b in args.generate_batches.split(",") if b]
-    seed_rate = baselines(model_dir, args.jobs, args.seed_jobs, batches, args.new_tokens) if args.seed_jobs else None
+    seed_rate = baselines(model_dir, args.jobs, args.seed_jobs, batches, args.new_tokens, args.num_crops) \
+        if args.seed_jobs else None
 
     settings = Settings(model=str(model_dir), image_root=image_dir, data_dir=work / "data", queue="bench",
                         api_port=free_port(), max_new_tokens_limit=max(1024, args.new_tokens))
     env = {"VISIONQ_MODEL": str(model_dir), "VISIONQ_IMAGE_ROOT": str(image_dir), "VISIONQ_QUEUE": "bench",
-           "VISIONQ_DATA_DIR": str(work / "data"), "VISIONQ_RATE_PER_S": "100000", "VISIONQ_RATE_BURST": "100000"}
+           "VISIONQ_DATA_DIR": str(work / "data"), "VISIONQ_RATE_PER_S": "100000", "VISIONQ_RATE_BURST": "100000",
+           # The folder's name is no Phi-3-vision id: name it as a model whose jobs may set num_crops.
+           "VISIONQ_NUM_CROPS_MODELS": json.dumps([str(model_dir)])}
     gpus = args.gpus.split(",")
     with Stack(settings, env=env, api_port=settings.api_port, log_dir=work / "logs", worker=False) as stack:
         client = Client(stack.api_url, key=stack.api_key, timeout_s=120)
@@ -280,28 +293,29 @@ def main() -> None:
                 forced_tokens_s = None
                 for label, lengths in workloads:
                     result = run_workload(client, store, stack, names, gpus[:count], cap, label, lengths, images,
-                                          seed_rate, forced_tokens_s)
+                                          crops, seed_rate, forced_tokens_s)
                     if label == "forced":
                         forced_tokens_s = result["tokens_s"]
                 if count == 1 and cap == max(int(c) for c in args.caps.split(",")):
-                    idle_latency(client, images, args.new_tokens)
+                    idle_latency(client, images, args.new_tokens, crops[0])
                 stop_workers(stack, names)
 
 
 def run_workload(client: Client, store: JobStore, stack: Stack, names: list[str], gpus: list[str], cap: int,
-                 label: str, lengths: list[int], images: list[str], seed_rate: float | None,
+                 label: str, lengths: list[int], images: list[str], crops: list[int], seed_rate: float | None,
                  forced_tokens_s: float | None) -> dict:
     """A warm-up of `cap` jobs of the same lengths (captures this cap's graphs), then the measured run."""
-    run_jobs(client, store, lengths[:cap * len(gpus)], images)
+    run_jobs(client, store, lengths[:cap * len(gpus)], images, crops)
     registry = WorkerRegistry(store.redis)
     before = [registry.info(name) for name in names]
     with GpuSampler(",".join(gpus)) as sampler, \
             ServerLoad(stack.redis_client(), stack.processes["api"].pid) as load:
-        result = run_jobs(client, store, lengths, images)
+        result = run_jobs(client, store, lengths, images, crops)
     infos = [registry.info(name) for name in names]
     ratio = f", {result['jobs_s'] / seed_rate:.0f}x seed loop" if seed_rate else ""
     versus = f" ({result['tokens_s'] / forced_tokens_s:.2f}x the forced run's tokens/s)" if forced_tokens_s else ""
-    print(f"visionq {label}, cap {cap:>3}, {len(gpus)} GPU worker(s), {len(lengths)} jobs "
+    print(f"visionq {label}, num_crops {'/'.join(map(str, crops))}, cap {cap:>3}, {len(gpus)} GPU worker(s), "
+          f"{len(lengths)} jobs "
           f"(mean {statistics.mean(lengths):.0f} tokens): {result['jobs_s']:.2f} jobs/s{ratio}, "
           f"{result['tokens_s']:.0f} output tokens/s{versus}; latency p50 {result['p50']:.2f} s, "
           f"p95 {result['p95']:.2f} s, jobs of <= 32 tokens p50 {result['short_p50']:.2f} s ({result['shorts']} jobs); "
@@ -321,12 +335,12 @@ def run_workload(client: Client, store: JobStore, stack: Stack, names: list[str]
     return result
 
 
-def idle_latency(client: Client, images: list[str], new_tokens: int) -> None:
+def idle_latency(client: Client, images: list[str], new_tokens: int, num_crops: int) -> None:
     """One job at a time on an idle worker, client-side from submit to result (?wait)."""
     seconds = []
     for i in range(4):
         started = time.perf_counter()
-        job = client.submit("describe", [images[i]], max_new_tokens=new_tokens)
+        job = client.submit("describe", [images[i]], max_new_tokens=new_tokens, num_crops=num_crops)
         done = client.wait(job["id"], timeout_s=60)
         assert done["status"] == "succeeded", done
         seconds.append(time.perf_counter() - started)

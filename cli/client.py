@@ -59,10 +59,10 @@ class Client:
     def submit(self, task: str, images: list[str], question: str | None = None,
                max_new_tokens: int | None = None, idempotency_key: str | None = None,
                webhook: dict | None = None, model: str | None = None, priority: str | None = None,
-               start_within_s: float | None = None) -> dict:
+               start_within_s: float | None = None, num_crops: int | None = None) -> dict:
         """POST /v1/jobs; returns the queued job (the same one again for a repeated idempotency key)."""
         options = {"question": question, "max_new_tokens": max_new_tokens, "model": model, "webhook": webhook,
-                   "priority": priority, "start_within_s": start_within_s}
+                   "priority": priority, "start_within_s": start_within_s, "num_crops": num_crops}
         body = {"task": task, "images": images, **{k: v for k, v in options.items() if v is not None}}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._send("POST", "/v1/jobs", json=body, headers=headers)

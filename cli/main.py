@@ -163,7 +163,7 @@ def cmd_submit(args) -> int:
     webhook = {"url": args.webhook} if args.webhook else None
     job = client.submit(args.task, refs, args.question, args.max_new_tokens, idempotency_key=args.idempotency_key,
                         webhook=webhook, model=args.model, priority=args.priority,
-                        start_within_s=args.start_within)
+                        start_within_s=args.start_within, num_crops=args.num_crops)
     if args.wait:
         job = client.wait(job["id"], timeout_s=args.timeout)
     print(json.dumps(job, indent=2))
@@ -335,6 +335,7 @@ def add_client_commands(sub) -> None:
     submit.add_argument("--model", help="one of the server's models (default: its default model)")
     submit.add_argument("--priority", choices=["high", "normal", "low"], help="among this key's jobs (default normal)")
     submit.add_argument("--start-within", type=float, help="fail the job if it has not started within N seconds")
+    submit.add_argument("--num-crops", type=int, help="Phi-3-vision models: crops per image, 1..16 (4 fast, 16 fine)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=600.0)
     jobs = client_parser(sub, "jobs", "list this key's jobs, newest first", cmd_jobs)

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 from shared.config import Settings
 from shared.errors import (
+    InvalidNumCrops,
     InvalidPriority,
     InvalidRequest,
     InvalidStartWithin,
     MaxNewTokensOutOfRange,
+    NumCropsUnsupported,
     QuestionTooLong,
     UnknownTask,
     WrongImageCount,
 )
 from shared.images.refs import NO_ACCESS, Access, validate_ref
-from shared.jobs import PRIORITY_RANKS, Job, JobRequest, JobStatus, new_job_id, utcnow
-from shared.routing import resolve_model
+from shared.jobs import MAX_NUM_CROPS, PRIORITY_RANKS, Job, JobRequest, JobStatus, new_job_id, utcnow
+from shared.routing import resolve_model, takes_num_crops
 from shared.tasks import TASKS
 from shared.webhooks.targets import check_webhook
 
@@ -29,6 +31,7 @@ def build_job(req: JobRequest, settings: Settings, access: Access = NO_ACCESS) -
     check_image_count(len(req.images), spec.min_images, spec.max_images or settings.max_images, settings)
     for ref in req.images:
         validate_ref(ref, settings, access)
+    model = resolve_model(settings, req.model)
     return Job(
         id=new_job_id(),
         status=JobStatus.QUEUED,
@@ -37,11 +40,12 @@ def build_job(req: JobRequest, settings: Settings, access: Access = NO_ACCESS) -
         image_count=len(req.images),
         question=spec.question_or_default(check_question(req.question, settings)),
         max_new_tokens=check_max_new_tokens(req.max_new_tokens, settings),
-        model=resolve_model(settings, req.model),
+        model=model,
         created_at=utcnow(),
         webhook=check_webhook(req.webhook, settings) if req.webhook else None,
         priority=check_priority(req.priority),
         start_within_s=check_start_within(req.start_within_s, settings),
+        num_crops=check_num_crops(req.num_crops, model, settings),
     )
 
 
@@ -68,6 +72,19 @@ def check_max_new_tokens(value: int | None, settings: Settings) -> int:
         return min(settings.default_max_new_tokens, settings.max_new_tokens_limit)
     if not 1 <= value <= settings.max_new_tokens_limit:
         raise MaxNewTokensOutOfRange(f"max_new_tokens must be from 1 to {settings.max_new_tokens_limit}")
+    return value
+
+
+def check_num_crops(value: int | None, model: str | None, settings: Settings) -> int | None:
+    """A job's num_crops: for a model that takes it (None: the model's own setting), from 1 to MAX_NUM_CROPS. With
+    no model yet (a batch's defaults, checked before its lines name theirs), only the range is checked."""
+    if value is None:
+        return None
+    if model is not None and not takes_num_crops(settings, model):
+        raise NumCropsUnsupported(f"model {model} does not take num_crops (Phi-3-vision's option: the models "
+                                  "that take it are set by VISIONQ_NUM_CROPS_MODELS)")
+    if not 1 <= value <= MAX_NUM_CROPS:
+        raise InvalidNumCrops(f"num_crops must be from 1 to {MAX_NUM_CROPS}")
     return value
 
 

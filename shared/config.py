@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa
     trust_remote_code: bool = False
+    # Models that take a job's num_crops (Phi-3-vision's processor), as shell-style patterns matched against the
+    # model's name, case-insensitively. The API decides from the name alone: it loads no model, and a job may be
+    # submitted before any worker of its model has started (a worker whose processor turns out not to take it
+    # fails such a job with the same code).
+    num_crops_models: list[str] = ["*phi-3-vision*", "*phi-3.5-vision*"]
 
     # --- Requests: the bounds of what one request may ask for --------------------------------------------------
     max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
@@ -108,6 +113,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill: a lone job's extra delay
     batch_fill_ms: float = Field(default=20.0, ge=0)  # longer, but only for jobs the worker is already preparing
     prepare_threads: int = Field(default=4, ge=1)  # task threads running the processor or storing a result at once
+    # Processes that decode images and run the processor (worker/preprocess.py), off the GPU thread's GIL. auto:
+    # min(4, CPUs - 1) on CUDA, 0 on the CPU; 0: in the task threads.
+    preprocess_processes: int | Literal["auto"] = "auto"
     cuda_graphs: bool = True  # capture the decode step per (rows, length) bucket on CUDA
     fused_kernels: bool = True  # Triton kernels for norms, rotary and activations on CUDA (worker/kernels.py)
     # Of the GPU memory left after loading the weights, for the KV arena; the rest holds a prefill chunk's activations.

@@ -109,6 +109,18 @@ class InvalidStartWithin(InvalidRequest):
     code = "invalid_start_within"
 
 
+class InvalidNumCrops(InvalidRequest):
+    """num_crops is not a whole number of crops from 1 to 16."""
+
+    code = "invalid_num_crops"
+
+
+class NumCropsUnsupported(InvalidRequest):
+    """num_crops is Phi-3-vision's option; the job's model does not take it."""
+
+    code = "num_crops_unsupported"
+
+
 class IdempotencyConflict(InvalidRequest):
     """This Idempotency-Key was already used with a different request body."""
 

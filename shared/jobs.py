@@ -40,6 +40,8 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 
 # A job's priority orders it within its key's queued jobs (shared/store/queues.py): rank 0 goes first.
 PRIORITY_RANKS = {"high": 0, "normal": 1, "low": 2}
+# Phi-3-vision's HD transform cuts an image into at most this many crops (its checkpoints use 4 or 16).
+MAX_NUM_CROPS = 16
 
 
 def can_transition(current: JobStatus, new: JobStatus) -> bool:
@@ -132,6 +134,11 @@ class JobRequest(BaseModel):
                                                            "the key's own queued jobs")
     start_within_s: float | None = Field(default=None, description="fail the job (deadline_exceeded) if it has not "
                                                                   "started this many seconds after submission")
+    # The bounds are documented, not validated here: admission refuses them with invalid_num_crops.
+    num_crops: int | None = Field(default=None, json_schema_extra={"minimum": 1, "maximum": MAX_NUM_CROPS},
+                                  description="Phi-3-vision models only: at most this many 336x336 crops per image "
+                                              "(default: the model's processor setting); 4 is faster, 16 reads "
+                                              "finer detail. Other models refuse it (num_crops_unsupported)")
 
 
 class Job(BaseModel):
@@ -156,6 +163,7 @@ class Job(BaseModel):
     webhook: WebhookSpec | None = None
     priority: str | None = None  # high | normal | low: the order within its key's line (batch items: low)
     start_within_s: float | None = None  # it fails as deadline_exceeded if not started this long after created_at
+    num_crops: int | None = None  # Phi-3-vision's crops per image; None: the model's processor setting
     queue: QueuePlace | None = None  # a queued job's place, as read (never stored)
     batch_id: str | None = None  # the batch this job is an item of (shared/batches/)
     custom_id: str | None = None  # the item's id within its batch

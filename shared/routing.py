@@ -8,6 +8,8 @@ VISIONQ_MODEL) and consumes only that model's queue.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 from shared.config import Settings
 from shared.errors import UnknownModel
 from shared.store.keys import batch_queue as batch_queue_of
@@ -33,6 +35,11 @@ def webhook_queue(settings: Settings) -> str:
 def batch_queue(settings: Settings) -> str:
     """The Celery queue of the batch worker (CPU: inputs, admission, results; never a GPU worker)."""
     return batch_queue_of(settings.queue)
+
+
+def takes_num_crops(settings: Settings, model: str) -> bool:
+    """Whether jobs for this model may set num_crops (settings.num_crops_models says, by the model's name)."""
+    return any(fnmatchcase(model.lower(), pattern.lower()) for pattern in settings.num_crops_models)
 
 
 def resolve_model(settings: Settings, requested: str | None) -> str:

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 
-from celery.signals import setup_logging, task_postrun, task_prerun, worker_init
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_init, worker_shutdown
 
 from shared.config import get_settings
 from shared.images.decode import configure_pillow
@@ -47,3 +47,9 @@ def start_worker(sender=None, **_kwargs) -> None:
         logging.shutdown()
         os._exit(3)
     heartbeat.start(name, settings, worker.workers, worker.broker, worker.queues, worker.store)
+
+
+@worker_shutdown.connect
+def stop_worker(sender=None, **_kwargs) -> None:
+    """Sent once the warm shutdown has drained the tasks: close what the worker started beside its threads."""
+    context.stop()

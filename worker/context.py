@@ -23,6 +23,7 @@ from worker.batcher import Batcher
 from worker.decoding import BatchStats
 from worker.engine import Engine, get_engine, load_count
 from worker.observe import ObservedJobStore
+from worker.preprocess import Preprocessor, pool_size
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class GpuWorker:
     engine: Engine
     runner: JobRunner
     queues: Queues
+    preprocessor: Preprocessor
 
 
 _current: GpuWorker | None = None
@@ -65,14 +67,22 @@ def start(settings: Settings, name: str) -> GpuWorker:
     batcher = Batcher(engine.decoder, settings.max_batch, settings.batch_wait_ms / 1000,
                       settings.batch_fill_ms / 1000, store.canceled_among,
                       on_batch=batch_recorder(name, engine.device, workers))
-    runner = JobRunner(settings, store, workers, engine, batcher, name, uploads=UploadStore(settings))
+    preprocessor = Preprocessor(settings, engine.encoder, pool_size(settings.preprocess_processes, engine.device))
+    runner = JobRunner(settings, store, workers, engine, batcher, name, preprocessor, uploads=UploadStore(settings))
     # The GPU thread launches kernels between the task threads' Python: let it have the GIL back sooner.
     sys.setswitchinterval(0.0005)
     workers.record(name, fresh=True, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
                    attention=engine.model.config._attn_implementation, graphs=engine.decoder.use_graphs,
-                   fused=engine.fused, max_batch=settings.max_batch, loads=load_count(), pid=os.getpid())
-    _current = GpuWorker(name, settings, store, workers, Broker(client), engine, runner, queues)
+                   fused=engine.fused, max_batch=settings.max_batch, loads=load_count(), pid=os.getpid(),
+                   preprocess_pids=preprocessor.pids)
+    _current = GpuWorker(name, settings, store, workers, Broker(client), engine, runner, queues, preprocessor)
     return _current
+
+
+def stop() -> None:
+    """After the warm shutdown (no task runs any more): the preprocessing processes end with the worker."""
+    if _current is not None:
+        _current.preprocessor.close()
 
 
 def batch_recorder(name: str, device: torch.device, workers: WorkerRegistry):

@@ -9,18 +9,15 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 import worker.models.phi3v  # noqa: F401  (registers the native Phi-3-vision port with the Auto classes)
 from shared.config import Settings
 from worker import kernels
 from worker.decoding import Completion, Decoder, Prompt
-from worker.prompts import chat_messages, phi3_prompt
+from worker.preprocess import Encoder
 
 log = logging.getLogger(__name__)
-
-# Checkpoints prompted with the Phi-3 cookbook string rather than a chat template.
-PHI3_PROMPT_MODEL_TYPES = frozenset({"phi3_v"})
 
 _loads = 0  # how many times this process has loaded a model: the worker reports it, tests check it stays 1
 
@@ -76,8 +73,9 @@ class Engine:
             torch.set_num_threads(1)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         remote = settings.trust_remote_code
-        self.config = AutoConfig.from_pretrained(self.model_id, trust_remote_code=remote)
-        self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=remote)
+        self.encoder = Encoder(self.model_id, remote, self.dtype)
+        self.config, self.processor = self.encoder.config, self.encoder.processor
+        self.takes_num_crops = self.encoder.takes_num_crops
         self.model = AutoModelForImageTextToText.from_pretrained(
             self.model_id, dtype=self.dtype, attn_implementation=resolve_attention(settings.attn_implementation,
                                                                                    self.device),
@@ -94,27 +92,24 @@ class Engine:
 
     def prompt(self, n_images: int, question: str) -> str:
         """The prompt text: the Phi-3 cookbook string, or the same turn through the processor's chat template."""
-        if self.config.model_type in PHI3_PROMPT_MODEL_TYPES or not getattr(self.processor, "chat_template", None):
-            return phi3_prompt(n_images, question)
-        return self.processor.apply_chat_template(
-            chat_messages(n_images, question), add_generation_prompt=True, tokenize=False
-        )
+        return self.encoder.prompt(n_images, question)
 
-    def prepare(self, images: list[Image.Image], question: str, max_new_tokens: int) -> Prompt:
-        """The processor's tensors for one prompt, on the CPU: task threads run this while the GPU is busy."""
-        encoded = self.processor(text=self.prompt(len(images), question), images=images, return_tensors="pt")
-        # Pixels in the model's dtype already: half the bytes for the GPU thread to batch and copy (same rounding).
-        inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in encoded.items()}
-        return Prompt(inputs, max_new_tokens)
+    def prepare(self, images: list[Image.Image], question: str, max_new_tokens: int,
+                num_crops: int | None = None) -> Prompt:
+        """The processor's tensors for one prompt, on the CPU, in this thread (the worker's task threads use
+        worker.preprocess.Preprocessor, which may run it in another process). `num_crops`: Phi-3-vision only."""
+        return Prompt(self.encoder.encode(images, question, num_crops), max_new_tokens)
 
     def text(self, tokens: list[int]) -> str:
         return self.processor.decode(tokens, skip_special_tokens=True)
 
-    def generate(self, images: list[Image.Image], question: str, max_new_tokens: int) -> Generation:
+    def generate(self, images: list[Image.Image], question: str, max_new_tokens: int,
+                 num_crops: int | None = None) -> Generation:
         """Greedy generation for one job, alone (the worker batches jobs through worker.batcher instead)."""
         started = time.perf_counter()
         done: list[Completion] = []
-        self.decoder.generate([self.prepare(images, question, max_new_tokens)], lambda _row, c: done.append(c))
+        self.decoder.generate([self.prepare(images, question, max_new_tokens, num_crops)],
+                              lambda _row, c: done.append(c))
         return self.generation(done[0], (time.perf_counter() - started) * 1000)
 
     def generation(self, completion: Completion, inference_ms: float) -> Generation:

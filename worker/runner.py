@@ -1,19 +1,20 @@
-"""What a task thread does with one job: mark it running, load its images, run the processor, wait for the GPU
-thread to decode it (with others), store the outcome."""
+"""What a task thread does with one job: mark it running, fetch its images, have them decoded and the processor
+run (worker/preprocess.py: in a process pool, or in this thread), wait for the GPU thread to decode it (with
+others), store the outcome."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import redis
-from PIL import Image
 
 from shared.config import Settings
 from shared.errors import ImageUnreadable, InferenceFailed, VisionqError, WorkerLost
-from shared.images.refs import Access, load_images
+from shared.images.refs import Access, fetch_images
 from shared.images.uploads import UploadStore
 from shared.jobs import Job, JobFailure, JobResult, Timings, TokenCounts, utcnow
 from shared.store.api_keys import KeyStore
@@ -22,6 +23,7 @@ from shared.store.workers import WorkerRegistry
 from worker.archive import archive_result
 from worker.batcher import Batcher
 from worker.engine import Engine, load_count
+from worker.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class JobRunner:
     engine: Engine
     batcher: Batcher
     worker_name: str
+    preprocessor: Preprocessor
     uploads: UploadStore | None = None  # where upload:// refs are read (None: such jobs fail as invalid)
     cpu_work: threading.BoundedSemaphore = field(init=False)
 
@@ -80,9 +83,12 @@ class JobRunner:
         started = time.perf_counter()
         queue_ms = (utcnow() - job.created_at).total_seconds() * 1000
         with self.batcher.expect():  # submitted inside: the GPU thread sees either a preparer or a ticket
-            images = self._load_images(job)  # mostly waiting on I/O and C decoders, not on the GIL
-            with self.cpu_work:
-                prompt = self.engine.prepare(images, job.question, job.max_new_tokens)
+            blobs = self._fetch_images(job)  # mostly waiting on I/O, not on the GIL
+            # Inline, the decode and the processor are this process's Python work; in the pool they are not, and
+            # the pool's size bounds them.
+            with self.cpu_work if not self.preprocessor.processes else nullcontext():
+                # Decode errors keep their image codes (shared/images/decode.py), also from a pool process.
+                prompt = self.preprocessor.prepare(blobs, job.question, job.max_new_tokens, job.num_crops)
             images_ms = (time.perf_counter() - started) * 1000
             future = self.batcher.submit(job.id, prompt)
         try:
@@ -114,12 +120,12 @@ class JobRunner:
             return None
         return generation.completion_tokens
 
-    def _load_images(self, job: Job) -> list[Image.Image]:
+    def _fetch_images(self, job: Job) -> list[bytes]:
         try:
-            return load_images(job.images, self.settings, self._access(job))
+            return fetch_images(job.images, self.settings, self._access(job))
         except (VisionqError, redis.RedisError):
             raise  # a job failure with its code; or the store is down, and the task requeues the job
-        except Exception:  # a decoder's surprise must not pass for a model failure
+        except Exception:  # a header parser's surprise must not pass for a model failure
             log.exception("job %s: an image could not be loaded", job.id)
             raise ImageUnreadable("an image of the job could not be read") from None
 

@@ -92,6 +92,8 @@ class BatchRequest(BaseModel):
     question: str | None = None
     max_new_tokens: int | None = None
     model: str | None = None
+    num_crops: int | None = Field(default=None, description="every item's num_crops unless its line sets one "
+                                  "(Phi-3-vision models only, 1..16)")
     priority: Literal["high", "normal", "low"] = Field(default="low", description="every item's priority")
     webhook: BatchWebhook | None = None
     strict: bool = Field(default=False, description="refuse the whole batch if any line is refused")
@@ -111,6 +113,7 @@ class ItemDefaults(BaseModel):
     question: str | None = None
     max_new_tokens: int | None = None
     model: str | None = None
+    num_crops: int | None = None
 
 
 class BatchSpec(BaseModel):

@@ -287,7 +287,7 @@ def _new_attempt(job: Job) -> Job:
     return Job(id=new_job_id(), status=JobStatus.QUEUED, task=job.task, images=job.images, owner=job.owner,
                image_count=job.image_count, question=job.question, max_new_tokens=job.max_new_tokens,
                model=job.model, created_at=utcnow(), webhook=job.webhook, priority=job.priority,
-               batch_id=job.batch_id, custom_id=job.custom_id)
+               batch_id=job.batch_id, custom_id=job.custom_id, num_crops=job.num_crops)
 
 
 def _source(creator: Creator, batch_id: str, spec: BatchSpec, state: dict[str, str]) -> ByteSource | S3Prefix:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from shared.admission import check_max_new_tokens, check_question
+from shared.admission import check_max_new_tokens, check_num_crops, check_question
 from shared.batches.batch import BatchInput, BatchRequest, BatchSpec, ItemDefaults
 from shared.batches.lines import DUPLICATE_CUSTOM_ID, Candidate, LineContext, check_line
 from shared.config import Settings
@@ -79,8 +79,10 @@ def check_defaults(body: BatchRequest, settings: Settings) -> ItemDefaults:
         check_max_new_tokens(body.max_new_tokens, settings)
     if body.model is not None:
         resolve_model(settings, body.model)
+    # Against the batch's model when it names one; else each line is checked against its own (or the default).
+    check_num_crops(body.num_crops, body.model, settings)
     return ItemDefaults(task=body.task, question=body.question, max_new_tokens=body.max_new_tokens,
-                        model=body.model)
+                        model=body.model, num_crops=body.num_crops)
 
 
 def _input_file(uri: str, settings: Settings, access: Access) -> BatchInput:

@@ -2,8 +2,8 @@
 a candidate item (a queued job with its custom_id) or a refusal with its line number and a stable code.
 
 A line is `{"custom_id": ..., <the fields of POST /v1/jobs>}`, or OpenAI's `{"custom_id", "method": "POST",
-"url": "/v1/jobs", "body": {...}}`; the batch's options (task, question, max_new_tokens, model) fill in what a
-line leaves out, and its priority is every item's unless the line names one.
+"url": "/v1/jobs", "body": {...}}`; the batch's options (task, question, max_new_tokens, model, num_crops) fill in
+what a line leaves out, and its priority is every item's unless the line names one.
 """
 
 from __future__ import annotations

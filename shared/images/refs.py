@@ -8,6 +8,8 @@ A reference is one of:
 - a path under settings.image_root.
 `validate_ref` is the API's check (no image is read: it checks the form, the bounds, the SSRF guard with one DNS
 lookup, the bucket and the upload's owner); `load_images` is the worker's: every image of a job at once, bounded.
+`fetch_images` is its first half: the bytes, bounded and their headers checked (sizes, the job's pixels), left to
+decode elsewhere (the worker decodes them in its preprocessing processes: worker/preprocess.py).
 """
 
 from __future__ import annotations
@@ -31,14 +33,15 @@ from shared.errors import (
     ImageUnreadable,
     InvalidImageRef,
 )
-from shared.images.decode import ALLOWED_FORMATS, decode_image
+from shared.images.decode import ALLOWED_FORMATS, decode_image, open_image
 from shared.images.fetch import Budget, check_bucket, fetch_s3, fetch_url
 from shared.images.uploads import SCHEME as UPLOAD_SCHEME
 from shared.images.uploads import UploadStore, upload_id_of
 from shared.outbound.netguard import ForbiddenAddress, HostNotFound, UrlRefused, check_url
 from shared.outbound.s3 import S3Location, parse_s3_uri
 
-__all__ = ["ALLOWED_FORMATS", "Access", "decode_image", "load_image", "load_images", "validate_ref"]
+__all__ = ["ALLOWED_FORMATS", "Access", "decode_image", "fetch_image", "fetch_images", "load_image", "load_images",
+           "validate_ref"]
 
 DATA_URI = re.compile(r"^data:image/(?P<subtype>[a-z0-9.+-]+);base64,(?P<payload>.*)$", re.DOTALL | re.IGNORECASE)
 SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -74,20 +77,36 @@ def validate_ref(ref: str, settings: Settings, access: Access = NO_ACCESS) -> No
 
 def load_image(ref: str, settings: Settings, access: Access = NO_ACCESS, budget: Budget | None = None) -> Image.Image:
     """Fetch and decode one image as RGB; raises an ImageError subclass (or InvalidImageRef) with a stable code."""
+    return decode_image(fetch_image(ref, settings, access, budget), settings)
+
+
+def fetch_image(ref: str, settings: Settings, access: Access = NO_ACCESS, budget: Budget | None = None) -> bytes:
+    """One image's bytes, bounded, with its header read: format and size refused here as decoding would, and its
+    pixels taken from the job's budget before anything is decoded."""
     budget = budget or Budget(settings)
-    image = decode_image(fetch_bytes(ref, settings, access, budget), settings)
-    budget.take_pixels(image.width * image.height)
-    return image
+    data = fetch_bytes(ref, settings, access, budget)
+    header = open_image(data, settings)
+    budget.take_pixels(header.width * header.height)
+    return data
 
 
 def load_images(refs: list[str], settings: Settings, access: Access = NO_ACCESS) -> list[Image.Image]:
     """Every image of a job, fetched and decoded a few at a time, their bytes and pixels bounded together. The
     first failing image (in the job's order) is the error; the others stop at their next chunk."""
+    return _each(load_image, refs, settings, access)
+
+
+def fetch_images(refs: list[str], settings: Settings, access: Access = NO_ACCESS) -> list[bytes]:
+    """Every image of a job as checked bytes (`fetch_image`), a few at a time, bounded together like load_images."""
+    return _each(fetch_image, refs, settings, access)
+
+
+def _each(one, refs: list[str], settings: Settings, access: Access) -> list:
     budget = Budget(settings)
     if len(refs) == 1:
-        return [load_image(refs[0], settings, access, budget)]
+        return [one(refs[0], settings, access, budget)]
     with ThreadPoolExecutor(min(len(refs), settings.image_fetch_threads), "visionq-image") as pool:
-        futures = [pool.submit(load_image, ref, settings, access, budget) for ref in refs]
+        futures = [pool.submit(one, ref, settings, access, budget) for ref in refs]
         try:
             return [future.result() for future in futures]
         except BaseException:

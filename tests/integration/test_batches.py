@@ -111,6 +111,18 @@ def test_bad_lines_are_reported_and_do_not_stop_the_rest(make_client):
     assert [(line["custom_id"], line["error"]["code"]) for line in failed] == [("not-png", "image_unsupported_format")]
 
 
+def test_num_crops_of_a_batch_for_a_model_without_it_refuses_each_line(make_client, settings):
+    client = make_client()
+    refused = error_of(lambda: client.create_batch(requests=items(1), task="describe", num_crops=4,
+                                                   model=settings.model))
+    assert (refused.status, refused.code) == (422, "num_crops_unsupported")  # the batch names the model: at once
+    batch = wait_for(client, client.create_batch(requests=[*items(1), {"custom_id": "own", "images": ["a.png"],
+                                                                       "num_crops": 4}], task="describe")["id"])
+    # Without a model of its own, each line is checked against its model (here the default, the tiny LLaVA).
+    assert batch["counts"]["refused"] == 1 and batch["counts"]["items"] == 1
+    assert [e["error"]["code"] for e in client.batch_errors(batch["id"])] == ["num_crops_unsupported"]
+
+
 def test_a_strict_batch_with_a_bad_line_is_refused_at_once(make_client):
     client = make_client()
     refused = error_of(lambda: client.create_batch(requests=[*items(2), {"custom_id": "x", "images": []}],
@@ -128,6 +140,7 @@ def test_a_strict_batch_with_a_bad_line_is_refused_at_once(make_client):
     ({"images": "s3://batch-inputs/photos/"}, 422, "invalid_request"),  # no task
     ({"requests": items(1), "task": "paint"}, 422, "unknown_task"),
     ({"requests": items(1), "max_new_tokens": 0}, 422, "max_new_tokens_out_of_range"),
+    ({"requests": items(1), "num_crops": 17}, 422, "invalid_num_crops"),
     ({"requests": items(1), "priority": "urgent"}, 422, "invalid_request"),
     ({"requests": items(1001)}, 422, "too_many_items"),
     ({"requests": items(1), "webhook": {"url": "http://127.0.0.5/x", "events": ["job.exploded"]}}, 422,

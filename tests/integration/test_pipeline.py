@@ -153,3 +153,17 @@ def test_model_is_loaded_once_per_worker_process(client, stack, settings):
 def test_worker_runs_on_the_gpu_in_bfloat16(stack, settings):
     info = WorkerRegistry(connect(settings)).info(stack.worker_name)
     assert info["device"].startswith("cuda") and info["dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.parametrize("kind", ["json", "multipart"])
+def test_the_llava_model_refuses_num_crops(api_url, auth, image_root, kind):
+    if kind == "json":
+        response = requests.post(f"{api_url}/v1/jobs", headers=auth, timeout=10,
+                                 json={"task": "describe", "images": ["bar_chart.png"], "num_crops": 4})
+    else:
+        response = requests.post(f"{api_url}/v1/jobs", headers=auth, timeout=10,
+                                 data={"task": "describe", "num_crops": "4"},
+                                 files=[("file", ("a.png", (image_root / "bar_chart.png").read_bytes(), "image/png"))])
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "num_crops_unsupported" and "num_crops" in error["message"]

@@ -16,6 +16,7 @@ from shared.store.connection import connect
 from shared.store.jobs import JobStore
 from shared.store.workers import WorkerRegistry
 from tests.conftest import settings_env
+from tests.processes import alive, wait_gone
 
 # Jobs long enough to kill mid-run on the tiny model; abandoned ones are redelivered after 3 s (a live worker
 # renews its jobs' leases every 0.5 s, so the long jobs of a live batch are never redelivered).
@@ -127,3 +128,20 @@ def test_a_worker_whose_model_cannot_load_exits_instead_of_serving(settings, tmp
     with pytest.raises(RuntimeError, match="worker exited with 3"):
         stack.start(timeout_s=60)
     stack.stop()
+
+
+def test_the_workers_preprocessing_processes_end_with_it_on_sigterm_and_on_sigkill(settings, tmp_path):
+    pooled = settings.model_copy(update={"queue": "visionq-pool"})
+    env = {**settings_env(pooled), "VISIONQ_QUEUE": "visionq-pool", "VISIONQ_PREPROCESS_PROCESSES": "2"}
+    stack = Stack(pooled, env=env, log_dir=tmp_path, api=False, webhooks=False, batches=False)
+    stack.worker_name = "pool-test@localhost"  # its own record, beside the other stacks' workers
+    with stack:
+        registry = WorkerRegistry(stack.redis_client())
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # a warm stop closes the pool; a kill leaves it to itself
+            pids = registry.info(stack.worker_name)["preprocess_pids"]
+            assert len(pids) == 2 and all(alive(pid) for pid in pids), pids
+            stack.stop_process("worker", sig)
+            assert wait_gone(pids) == [], f"left after {sig.name}"
+            if sig == signal.SIGTERM:
+                stack.start_worker()
+                stack.wait_for_worker(stack.worker_name, timeout_s=60)

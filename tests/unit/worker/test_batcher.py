@@ -113,3 +113,67 @@ def test_with_blocks_a_burst_waits_for_free_blocks_and_every_result_is_exact(tin
         time.sleep(0.01)
     assert runs[0].cache_rows == 6 and max(run.peak_rows for run in runs) <= 3 and sum(r.rows for r in runs) == 6
     assert results == [alone(model, processor, p) for p in prompts]
+
+
+class RecordingDecoder(Decoder):
+    """The real decoder, noting the order in which prompts are admitted."""
+
+    admitted: list[str]
+
+    def admit(self, tagged):
+        self.admitted += [ticket.job_id for ticket, _prompt in tagged]
+        return super().admit(tagged)
+
+
+def admission_order(tiny, short_lane: bool, waiting: list[tuple[str, int]]) -> list[str]:
+    """Two rows, both held by blockers while `waiting` (job id, max_new_tokens) queues up; the order in which
+    the waiting jobs were admitted once the blockers ended."""
+    processor, model = tiny
+    recording = RecordingDecoder(model, [model.generation_config.eos_token_id], processor.tokenizer.pad_token_id,
+                                 use_graphs=False, kv_budget_bytes=1 << 30)
+    recording.admitted = []
+    recording.eos_ids = frozenset()  # every row makes exactly its max_new_tokens: the order is the policy's alone
+    batcher = Batcher(recording, max_batch=2, wait_s=0.5, short_lane=short_lane)
+    blockers = [batcher.submit(f"blocker{i}", prompt(processor, 70 + i, max_new_tokens=60)) for i in range(2)]
+    while len(recording.admitted) < 2:
+        time.sleep(0.005)
+    # The blockers hold both rows for 60 steps; these all wait before either ends (submitting takes microseconds).
+    futures = [batcher.submit(job_id, prompt(processor, i, max_new_tokens=tokens))
+               for i, (job_id, tokens) in enumerate(waiting)]
+    assert not any(f.done() for f in blockers)
+    for future in futures:
+        future.result(timeout=60)
+    assert recording.admitted[:2] == ["blocker0", "blocker1"]
+    return recording.admitted[2:]
+
+
+def test_the_short_lane_and_the_oldest_lane_take_turns_at_the_free_rows(tiny):
+    waiting = [("t40", 40), ("t30", 30), ("t20", 20), ("t10", 10), ("t5", 5), ("t8", 8)]
+    # Shortest (t5), oldest (t40), shortest left (t8), oldest left (t30), ...
+    assert admission_order(tiny, True, waiting) == ["t5", "t40", "t8", "t30", "t10", "t20"]
+    assert admission_order(tiny, False, waiting) == [job_id for job_id, _ in waiting]  # first come, first served
+
+
+def test_a_long_job_waits_for_at_most_two_admissions_per_older_job_plus_one(tiny):
+    # However many short jobs arrive after it, the long one (the oldest waiting) takes the second free row.
+    waiting = [("long", 400)] + [(f"s{i}", 4) for i in range(1, 9)]
+    order = admission_order(tiny, True, waiting)
+    assert order.index("long") <= 1 and sorted(order) == sorted(job_id for job_id, _ in waiting)
+    two_long = [("old", 300), ("long", 400)] + [(f"s{i}", 4) for i in range(1, 7)]
+    order = admission_order(tiny, True, two_long)
+    assert order.index("old") <= 1 and order.index("long") <= 3  # one older job: at most 2 x 1 + 1 admissions
+
+
+def test_a_store_that_cannot_say_which_jobs_are_canceled_ends_no_run(tiny):
+    processor, model = tiny
+
+    asked = []
+
+    def unreachable(ids):
+        asked.append(ids)
+        raise ConnectionError("Redis is down")
+
+    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=0.05, canceled=unreachable)
+    long_one = prompt(processor, 1, max_new_tokens=1500)  # long enough for polls (CANCEL_POLL_S)
+    assert batcher.submit("job", long_one).result(timeout=60).tokens == alone(model, processor, long_one)
+    assert asked and asked[0] == ["job"]  # it was asked, and failed, while the job ran

@@ -45,7 +45,8 @@ class Phi3VProcessor(ProcessorMixin):
 
     `__call__(text, images)` takes one prompt (identical output to the original) or a list of prompts (see the
     module docstring for how images are assigned) and returns `input_ids`, `attention_mask` and, with images,
-    `pixel_values` and `image_sizes`.
+    `pixel_values` and `image_sizes`. `num_crops` (an addition) overrides the image processor's for this call
+    only, so that one processor serves jobs of different crop counts.
     """
 
     special_image_token = "<|image|>"
@@ -63,19 +64,21 @@ class Phi3VProcessor(ProcessorMixin):
         truncation=None,
         max_length: int | None = None,
         return_tensors: str | TensorType | None = TensorType.PYTORCH,
+        num_crops: int | None = None,
     ) -> BatchFeature:
+        options = {} if num_crops is None else {"num_crops": num_crops}
         if isinstance(text, str):
-            return self._single(text, images, padding, truncation, max_length, return_tensors)
-        return self._batch(list(text), images, padding, truncation, max_length, return_tensors)
+            return self._single(text, images, padding, truncation, max_length, return_tensors, options)
+        return self._batch(list(text), images, padding, truncation, max_length, return_tensors, options)
 
-    def _single(self, text, images, padding, truncation, max_length, return_tensors) -> BatchFeature:
+    def _single(self, text, images, padding, truncation, max_length, return_tensors, options) -> BatchFeature:
         """One prompt, as the original: plain tokenizer call without images, expanded ids with them."""
         if images is None:
             encoded = self.tokenizer(
                 text, return_tensors=return_tensors, padding=padding, truncation=truncation, max_length=max_length
             )
             return BatchFeature(data={**encoded})
-        image_inputs = self.image_processor(images, return_tensors=return_tensors)
+        image_inputs = self.image_processor(images, return_tensors=return_tensors, **options)
         num_tokens = [int(n) for n in image_inputs["num_img_tokens"]]
         if count_prompt_images(text) != len(num_tokens):
             raise ValueError(f"the prompt has {count_prompt_images(text)} image tags but {len(num_tokens)} images")
@@ -88,7 +91,7 @@ class Phi3VProcessor(ProcessorMixin):
         }
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _batch(self, texts, images, padding, truncation, max_length, return_tensors) -> BatchFeature:
+    def _batch(self, texts, images, padding, truncation, max_length, return_tensors, options) -> BatchFeature:
         """Several prompts, each expanded like a single call, then left-padded to a common length."""
         if truncation:
             # Cutting a prompt could split an image's token run, which the model cannot handle.
@@ -97,7 +100,7 @@ class Phi3VProcessor(ProcessorMixin):
         data = {}
         num_tokens = []
         if images is not None:
-            image_inputs = self.image_processor(images, return_tensors=return_tensors)
+            image_inputs = self.image_processor(images, return_tensors=return_tensors, **options)
             num_tokens = [int(n) for n in image_inputs["num_img_tokens"]]
             data = {"pixel_values": image_inputs["pixel_values"], "image_sizes": image_inputs["image_sizes"]}
         if sum(per_prompt) != len(num_tokens):

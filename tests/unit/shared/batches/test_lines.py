@@ -45,6 +45,12 @@ def test_a_line_overrides_the_defaults_and_an_openai_style_line_is_its_body():
         assert (candidate.job.task, candidate.job.max_new_tokens, candidate.job.priority) == ("ocr", 5, "high")
 
 
+def test_a_line_takes_the_batch_num_crops_unless_it_sets_its_own():
+    spec = {"defaults": ItemDefaults(task="describe", num_crops=4)}
+    assert check_line(line(custom_id="a", images=["x.png"]), 1, context(**spec)).job.num_crops == 4
+    assert check_line(line(custom_id="a", images=["x.png"], num_crops=16), 1, context(**spec)).job.num_crops == 16
+
+
 @pytest.mark.parametrize(("raw", "code"), [
     (b"{not json", "invalid_json"),
     (b"\xff\xfe", "invalid_json"),
@@ -66,6 +72,8 @@ def test_a_line_overrides_the_defaults_and_an_openai_style_line_is_its_body():
     (line(custom_id="a", images=["s3://not-mine/x.png"]), "image_bucket_not_allowed"),
     (line(custom_id="a", images=["../../etc/passwd"]), "invalid_image_ref"),
     (line(custom_id="a", images=["x.png"], model="other"), "unknown_model"),
+    (line(custom_id="a", images=["x.png"], num_crops=17), "invalid_num_crops"),
+    (line(custom_id="a", images=["x.png"], num_crops="4"), "invalid_request"),
 ])
 def test_a_bad_line_is_refused_with_its_line_and_a_stable_code(raw, code):
     refusal = check_line(raw, 3, context())

@@ -1,0 +1,111 @@
+"""The preprocessing pool (worker/preprocess.py) on the tiny models: its prompts equal the inline ones bit for bit,
+image errors keep their codes across the process boundary, a dead pool process is replaced, and its processes end
+with the worker: closed, or the worker SIGKILLed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shared.config import Settings
+from shared.errors import ImageUnreadable
+from tests.images import encode, random_image
+from tests.processes import alive, wait_gone
+from worker.preprocess import Encoder, Preprocessor
+
+QUESTION = "Describe this image in detail."
+
+
+@pytest.fixture(scope="module")
+def phi3v_path(tmp_path_factory):
+    from cli.tiny_model import build_tiny_phi3v
+
+    return build_tiny_phi3v(tmp_path_factory.mktemp("phi3v") / "model")
+
+
+@pytest.fixture(scope="module")
+def pooled(phi3v_path):
+    """One pool process on the tiny Phi-3-V, bf16 (the dtype that travels as int16), and the same inline."""
+    settings = Settings(model=str(phi3v_path))
+    encoder = Encoder(settings.model, False, torch.bfloat16)
+    pool = Preprocessor(settings, encoder, processes=1)
+    yield pool, Preprocessor(settings, encoder, processes=0)
+    pool.close()
+
+
+def blobs(*seeds: int) -> list[bytes]:
+    return [encode(random_image(300 + 20 * seed, 200, seed), "PNG") for seed in seeds]
+
+
+@pytest.mark.parametrize("num_crops", [None, 1, 16])
+def test_the_pool_gives_exactly_the_inline_prompt(pooled, num_crops):
+    pool, inline = pooled
+    assert len(pool.pids) == 1 and pool.pids[0] != os.getpid()
+    images = blobs(1, 2)
+    got = pool.prepare(images, QUESTION, 7, num_crops)
+    want = inline.prepare(images, QUESTION, 7, num_crops)
+    assert got.max_new_tokens == 7 and set(got.inputs) == set(want.inputs)
+    for name, tensor in want.inputs.items():
+        assert got.inputs[name].dtype == tensor.dtype and torch.equal(got.inputs[name], tensor), name
+    assert got.inputs["pixel_values"].dtype == torch.bfloat16
+
+
+def test_an_image_error_keeps_its_code_across_the_process_boundary(pooled):
+    pool, _ = pooled
+    truncated = blobs(3)[0][:200]
+    with pytest.raises(ImageUnreadable) as failed:
+        pool.prepare([truncated], QUESTION, 4, None)
+    assert failed.value.code == "image_unreadable"
+    assert pool.prepare(blobs(4), QUESTION, 4, None).length > 0  # the process goes on
+
+
+def test_a_dead_pool_process_is_replaced_and_the_job_still_runs(pooled):
+    pool, inline = pooled
+    before = pool.pids
+    os.kill(before[0], signal.SIGKILL)
+    assert wait_gone(before) == []
+    got = pool.prepare(blobs(5), QUESTION, 4, 4)
+    assert torch.equal(got.inputs["input_ids"], inline.prepare(blobs(5), QUESTION, 4, 4).inputs["input_ids"])
+    assert pool.pids and pool.pids != before
+
+
+def test_close_ends_the_pool_processes(phi3v_path):
+    pool = Preprocessor(Settings(model=str(phi3v_path)), Encoder(str(phi3v_path), False, torch.float32), 1)
+    pids = pool.pids
+    assert all(alive(pid) for pid in pids)
+    pool.close()
+    assert wait_gone(pids) == []
+    with pytest.raises(RuntimeError):
+        pool.prepare(blobs(1), QUESTION, 4, None)
+
+
+CHILD = """
+import sys, time, torch
+from shared.config import Settings
+from worker.preprocess import Encoder, Preprocessor
+if __name__ == "__main__":
+    pool = Preprocessor(Settings(model=sys.argv[1]), Encoder(sys.argv[1], False, torch.float32), 2)
+    print(",".join(map(str, pool.pids)), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_pool_processes_exit_when_their_worker_is_sigkilled(phi3v_path, tmp_path):
+    script = tmp_path / "worker_like.py"
+    script.write_text(CHILD)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    worker = subprocess.Popen([sys.executable, str(script), str(phi3v_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=root, env={**os.environ, "PYTHONPATH": root})
+    try:
+        pids = [int(pid) for pid in worker.stdout.readline().strip().split(",")]
+        assert len(pids) == 2 and all(alive(pid) for pid in pids)
+        worker.kill()  # SIGKILL: no atexit, no shutdown, nothing tells the children
+        worker.wait()
+        assert wait_gone(pids) == []  # their parent watch ends them (PARENT_CHECK_S)
+    finally:
+        worker.kill()
