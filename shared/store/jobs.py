@@ -86,6 +86,16 @@ def _created(reply: list[str], job_id: str, request_hash: str) -> Created:
     return Created(outcome, job_id if outcome == "created" else "", detail=detail)
 
 
+def _placed(flat: list[str], place: list) -> Job | None:
+    """A job from read_job.lua's reply: its hash's fields, and its place when it is queued."""
+    raw = dict(zip(flat[::2], flat[1::2], strict=True))
+    job = Job.from_hash(raw) if raw else None
+    where = Place.from_reply(place)
+    if job is not None and where is not None:
+        job = job.model_copy(update={"queue": where.public()})
+    return job
+
+
 class JobStore:
     """Jobs as Redis hashes with a TTL; status changes only through the transition script."""
 
@@ -99,6 +109,7 @@ class JobStore:
         self._transition = scripts.register(client, "transition")
         self._create = scripts.register(client, "create_job")
         self._charged_get = scripts.register(client, "charged_get")
+        self._placed_get = scripts.register(client, "placed_get")
         # Its thread starts on the first wait, so workers, which never wait, never run one.
         self.completions = CompletionListener(client, JOB_DONE_PATTERN, job_id_from_done_channel)
 
@@ -155,12 +166,11 @@ class JobStore:
         wait_s, flat, place = self._charged_get(keys=[rate_key(charge.owner), job_key(job_id)],
                                                 args=[charge.rate_per_s, charge.burst, job_id, TEMPLATES,
                                                       LIVE_WITHIN_S])
-        raw = dict(zip(flat[::2], flat[1::2], strict=True))
-        job = Job.from_hash(raw) if raw else None
-        where = Place.from_reply(place)
-        if job is not None and where is not None:
-            job = job.model_copy(update={"queue": where.public()})
-        return float(wait_s), job
+        return float(wait_s), _placed(flat, place)
+
+    def placed_get(self, job_id: str) -> Job | None:
+        """The job, with where it stands when it is queued (as charged_get reads it, without the charge)."""
+        return _placed(*self._placed_get(keys=[job_key(job_id)], args=[job_id, TEMPLATES, LIVE_WITHIN_S]))
 
     def status(self, job_id: str) -> JobStatus | None:
         """Only the job's status (one small read: the worker asks it between decode steps)."""
@@ -250,18 +260,21 @@ class JobStore:
         return Transition(bool(applied), JobStatus(previous) if previous else None, int(attempts))
 
     def wait(self, job_id: str, timeout_s: float) -> Job | None:
-        """The job once it is terminal, or as it stands when `timeout_s` runs out; woken by Redis pub/sub."""
+        """The job once it is terminal, or as it stands when `timeout_s` runs out (a queued one with where it
+        stands, as a plain read gives it); woken by Redis pub/sub."""
         deadline = time.monotonic() + timeout_s
-        # Register before reading, so that an end between the read and the wait still wakes us; one read in all.
+        # Register before reading, so that an end between the read and the wait still wakes us.
         event = self.completions.register(job_id)
         try:
-            job = self.get(job_id)
+            job = self.placed_get(job_id)
             while job is not None and not job.status.is_terminal():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not event.wait(remaining):
                     break
                 event.clear()
-                job = self.get(job_id)
+                job = self.placed_get(job_id)
+            if job is not None and job.status == JobStatus.QUEUED:
+                job = self.placed_get(job_id) or job  # where it stands now, not when the wait began
             return job
         finally:
             self.completions.unregister(job_id, event)

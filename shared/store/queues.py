@@ -5,7 +5,8 @@ A job waits in a zset per key and model (by priority, then submission) and moves
 while that list holds fewer than `window` messages. Workers take from the list what their slots allow, so the list
 holds only the surplus: a short list keeps the policy's order, and the rest waits where the policy can still choose.
 The move is part of the scripts that already own create and transition (atomic with them): create moves jobs when
-the list has room, a start refills the list it took from, and each model's periodic tick (a worker's heartbeat
+the list has room, a start refills the list it took from, a job that ends while queued (canceled, past its
+deadline) takes its message back off the list and refills it, and each model's periodic tick (a worker's heartbeat
 thread: `tick`) moves what those missed and ends the jobs past their deadline. Keys take turns by weighted fair
 queuing (virtual time: each dispatch advances the key's time by 1 / its weight), so a key with 100,000 queued jobs
 and a key with 10 get the list in turns from the moment the second one submits. Celery stays the transport: its
