@@ -184,6 +184,7 @@ def test_a_job_canceled_after_a_worker_took_its_message_still_refills_the_list(s
 
 
 def test_a_waiting_job_says_why_it_waits(small, queue):
+    small = JobStore(small.redis, small.ttl_s, window=WINDOW, figures_ttl_s=0)  # the workers as they are now
     queues = Queues(small.redis, WINDOW)
     submit(small, queue, "owner-a", 2)
     mine = submit(small, queue, "owner-a", 2)
@@ -201,6 +202,23 @@ def test_a_waiting_job_says_why_it_waits(small, queue):
     small.mark_canceled(theirs, JobFailure(code="canceled", message="test"))
     assert reason(mine[1]) == "key_at_capacity"  # only its own key's jobs wait ahead of it
     assert reason(mine[0]) == "behind_other_jobs"  # next in line: only the list is ahead
+
+
+def test_a_queues_worker_figures_are_kept_for_their_ttl_and_positions_never(small, queue):
+    store = JobStore(small.redis, small.ttl_s, window=WINDOW, figures_ttl_s=0.3)
+    submit(store, queue, "owner-a", WINDOW)
+    first, second = submit(store, queue, "owner-a", 2)
+
+    def place(job_id: str):
+        return store.charged_get(job_id, UNLIMITED_CHARGE)[1].queue
+
+    assert place(second).waiting_reason == "no_worker" and place(second).position == WINDOW + 1
+    Queues(store.redis, WINDOW).serving(queue, "w1")
+    take_and_start(store, queue)  # the next job moves onto the list
+    assert place(second).waiting_reason == "no_worker"  # the figures as this process last read them
+    assert place(second).position == WINDOW  # the position as it is now
+    time.sleep(0.35)
+    assert place(second).waiting_reason == "behind_other_jobs"  # a live worker now: only the list is ahead
 
 
 def test_the_depth_counts_every_queued_job_not_only_the_lists(small, queue):
