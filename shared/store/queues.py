@@ -65,6 +65,19 @@ class Figures:
     starting_workers: int
     ended_last_minute: int
 
+    @staticmethod
+    def ask(pipe, queue: str) -> None:
+        """Queue the three reads of a queue's figures on a pipeline (`from_replies` takes their replies)."""
+        now = time.time()
+        bucket = math.floor(now / 10)
+        pipe.zcount(queue_workers_key(queue), now - LIVE_WITHIN_S, "+inf")
+        pipe.zcount(queue_starting_key(queue), now - LIVE_WITHIN_S, "+inf")
+        pipe.mget([queue_ends_key(queue, str(b)) for b in range(bucket - 6, bucket)])
+
+    @classmethod
+    def from_replies(cls, live: int, starting: int, ends: list) -> Figures:
+        return cls(live, starting, sum(int(e or 0) for e in ends))
+
 
 class QueueFigures:
     """Each queue's figures, kept `ttl_s` in this process: every poll of a queued job needs them, and they move only
@@ -87,14 +100,9 @@ class QueueFigures:
 
     def read(self, queue: str) -> Figures:
         """The figures as they stand, in one round trip."""
-        now = time.time()
-        bucket = math.floor(now / 10)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zcount(queue_workers_key(queue), now - LIVE_WITHIN_S, "+inf")
-        pipe.zcount(queue_starting_key(queue), now - LIVE_WITHIN_S, "+inf")
-        pipe.mget([queue_ends_key(queue, str(b)) for b in range(bucket - 6, bucket)])
-        live, starting, ends = pipe.execute()
-        return Figures(live, starting, sum(int(e or 0) for e in ends))
+        Figures.ask(pipe, queue)
+        return Figures.from_replies(*pipe.execute())
 
 
 @dataclass(frozen=True)
@@ -187,8 +195,9 @@ class Queues:
         pipe = self.redis.pipeline(transaction=False)
         pipe.zcard(queued_index_key(queue))
         pipe.zcard(waiting_key(queue, owner))
-        queued, mine = pipe.execute()
-        figures = QueueFigures(self.redis).read(queue)
+        Figures.ask(pipe, queue)
+        queued, mine, *replies = pipe.execute()
+        figures = Figures.from_replies(*replies)
         return {"queued": queued, "queued_for_key": mine, "live_workers": figures.live_workers,
                 "starting_workers": figures.starting_workers,
                 "jobs_per_s": round(figures.ended_last_minute / 60, 2)}
