@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     broker_window: int = Field(default=16, ge=1)  # messages a model's Celery list holds beyond what workers took
     default_start_within_s: float = Field(default=0, ge=0)  # a job's start deadline when it sets none (0: none)
     queue_tick_s: float = Field(default=1.0, gt=0)  # each queue's dispatch and deadline check by a worker
+    queue_figures_cache_s: float = Field(default=1.0, ge=0)  # an API process keeps a queue's workers/throughput
 
     # --- Batching and decoding in the GPU worker (worker/batcher.py, worker/decoding.py) -----------------------
     max_batch: int = Field(default=64, ge=1)  # jobs decoded together; the worker runs 2x this many task threads

@@ -37,7 +37,7 @@ from shared.store.keys import (
     webhook_queue,
     webhooks_due_key,
 )
-from shared.store.queues import LIVE_WITHIN_S, TEMPLATES, Place
+from shared.store.queues import TEMPLATES, Place, QueueFigures
 from shared.store.rates import UNLIMITED, Charge
 
 # Templates of the keys the transition script learns only as it runs (keys.py explains the placeholders).
@@ -90,8 +90,9 @@ class JobStore:
     """Jobs as Redis hashes with a TTL; status changes only through the transition script."""
 
     def __init__(self, client: redis.Redis, ttl_s: int, idempotency_ttl_s: int = 24 * 3600,
-                 webhook_queue: str = webhook_queue(PREFIX), window: int = 16):
+                 webhook_queue: str = webhook_queue(PREFIX), window: int = 16, figures_ttl_s: float = 1.0):
         self.redis = client
+        self.figures = QueueFigures(client, figures_ttl_s)  # what a queued job's place says of its queue's workers
         self.window = window  # how many messages a queue's list may hold (shared/store/queues.py)
         self.ttl_s = ttl_s
         self.idempotency_ttl_s = idempotency_ttl_s
@@ -99,6 +100,7 @@ class JobStore:
         self._transition = scripts.register(client, "transition")
         self._create = scripts.register(client, "create_job")
         self._charged_get = scripts.register(client, "charged_get")
+        self._placed_get = scripts.register(client, "placed_get")
         # Its thread starts on the first wait, so workers, which never wait, never run one.
         self.completions = CompletionListener(client, JOB_DONE_PATTERN, job_id_from_done_channel)
 
@@ -106,7 +108,7 @@ class JobStore:
     def from_settings(cls, client: redis.Redis, settings: Settings) -> JobStore:
         """The store with the lifetimes and webhook queue these settings give."""
         return cls(client, settings.result_ttl_s, settings.idempotency_ttl_s, webhook_queue_of(settings),
-                   settings.broker_window)
+                   settings.broker_window, settings.queue_figures_cache_s)
 
     def create(self, job: Job, queue: str, *, max_active: int = 2**62, idempotency: str | None = None,
                request_hash: str = "", charge: Charge = UNLIMITED) -> Created:
@@ -153,14 +155,24 @@ class JobStore:
         """Take the request from the owner's bucket and read the job, with where it stands when it is queued, in
         one round trip: (seconds to wait before a request may go ahead, 0 when this one may; the job)."""
         wait_s, flat, place = self._charged_get(keys=[rate_key(charge.owner), job_key(job_id)],
-                                                args=[charge.rate_per_s, charge.burst, job_id, TEMPLATES,
-                                                      LIVE_WITHIN_S])
+                                                args=[charge.rate_per_s, charge.burst, job_id, TEMPLATES])
+        return float(wait_s), self._placed(flat, place)
+
+    def placed_get(self, job_id: str) -> Job | None:
+        """The job, with where it stands when it is queued (as charged_get reads it, without the charge)."""
+        return self._placed(*self._placed_get(keys=[job_key(job_id)], args=[job_id, TEMPLATES]))
+
+    def _placed(self, flat: list[str], place: list) -> Job | None:
+        """A job from read_job.lua's reply: its hash's fields, and its place (with its queue's figures) when it
+        is queued."""
         raw = dict(zip(flat[::2], flat[1::2], strict=True))
-        job = Job.from_hash(raw) if raw else None
-        where = Place.from_reply(place)
-        if job is not None and where is not None:
+        if not raw:
+            return None
+        job = Job.from_hash(raw)
+        if place:
+            where = Place.from_reply(place, self.figures.of(raw["queue"]))
             job = job.model_copy(update={"queue": where.public()})
-        return float(wait_s), job
+        return job
 
     def status(self, job_id: str) -> JobStatus | None:
         """Only the job's status (one small read: the worker asks it between decode steps)."""
@@ -250,18 +262,21 @@ class JobStore:
         return Transition(bool(applied), JobStatus(previous) if previous else None, int(attempts))
 
     def wait(self, job_id: str, timeout_s: float) -> Job | None:
-        """The job once it is terminal, or as it stands when `timeout_s` runs out; woken by Redis pub/sub."""
+        """The job once it is terminal, or as it stands when `timeout_s` runs out (a queued one with where it
+        stands, as a plain read gives it); woken by Redis pub/sub."""
         deadline = time.monotonic() + timeout_s
-        # Register before reading, so that an end between the read and the wait still wakes us; one read in all.
+        # Register before reading, so that an end between the read and the wait still wakes us.
         event = self.completions.register(job_id)
         try:
-            job = self.get(job_id)
+            job = self.placed_get(job_id)
             while job is not None and not job.status.is_terminal():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not event.wait(remaining):
                     break
                 event.clear()
-                job = self.get(job_id)
+                job = self.placed_get(job_id)
+            if job is not None and job.status == JobStatus.QUEUED:
+                job = self.placed_get(job_id) or job  # where it stands now, not when the wait began
             return job
         finally:
             self.completions.unregister(job_id, event)

@@ -1,11 +1,13 @@
 """The queue's policy between submit and Celery: fair share across API keys, priorities within a key, deadlines,
-and where a queued job stands (the Lua is in lua/dispatch.lua, lua/queue_position.lua).
+and where a queued job stands (the Lua is in lua/dispatch.lua, lua/queue_position.lua; the figures of a queue that
+every one of its jobs shares: QueueFigures).
 
 A job waits in a zset per key and model (by priority, then submission) and moves to the model's Celery list only
 while that list holds fewer than `window` messages. Workers take from the list what their slots allow, so the list
 holds only the surplus: a short list keeps the policy's order, and the rest waits where the policy can still choose.
 The move is part of the scripts that already own create and transition (atomic with them): create moves jobs when
-the list has room, a start refills the list it took from, and each model's periodic tick (a worker's heartbeat
+the list has room, a start refills the list it took from, a job that ends while queued (canceled, past its
+deadline) takes its message back off the list and refills it, and each model's periodic tick (a worker's heartbeat
 thread: `tick`) moves what those missed and ends the jobs past their deadline. Keys take turns by weighted fair
 queuing (virtual time: each dispatch advances the key's time by 1 / its weight), so a key with 100,000 queued jobs
 and a key with 10 get the list in turns from the moment the second one submits. Celery stays the transport: its
@@ -58,30 +60,76 @@ TEMPLATES = json.dumps({
 
 
 @dataclass(frozen=True)
-class Place:
-    """Where a queued job stands, as the position script reads it."""
+class Figures:
+    """What a queue's workers say, the same for each of its jobs: live and loading workers, jobs ended lately."""
 
-    ahead: int
     live_workers: int
     starting_workers: int
     ended_last_minute: int
-    own_key_ahead: int  # 1: every waiting job that goes first is its own key's (the key gets all its turns)
+
+    @staticmethod
+    def ask(pipe, queue: str) -> None:
+        """Queue the three reads of a queue's figures on a pipeline (`from_replies` takes their replies)."""
+        now = time.time()
+        bucket = math.floor(now / 10)
+        pipe.zcount(queue_workers_key(queue), now - LIVE_WITHIN_S, "+inf")
+        pipe.zcount(queue_starting_key(queue), now - LIVE_WITHIN_S, "+inf")
+        pipe.mget([queue_ends_key(queue, str(b)) for b in range(bucket - 6, bucket)])
 
     @classmethod
-    def from_reply(cls, reply: list) -> Place | None:
-        return cls(*(int(value) for value in reply)) if reply else None
+    def from_replies(cls, live: int, starting: int, ends: list) -> Figures:
+        return cls(live, starting, sum(int(e or 0) for e in ends))
+
+
+class QueueFigures:
+    """Each queue's figures, kept `ttl_s` in this process: every poll of a queued job needs them, and they move only
+    with heartbeats (every heartbeat_s) and 10-second buckets, so reading them in each poll's script (a third of
+    its commands, half its time) bought nothing. Positions are never cached: they are read with the job."""
+
+    def __init__(self, client: redis.Redis, ttl_s: float = 1.0):
+        self.redis, self.ttl_s = client, ttl_s
+        self._kept: dict[str, tuple[float, Figures]] = {}  # queue -> (monotonic time it expires, figures)
+
+    def of(self, queue: str) -> Figures:
+        kept = self._kept.get(queue)
+        if kept is not None and kept[0] > time.monotonic():
+            return kept[1]
+        figures = self.read(queue)
+        if len(self._kept) > 1000:  # queue names come from the server's models, but bound it all the same
+            self._kept.clear()
+        self._kept[queue] = (time.monotonic() + self.ttl_s, figures)
+        return figures
+
+    def read(self, queue: str) -> Figures:
+        """The figures as they stand, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        Figures.ask(pipe, queue)
+        return Figures.from_replies(*pipe.execute())
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a queued job stands: the jobs ahead as the position script reads them, and its queue's figures."""
+
+    ahead: int
+    own_key_ahead: int  # 1: every waiting job that goes first is its own key's (the key gets all its turns)
+    figures: Figures
+
+    @classmethod
+    def from_reply(cls, reply: list, figures: Figures) -> Place:
+        return cls(int(reply[0]), int(reply[1]), figures)
 
     def public(self) -> QueuePlace:
         """The `queue` object of a queued job: position, eta_s (null when no throughput was measured), reason."""
-        rate = self.ended_last_minute / 60
-        eta = round((self.ahead + 1) / rate, 1) if rate > 0 and self.live_workers else None
+        rate = self.figures.ended_last_minute / 60
+        eta = round((self.ahead + 1) / rate, 1) if rate > 0 and self.figures.live_workers else None
         return QueuePlace(position=self.ahead, eta_s=eta, waiting_reason=self.reason())
 
     def reason(self) -> str:
         """no_worker, worker_starting (a worker is loading the model), key_at_capacity (only its own key's jobs
         are ahead of it: the key already has every turn the policy gives it) or behind_other_jobs."""
-        if not self.live_workers:
-            return "worker_starting" if self.starting_workers else "no_worker"
+        if not self.figures.live_workers:
+            return "worker_starting" if self.figures.starting_workers else "no_worker"
         return "key_at_capacity" if self.own_key_ahead else "behind_other_jobs"
 
 
@@ -146,17 +194,15 @@ class Queues:
 
     def overview(self, queue: str, owner: str) -> dict:
         """A queue's figures for dashboards: jobs queued (all keys, and the caller's), workers, recent jobs/s."""
-        now = time.time()
-        bucket = math.floor(now / 10)
         pipe = self.redis.pipeline(transaction=False)
         pipe.zcard(queued_index_key(queue))
         pipe.zcard(waiting_key(queue, owner))
-        pipe.zcount(queue_workers_key(queue), now - LIVE_WITHIN_S, "+inf")
-        pipe.zcount(queue_starting_key(queue), now - LIVE_WITHIN_S, "+inf")
-        pipe.mget([queue_ends_key(queue, str(b)) for b in range(bucket - 6, bucket)])
-        queued, mine, live, starting, ends = pipe.execute()
-        return {"queued": queued, "queued_for_key": mine, "live_workers": live, "starting_workers": starting,
-                "jobs_per_s": round(sum(int(e or 0) for e in ends) / 60, 2)}
+        Figures.ask(pipe, queue)
+        queued, mine, *replies = pipe.execute()
+        figures = Figures.from_replies(*replies)
+        return {"queued": queued, "queued_for_key": mine, "live_workers": figures.live_workers,
+                "starting_workers": figures.starting_workers,
+                "jobs_per_s": round(figures.ended_last_minute / 60, 2)}
 
     def history(self, queues: list[str], minutes: int = 60) -> list[int]:
         """Jobs these queues ended after running in each of the last `minutes` minutes, oldest first, the current

@@ -1,6 +1,7 @@
 """The queue's policy with real parts (the API over HTTP, Redis, the stack's worker on the tiny model): a key's few
 jobs start while another key's backlog is still queued, in the key's own priority order; a waiting job's position
-only goes down; a model no worker serves says no_worker; a deadline that passes while queued fails the job once."""
+only goes down; a model no worker serves says no_worker (a poll that waits and times out says where the job stands
+too); a deadline that passes while queued fails the job once."""
 
 from __future__ import annotations
 
@@ -65,6 +66,18 @@ def test_a_job_for_a_model_no_worker_serves_says_no_worker(client, api_url, auth
     served = next(q for model, q in queues.items() if model != PARKED_MODEL)
     assert served["live_workers"] >= 1
     client.cancel(job["id"])
+
+
+def test_a_wait_that_times_out_on_a_queued_job_says_where_it_stands_like_a_plain_get(client):
+    job = client.submit("describe", ["bar_chart.png"], model=PARKED_MODEL)
+    try:
+        started = time.monotonic()
+        waited = client.get(job["id"], wait_s=0.5)
+        assert time.monotonic() - started >= 0.5 and waited["status"] == "queued"
+        assert waited["queue"] == client.get(job["id"])["queue"]  # nothing ahead moved meanwhile: no worker
+        assert waited["queue"]["waiting_reason"] == "no_worker"
+    finally:
+        client.cancel(job["id"])
 
 
 def test_a_deadline_that_passes_while_queued_fails_the_job_and_tells_its_webhook_once(client, http_server):

@@ -20,7 +20,8 @@ if KEYS[5] ~= '' then
 end
 local active = tonumber(redis.call('GET', KEYS[4]) or '0')
 if active >= tonumber(ARGV[2]) then return {'queue_full', tostring(active)} end
-for i = 14, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+-- One HSET for every field (a command each cost a third of this script's time), with the queue and its message.
+redis.call('HSET', KEYS[1], 'queue', KEYS[2], 'message', ARGV[7], unpack(ARGV, 14))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 if KEYS[10] then
   local refused = admit_batch_item(KEYS[1], ARGV[4], KEYS[10], KEYS[11], KEYS[12])
@@ -32,7 +33,6 @@ end
 -- The queue: a sequence number (its order within its key's line), the line, and the list if it has room.
 local q = queue_keys(ARGV[10], KEYS[2])
 local seq = redis.call('INCR', KEYS[9])
-redis.call('HSET', KEYS[1], 'queue', KEYS[2], 'message', ARGV[7])
 if ARGV[13] ~= '' then
   redis.call('HSET', KEYS[1], 'deadline', ARGV[13])
   redis.call('ZADD', q.deadlines, tonumber(ARGV[13]), ARGV[4])

@@ -23,8 +23,9 @@ local function leave_turns(q, owner, vt)
   redis.call('HSET', q.vtimes, owner, vt)
 end
 
--- The next job of the key whose turn it is onto the list. A job past its deadline is not moved: it stays in the
--- deadlines zset, whose check ends it failed. Returns 1 when a job moved, 0 when one was passed over, nil when
+-- The next job of the key whose turn it is onto the list. The job's hash keeps the message while the job is queued,
+-- so that a cancel can take it back off the list (leave_queued.lua). A job past its deadline is not moved: it stays
+-- in the deadlines zset, whose check ends it failed. Returns 1 when a job moved, 0 when one was passed over, nil when
 -- no key waits.
 local function dispatch_one(q, at)
   local head = redis.call('ZRANGE', q.owners, 0, 0, 'WITHSCORES')
@@ -39,7 +40,6 @@ local function dispatch_one(q, at)
     if job[1] == 'queued' and job[2] and not (job[3] and tonumber(job[3]) <= at) then
       local seq = redis.call('INCR', q.seq)
       redis.call('HSET', job_key, 'seq', seq)
-      redis.call('HDEL', job_key, 'message')
       redis.call('ZADD', q.index, seq, popped[1])
       redis.call('LPUSH', q.queue, job[2])
       redis.call('SET', q.clock, head[2])

@@ -1,6 +1,5 @@
 -- requires: queue_keys
--- Where a queued job stands under dispatch.lua's policy: {jobs ahead of it, live workers of its queue, workers
--- still loading the model, jobs its queue ended in the last minute, 1 when only its own key's jobs wait ahead}. On the list, the jobs ahead are the queued
+-- Where a queued job stands under dispatch.lua's policy. On the list, the jobs ahead are the queued
 -- ones with a lower sequence number there. Waiting, they are every job on the list, the jobs ahead in its key's
 -- line, and each other key's jobs whose turn comes first: the job's turn comes at its key's virtual time plus its
 -- rank / weight, another key's i-th at that key's time plus i / its weight (ties go to the key that sorts first).
@@ -32,15 +31,9 @@ local function jobs_ahead(q, owner, job_id)
   return {ahead, own_only}
 end
 
-local function queue_position(job_key, job_id, templates, live_since)
-  local job = redis.call('HMGET', job_key, 'queue', 'owner')
-  if not job[1] then return {} end
-  local q = queue_keys(templates, job[1])
-  local clock = tonumber(redis.call('TIME')[1])
-  local ended, bucket, buckets = 0, math.floor(clock / 10), {}
-  for b = bucket - 6, bucket - 1 do buckets[#buckets + 1] = fill(q.ends, 'bucket', tostring(b)) end
-  for _, count in ipairs(redis.call('MGET', unpack(buckets))) do ended = ended + (tonumber(count) or 0) end
-  local ahead = jobs_ahead(q, job[2] or '', job_id)
-  return {ahead[1], redis.call('ZCOUNT', q.serving, clock - live_since, '+inf'),
-          redis.call('ZCOUNT', q.starting, clock - live_since, '+inf'), ended, ahead[2]}
+-- The jobs ahead of a queued job of `owner` in `queue`. The queue's figures (workers, recent throughput) are not
+-- read here: they are the same for every job of the queue, and each API process keeps them for a second
+-- (shared/store/queues.py: QueueFigures), which halves this script's cost on every poll.
+local function queue_position(queue, owner, job_id, templates)
+  return jobs_ahead(queue_keys(templates, queue), owner, job_id)
 end

@@ -11,7 +11,7 @@ for _, held in ipairs(redis.call('HVALS', KEYS[5])) do
   if string.find(held, ARGV[1], 1, true) then return 0 end
 end
 local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'seq', seq)
+redis.call('HSET', KEYS[1], 'seq', seq, 'message', ARGV[2])  -- what a cancel takes off the list
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[2])
 return 1

@@ -14,7 +14,7 @@ import pytest
 
 from shared.jobs import JobFailure, JobStatus
 from shared.store.jobs import JobStore
-from shared.store.keys import KEY_WEIGHTS, waiting_key
+from shared.store.keys import KEY_WEIGHTS, waiting_key, waiting_owners_key
 from shared.store.queues import Queues
 from shared.store.rates import UNLIMITED as UNLIMITED_CHARGE
 from tests.jobs import make_job
@@ -138,9 +138,11 @@ def test_a_job_past_its_deadline_never_reaches_the_list_and_ends_failed(small, q
 
 def test_a_deadline_that_passes_on_the_list_fails_the_job_there(small, queue):
     soon = submit(small, queue, "owner-a", start_within_s=0.2)[0]
+    later, waiting = submit(small, queue, "owner-a", 2)
     time.sleep(0.3)
     assert Queues(small.redis, WINDOW).expire_due(queue, small) == [soon]
     assert small.get(soon).error.code == "deadline_exceeded"
+    assert run_all(small, queue) == [later, waiting]  # its slot went to the next job, its message off the list
 
 
 def test_a_waiting_job_missing_from_its_keys_line_is_put_back_by_the_sweep(small, queue):
@@ -162,7 +164,27 @@ def test_a_canceled_waiting_job_leaves_its_line_and_its_key_the_turns(small, que
     assert len(run_all(small, queue)) == 2
 
 
+def test_a_job_canceled_on_the_list_gives_its_slot_to_the_next_job_at_once(small, queue):
+    on_list = submit(small, queue, "owner-a", WINDOW)
+    waiting = submit(small, queue, "owner-a")[0]
+    assert small.redis.llen(queue) == WINDOW  # full: the third waits in its key's line
+    # No tick runs here (nothing calls Queues.tick): only the cancel's own transition can move the waiting job.
+    assert small.mark_canceled(on_list[0], JobFailure(code="canceled", message="test")).applied
+    assert small.redis.llen(queue) == WINDOW
+    assert small.redis.zscore(waiting_owners_key(queue), "owner-a") is None  # its line is empty
+    assert run_all(small, queue) == [on_list[1], waiting]  # the canceled job's message left the list
+
+
+def test_a_job_canceled_after_a_worker_took_its_message_still_refills_the_list(small, queue):
+    first, second = submit(small, queue, "owner-a", WINDOW)
+    waiting = submit(small, queue, "owner-a")[0]
+    assert json.loads(small.redis.rpop(queue))["headers"]["id"] == first  # held by a worker, not started yet
+    small.mark_canceled(first, JobFailure(code="canceled", message="test"))
+    assert run_all(small, queue) == [second, waiting]
+
+
 def test_a_waiting_job_says_why_it_waits(small, queue):
+    small = JobStore(small.redis, small.ttl_s, window=WINDOW, figures_ttl_s=0)  # the workers as they are now
     queues = Queues(small.redis, WINDOW)
     submit(small, queue, "owner-a", 2)
     mine = submit(small, queue, "owner-a", 2)
@@ -180,6 +202,23 @@ def test_a_waiting_job_says_why_it_waits(small, queue):
     small.mark_canceled(theirs, JobFailure(code="canceled", message="test"))
     assert reason(mine[1]) == "key_at_capacity"  # only its own key's jobs wait ahead of it
     assert reason(mine[0]) == "behind_other_jobs"  # next in line: only the list is ahead
+
+
+def test_a_queues_worker_figures_are_kept_for_their_ttl_and_positions_never(small, queue):
+    store = JobStore(small.redis, small.ttl_s, window=WINDOW, figures_ttl_s=0.3)
+    submit(store, queue, "owner-a", WINDOW)
+    first, second = submit(store, queue, "owner-a", 2)
+
+    def place(job_id: str):
+        return store.charged_get(job_id, UNLIMITED_CHARGE)[1].queue
+
+    assert place(second).waiting_reason == "no_worker" and place(second).position == WINDOW + 1
+    Queues(store.redis, WINDOW).serving(queue, "w1")
+    take_and_start(store, queue)  # the next job moves onto the list
+    assert place(second).waiting_reason == "no_worker"  # the figures as this process last read them
+    assert place(second).position == WINDOW  # the position as it is now
+    time.sleep(0.35)
+    assert place(second).waiting_reason == "behind_other_jobs"  # a live worker now: only the list is ahead
 
 
 def test_the_depth_counts_every_queued_job_not_only_the_lists(small, queue):
