@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, render_template, request
+from types import SimpleNamespace
 
+from flask import Blueprint, Response, g, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from api.errors import HTTP_CODES
 from shared.errors import VisionqError
 
 bp = Blueprint("console", __name__, url_prefix="/console", template_folder="templates", static_folder="static",
@@ -29,6 +33,16 @@ def security_headers(response: Response) -> Response:
 def error_page(exc: VisionqError):
     """A refused console request: an HTML page with the same stable code the JSON API would give."""
     return page("error.html", error=exc), exc.http_status, exc.headers
+
+
+@bp.errorhandler(HTTPException)
+def http_error_page(exc: HTTPException):
+    """Werkzeug's own refusals (a form over the body limit, a bad form) as a page too, not the API's JSON."""
+    status = exc.code or 500
+    if status < 400:
+        return exc
+    error = SimpleNamespace(code=HTTP_CODES.get(status, f"http_{status}"), message=exc.description or exc.name)
+    return page("error.html", error=error), status
 
 
 def page(template: str, **context) -> str:

@@ -229,3 +229,17 @@ def test_a_web_image_is_a_link_the_console_never_fetches(app, keys):
     html = client.get(f"/console/jobs/{job_id}").get_data(as_text=True)
     assert f'<a href="{url}" rel="noopener noreferrer nofollow">' in html and "<img" not in html
     assert client.get(f"/console/jobs/{job_id}/images/0").status_code == 422  # no route fetches it either
+
+
+def test_a_form_over_the_body_limit_gets_a_page_not_json(redis_server, tmp_path_factory, keys):
+    small = create_app(Settings(redis_url=redis_server.url, queue="visionq-console-unit", key_cache_s=0,
+                                max_body_bytes=64 * 1024, data_dir=tmp_path_factory.mktemp("console-small")))
+    secret, _ = keys.create("console-too-large")
+    client = signed_in(small, secret)
+    form = csrf_of(client.get("/console/submit").get_data(as_text=True))
+    answer = client.post("/console/submit", headers={"Origin": ORIGIN}, content_type="multipart/form-data",
+                         data={"csrf_token": form, "task": "describe",
+                               "images": (io.BytesIO(b"\0" * 200 * 1024), "big.png")})
+    html = answer.get_data(as_text=True)
+    assert answer.status_code == 413 and answer.mimetype == "text/html"
+    assert "payload_too_large" in html and "Back to the jobs" in html
