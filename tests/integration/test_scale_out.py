@@ -74,7 +74,7 @@ def stop_supervisor(supervisor: subprocess.Popen) -> None:
             supervisor.wait()
 
 
-def wait_ready(store: JobStore, name: str, not_pid: int | None = None, timeout_s: float = 90) -> int:
+def wait_ready(store: JobStore, name: str, not_pid: int | None = None, timeout_s: float = 180) -> int:
     """The pid of this worker once its (new) process has loaded its model."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
