@@ -18,7 +18,8 @@ def test_every_accepted_job_ends_exactly_once_through_worker_and_redis_faults(ti
     assert 2 <= report.attempts_of(killed.job_id) <= 3
     assert report.attempts_of(termed.job_id) == 1  # warm shutdown: the worker finished it before exiting
     assert redis_restart.kind.startswith("Redis killed")
-    # Only jobs interrupted by a fault ran twice: the killed worker's rows (several run at once since rows join the
-    # batch at every step), those the Redis restart cut off, and Redis's counts agree with what the workers wrote.
-    assert set(report.attempts_histogram) <= {1, 2, 3} and report.attempts_histogram[1] >= 54
+    # Only jobs interrupted by a fault ran twice: the killed worker's rows (with the block cache a worker runs every
+    # job it holds at once: up to its share of the 60, 19 ran twice in one loaded run) and those the Redis restart
+    # cut off; the other worker's share runs once. Redis's counts agree with what the workers wrote.
+    assert set(report.attempts_histogram) <= {1, 2, 3} and report.attempts_histogram[1] >= report.accepted // 2
     assert report.status_counts == {"queued": 0, "running": 0, "succeeded": 62}
