@@ -155,6 +155,7 @@ class Batcher:
         """Prefill waiting tickets into free rows, in the lanes' order, up to one prefill chunk's tokens (all free rows
         when nothing decodes yet); a ticket that needs longer rows stops the admissions until the run ends."""
         joining: list[Ticket] = []
+        joining_prompts: list = []  # kept beside `joining`: fits() is asked once per candidate, on the GPU thread
         budget = self.decoder.prefill_tokens
         free = self.decoder.free_rows()
         if free and len(self.deferred) > 1:
@@ -164,11 +165,12 @@ class Batcher:
             if ticket.future.done():  # canceled while it waited
                 self.deferred.popleft()
                 continue
-            if not self.decoder.fits(ticket.prompt, [t.prompt for t in joining]) or (joining and self.decoder.running
+            if not self.decoder.fits(ticket.prompt, joining_prompts) or (joining and self.decoder.running
                                                         and ticket.prompt.length > budget):
                 break
             budget -= ticket.prompt.length
             joining.append(self.deferred.popleft())
+            joining_prompts.append(ticket.prompt)
         if not joining:
             return
         self.short_turn ^= len(joining) % 2 == 1  # the lanes took turns over these rows
