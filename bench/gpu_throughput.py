@@ -297,7 +297,7 @@ def main() -> None:
                     if label == "forced":
                         forced_tokens_s = result["tokens_s"]
                 if count == 1 and cap == max(int(c) for c in args.caps.split(",")):
-                    idle_latency(client, images, args.new_tokens, crops[0])
+                    idle_latency(client, WorkerRegistry(store.redis), names[0], images, args.new_tokens, crops[0])
                 stop_workers(stack, names)
 
 
@@ -335,17 +335,27 @@ def run_workload(client: Client, store: JobStore, stack: Stack, names: list[str]
     return result
 
 
-def idle_latency(client: Client, images: list[str], new_tokens: int, num_crops: int) -> None:
+def idle_latency(client: Client, registry: WorkerRegistry, name: str, images: list[str], new_tokens: int,
+                 num_crops: int) -> None:
     """One job at a time on an idle worker, client-side from submit to result (?wait)."""
-    seconds = []
+    seconds, timings = [], []
     for i in range(4):
+        before = registry.info(name)
         started = time.perf_counter()
         job = client.submit("describe", [images[i]], max_new_tokens=new_tokens, num_crops=num_crops)
         done = client.wait(job["id"], timeout_s=60)
         assert done["status"] == "succeeded", done
         seconds.append(time.perf_counter() - started)
+        timings.append(done["result"]["timings"])
     print(f"idle single job, {new_tokens} tokens, submit to result: first {seconds[0]:.2f} s (captures the batch-1 "
           f"graph), then {', '.join(f'{s:.2f}' for s in seconds[1:])} s", flush=True)
+    # Where the last one's time went, as the worker measured it (inference: preprocessing, prefill and decode).
+    time.sleep(0.5)  # the run's figures are recorded when it ends, just after its last result
+    after = registry.info(name)
+    gpu = {field: (float(after.get(field, 0)) - float(before.get(field, 0))) * 1000
+           for field in ("prefill_s", "decode_s", "idle_s")}
+    print("  last job's timings: " + ", ".join(f"{k} {v:.0f} ms" for k, v in timings[-1].items())
+          + "; its GPU thread run: " + ", ".join(f"{k} {v:.0f} ms" for k, v in gpu.items()), flush=True)
 
 
 if __name__ == "__main__":

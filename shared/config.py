@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     kv_cache_fraction: float = Field(default=0.75, gt=0, le=1)
     cpu_kv_cache_mb: int = Field(default=2048, gt=0)
     prefill_tokens: int = Field(default=16384, gt=0)  # padded prompt tokens per prefill forward
+    # Prompt tokens that join the running rows per decode step (the first waiting prompt always joins): every row
+    # that decodes waits for them, so a small share keeps short jobs moving; a burst joins over several steps.
+    step_prefill_tokens: int = Field(default=4096, gt=0)
     # The KV cache by blocks (worker/blocks.py): rows of any length share one pool, admitted by free blocks; off,
     # rows of one layout length (the longest need of the run's first prompts). On: on the H200, mixed lengths ran at
     # 1.32x the output tokens/s of rows of one length, uniform ones at 1.03x (README, "How a GPU worker batches").

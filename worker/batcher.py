@@ -4,18 +4,28 @@ that join and leave the running batch at every step.
 Celery runs the worker with a threads pool of 2 x max_batch: each task thread fetches its job's images and has
 them decoded and the processor run (worker/preprocess.py: CPU work that overlaps the GPU, in processes of its own
 so that it does not hold this thread's GIL), then waits here for its own completion. The GPU thread loops: take in
-the prompts waiting now, prefill as many as there are free rows, shortest first (see below; at most
-`prefill_tokens` padded tokens a step, so the running rows are not held up long), run one decode step of every
-row, hand back the rows that ended (each job's future resolves at once, and its row is free for the next prompt),
-and end the rows of canceled jobs (which the store is asked every CANCEL_POLL_S, by a thread of its own). Prefill
-runs between decode steps, not inside them: the decode step keeps its fixed shapes and its CUDA graph, and the
-prefill its batched forward; the cost is a decode step that waits for a prefill chunk.
+the prompts waiting now, prefill some of them into free rows (in the lanes' order, below; at most `step_tokens`
+prompt tokens a step, at least one prompt), run one decode step of every row, hand back the rows that ended (each
+job's future resolves at once, and its row is free for the next prompt), and end the rows of canceled jobs (which
+the store is asked every CANCEL_POLL_S, by a thread of its own). Prefill runs between decode steps, not inside
+them: the decode step keeps its fixed shapes and its CUDA graph, and the prefill its batched forward; the cost is
+a decode step that waits for the prefill before it.
+
+Why a small `step_tokens`, even when a burst arrives at an idle GPU: every running row waits for each prefill, and
+the GPU's work per job is about the same whichever way the prefills and steps interleave (a decode step's cost
+grows with its rows' keys and values; its fixed part is small), so joining a burst all at once only delays every
+token of it (on the H200 a burst of 256 jobs at num_crops=4, ~770-token prompts, used to prefill for ~5 s
+before its first decode step). Not too small either: a prefill forward of one or two prompts is bound by its
+kernel launches (on the H200, 2 prompts took 19.9 ms each in the decoder's admit, against 15.8 ms each in chunks
+of 5 and 15.5 ms in chunks of up to 21), so the default 4,096 tokens is five such prompts a step. Rows still fill up:
+in a steady stream a step admits about as many jobs as end in a step.
 
 A run starts when the GPU thread is idle and a prompt arrives: it waits a little for a burst to gather (`wait_s`,
-longer while task threads are still preparing), and lays the KV arena out in rows long enough for every prompt
-waiting then. A later prompt whose need is longer waits, with those behind it, until the run's rows have ended, and
-starts the next run with longer rows. A message is acknowledged only when its task returns, after the result is
-stored, so a worker killed mid-run leaves every unfinished job to be redelivered.
+longer while task threads are still preparing: the lanes then choose among more prompts), and lays the KV arena
+out in rows long enough for every prompt waiting then. A later prompt whose need is longer waits, with those
+behind it, until the run's rows have ended, and starts the next run with longer rows. A message is acknowledged
+only when its task returns, after the result is stored, so a worker killed mid-run leaves every unfinished job to
+be redelivered.
 
 Admission order, when more prompts wait than rows are free: two lanes take turns, one free row each. The short
 lane admits the waiting job with the fewest max_new_tokens (ties: the earlier), the other the job that has waited
@@ -65,8 +75,10 @@ class Batcher:
 
     def __init__(self, decoder: Decoder, max_batch: int, wait_s: float, fill_wait_s: float = 0.0,
                  canceled: Callable[[list[str]], set[str]] = lambda ids: set(),
-                 on_batch: Callable[[BatchStats], None] = lambda stats: None, short_lane: bool = True):
+                 on_batch: Callable[[BatchStats], None] = lambda stats: None, short_lane: bool = True,
+                 step_tokens: int = 4096):
         self.decoder, self.max_batch, self.wait_s = decoder, max_batch, wait_s
+        self.step_tokens = step_tokens  # prompt tokens that join per step (the first prompt always does)
         self.short_lane = short_lane  # False: first come, first served
         self.short_turn = True  # whether the short lane takes the next free row
         self.arrivals = itertools.count()  # next() is atomic under the GIL: task threads number their tickets
@@ -152,11 +164,11 @@ class Batcher:
                 return
 
     def _admit(self, stats: BatchStats) -> None:
-        """Prefill waiting tickets into free rows, in the lanes' order, up to one prefill chunk's tokens (all free rows
-        when nothing decodes yet); a ticket that needs longer rows stops the admissions until the run ends."""
+        """Prefill waiting tickets into free rows, in the lanes' order, up to `step_tokens` prompt tokens (at least one
+        ticket); a ticket that needs longer rows stops the admissions until the run ends."""
         joining: list[Ticket] = []
         joining_prompts: list = []  # kept beside `joining`: fits() is asked once per candidate, on the GPU thread
-        budget = self.decoder.prefill_tokens
+        budget = self.step_tokens
         free = self.decoder.free_rows()
         if free and len(self.deferred) > 1:
             self._order()
@@ -165,8 +177,7 @@ class Batcher:
             if ticket.future.done():  # canceled while it waited
                 self.deferred.popleft()
                 continue
-            if not self.decoder.fits(ticket.prompt, joining_prompts) or (joining and self.decoder.running
-                                                        and ticket.prompt.length > budget):
+            if not self.decoder.fits(ticket.prompt, joining_prompts) or (joining and ticket.prompt.length > budget):
                 break
             budget -= ticket.prompt.length
             joining.append(self.deferred.popleft())

@@ -164,6 +164,43 @@ def test_a_long_job_waits_for_at_most_two_admissions_per_older_job_plus_one(tiny
     assert order.index("old") <= 1 and order.index("long") <= 3  # one older job: at most 2 x 1 + 1 admissions
 
 
+class SteppingDecoder(Decoder):
+    """The real decoder, noting how many prompts each admission took and how many decode steps came before it."""
+
+    calls: list[tuple[int, int]]
+    steps_done: int
+
+    def admit(self, tagged):
+        self.calls.append((len(tagged), self.steps_done))
+        return super().admit(tagged)
+
+    def step(self):
+        self.steps_done += 1
+        return super().step()
+
+
+def test_a_burst_joins_a_step_budget_of_prompt_tokens_at_a_time_and_decodes_in_between(tiny):
+    """With a budget of one prompt's tokens, a burst of four joins one prompt per decode step: the first rows
+    decode (and a short one ends) while the rest of the burst waits, instead of waiting for the whole burst's
+    prefill; every result is still exactly its own generate."""
+    processor, model = tiny
+    prompts = [prompt(processor, seed, max_new_tokens=tokens) for seed, tokens in enumerate((3, 30, 30, 30))]
+    stepping = SteppingDecoder(model, [model.generation_config.eos_token_id], processor.tokenizer.pad_token_id,
+                               use_graphs=False, kv_budget_bytes=1 << 30)
+    stepping.calls, stepping.steps_done = [], 0
+    stepping.eos_ids = frozenset()  # each row makes exactly its max_new_tokens
+    batcher = Batcher(stepping, max_batch=4, wait_s=0.5, step_tokens=max(p.length for p in prompts))
+    futures = [batcher.submit(f"job{i}", p) for i, p in enumerate(prompts)]
+    results = [future.result(timeout=60).tokens for future in futures]
+    assert [count for count, _steps in stepping.calls] == [1, 1, 1, 1]
+    assert [steps for _count, steps in stepping.calls] == [0, 1, 2, 3]
+    exact = Decoder(model, [], processor.tokenizer.pad_token_id, use_graphs=False, kv_budget_bytes=1 << 30)
+    expected = []
+    exact.generate(prompts, lambda i, completion: expected.append((i, completion.tokens)))
+    assert results == [tokens for _i, tokens in sorted(expected)]
+    assert len(results[0]) == 3
+
+
 def test_a_store_that_cannot_say_which_jobs_are_canceled_ends_no_run(tiny):
     processor, model = tiny
 
