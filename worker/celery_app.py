@@ -37,16 +37,24 @@ def start_worker(sender=None, **_kwargs) -> None:
     """Observe, load the model once for this process and start the GPU thread, then start beating."""
     settings = get_settings()
     name = str(getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}")
-    observe.start(settings, name)
+    try:
+        observe.start(settings, name)
+    except OSError as exc:
+        stop_at_start(f"cannot serve metrics on port {settings.metrics_port} ({exc.strerror})")
     configure_pillow(settings)
     try:
         worker = context.start(settings, name)
     except Exception:
-        # Celery would log this and serve anyway, failing every job; a worker without its model must not start.
-        log.exception("could not load %s; the worker stops", settings.model)
-        logging.shutdown()
-        os._exit(3)
+        stop_at_start(f"could not load {settings.model}", exc_info=True)
     heartbeat.start(name, settings, worker.workers, worker.broker, worker.queues, worker.store)
+
+
+def stop_at_start(reason: str, exc_info: bool = False) -> None:
+    """Celery logs a failing worker_init handler and serves anyway: it would take jobs without a model (or hang,
+    never ready, when its metrics port is taken). A worker that cannot start exits, and its supervisor says so."""
+    log.error("%s; the worker stops", reason, exc_info=exc_info)
+    logging.shutdown()
+    os._exit(3)
 
 
 @worker_shutdown.connect

@@ -25,6 +25,7 @@ from shared.store.connection import connect
 from shared.store.jobs import JobStore
 from shared.store.workers import WorkerRegistry
 from tests.conftest import settings_env
+from tests.ports import free_port_run
 
 HOST = socket.gethostname()
 # A lease of 1 s, renewed every 0.25 s, swept for every second: a job that outlasts it is redelivered unless its
@@ -48,7 +49,7 @@ def scaled(settings, second_model, tmp_path_factory):
     env = {**settings_env(base), "VISIONQ_QUEUE": "scale-out", "VISIONQ_MODELS": str(second_model),
            "VISIONQ_MAX_NEW_TOKENS_LIMIT": str(LONG_TOKENS), **LEASE_ENV}
     logs = tmp_path_factory.mktemp("scale-out-logs")
-    metrics_port = free_port()
+    metrics_port = free_port_run(len(NAMES))
     workers_env = {**os.environ, **env, "VISIONQ_MODEL": str(second_model), "VISIONQ_DEVICE": "cpu",
                    "VISIONQ_METRICS_PORT": str(metrics_port)}
     supervisor = subprocess.Popen([sys.executable, "-m", "cli.main", "workers", "--gpus", "0,1", "--log-dir",
@@ -57,7 +58,7 @@ def scaled(settings, second_model, tmp_path_factory):
         with Stack(base, env=env, api_port=free_port(), log_dir=logs, worker=False,
                    batches=False) as api:
             store = JobStore(connect(settings), settings.result_ttl_s)
-            pids = [wait_ready(store, name) for name in NAMES]
+            pids = [wait_ready(store, name, log_dir=logs) for name in NAMES]
             yield api, supervisor, store, second_model, metrics_port, pids
     finally:
         stop_supervisor(supervisor)
@@ -74,7 +75,8 @@ def stop_supervisor(supervisor: subprocess.Popen) -> None:
             supervisor.wait()
 
 
-def wait_ready(store: JobStore, name: str, not_pid: int | None = None, timeout_s: float = 180) -> int:
+def wait_ready(store: JobStore, name: str, not_pid: int | None = None, timeout_s: float = 180,
+               log_dir: Path | None = None) -> int:
     """The pid of this worker once its (new) process has loaded its model."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -82,7 +84,12 @@ def wait_ready(store: JobStore, name: str, not_pid: int | None = None, timeout_s
         if info.get("pid") not in (None, not_pid) and worker_is_ready(info, info["pid"]):
             return info["pid"]
         time.sleep(0.1)
-    raise AssertionError(f"{name} did not become ready")
+    raise AssertionError(f"{name} did not become ready; its log ends:\n{log_tail(log_dir, name)}")
+
+
+def log_tail(log_dir: Path | None, name: str, lines: int = 40) -> str:
+    log = log_dir / f"{name}.log" if log_dir else None
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log and log.exists() else "(no log)"
 
 
 def client_of(scaled) -> Client:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import time
 
 import pytest
@@ -128,6 +129,23 @@ def test_a_worker_whose_model_cannot_load_exits_instead_of_serving(settings, tmp
     with pytest.raises(RuntimeError, match="worker exited with 3"):
         stack.start(timeout_s=60)
     stack.stop()
+
+
+def test_a_worker_whose_metrics_port_is_taken_exits_and_says_why(settings, tmp_path):
+    """Celery would swallow the bind error of its worker_init handler: the worker would run without a model,
+    never ready, and its supervisor would never hear of it."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with taken:
+        port = taken.getsockname()[1]
+        blocked = settings.model_copy(update={"queue": "visionq-port", "metrics_port": port})
+        env = {**settings_env(blocked), "VISIONQ_QUEUE": "visionq-port", "VISIONQ_METRICS_PORT": str(port)}
+        stack = Stack(blocked, env=env, log_dir=tmp_path, api=False, webhooks=False, batches=False)
+        with pytest.raises(RuntimeError, match="worker exited with 3"):
+            stack.start(timeout_s=60)
+        stack.stop()
+    assert f"cannot serve metrics on port {port}" in (tmp_path / "worker.log").read_text()
 
 
 def test_the_workers_preprocessing_processes_end_with_it_on_sigterm_and_on_sigkill(settings, tmp_path):
