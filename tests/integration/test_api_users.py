@@ -258,3 +258,25 @@ def test_an_idle_connection_outlives_gunicorns_default_keep_alive(api_url):
     assert connection.getresponse().status == 200
     assert connection.sock is first  # no reconnect was needed
     connection.close()
+
+
+def test_a_connection_is_closed_after_api_keepalive_requests_and_the_client_reconnects(api_url, settings):
+    """A gunicorn process keeps each connection it accepts: a bounded number of requests per connection (100)
+    lets the kernel deal a client's pool over the processes again."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    limit = settings.api_keepalive_requests
+    address = urlsplit(api_url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    sockets, closes = [], []
+    for _ in range(limit + 1):
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        response.read()
+        sockets.append(connection.sock)
+        closes.append(response.getheader("Connection"))
+    connection.close()
+    assert closes[:limit - 1] == ["keep-alive"] * (limit - 1)
+    assert closes[limit - 1] == "close" and sockets[limit - 1] is None  # http.client dropped the closed socket
+    assert closes[limit] == "keep-alive"  # the next request went over a new connection
