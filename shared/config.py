@@ -164,10 +164,11 @@ class Settings(BaseSettings):
     # How long gunicorn keeps an idle connection open: longer than a load balancer's idle timeout (60 s on the
     # common ones), or the balancer reuses a connection the API has just closed (a reset).
     api_keepalive_s: int = Field(default=75, ge=1)
-    # A connection is closed after this many requests (0: never), as nginx's keepalive_requests: each gunicorn
-    # process keeps every connection it accepts, and the kernel may give one process most of a client's (or a
-    # balancer's) pool, leaving the other cores idle; reconnecting spreads them again.
-    api_keepalive_requests: int = Field(default=100, ge=0)
+    # A connection is closed after this many requests (0: never), as nginx's keepalive_requests (also 1000): each
+    # gunicorn process keeps every connection it accepts, and the kernel may give one process most of a client's
+    # (or a balancer's) pool, leaving the other cores idle; reconnecting spreads them again. Not much lower:
+    # gunicorn closes a connection on its main loop, lingering until the client's FIN (an RTT per close).
+    api_keepalive_requests: int = Field(default=1000, ge=0)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # A worker serves Prometheus metrics on this port (0: none); `visionq workers` gives its N-th child port + N.

@@ -261,7 +261,7 @@ def test_an_idle_connection_outlives_gunicorns_default_keep_alive(api_url):
 
 
 def test_a_connection_is_closed_after_api_keepalive_requests_and_the_client_reconnects(api_url, settings):
-    """A gunicorn process keeps each connection it accepts: a bounded number of requests per connection (100)
+    """A gunicorn process keeps each connection it accepts: a bounded number of requests per connection (1000)
     lets the kernel deal a client's pool over the processes again."""
     import http.client
     from urllib.parse import urlsplit
