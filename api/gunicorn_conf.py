@@ -53,7 +53,6 @@ def pre_request(worker, req) -> None:
         req.must_close = True  # gunicorn's own flag: the response says close and the connection ends
 
 
-
 def on_exit(server) -> None:
     if _folder is not None:
         shutil.rmtree(_folder, ignore_errors=True)

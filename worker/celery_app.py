@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import socket
+from typing import NoReturn
 
 from celery.signals import setup_logging, task_postrun, task_prerun, worker_init, worker_shutdown
 
@@ -55,7 +56,7 @@ def start_worker(sender=None, **_kwargs) -> None:
     heartbeat.start(name, settings, worker.workers, worker.broker, worker.queues, worker.store)
 
 
-def stop_at_start(reason: str, exc_info: bool = False) -> None:
+def stop_at_start(reason: str, exc_info: bool = False) -> NoReturn:
     """Celery logs a failing worker_init handler and serves anyway: it would take jobs without a model (or hang,
     never ready, when its metrics port is taken). A worker that cannot start exits, and its supervisor says so."""
     log.error("%s; the worker stops", reason, exc_info=exc_info)
