@@ -24,6 +24,7 @@ the baselines run with.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -210,20 +211,24 @@ def _tree_cpu_s(pid: int) -> float:
     return own + sum(_tree_cpu_s(int(child)) for child in children)
 
 
-def start_workers(stack: Stack, gpus: list[str], cap: int, cpu: bool = False) -> list[str]:
-    """`visionq workers --gpus ...`: the launcher, one worker per GPU pinned with CUDA_VISIBLE_DEVICES."""
+def start_workers(stack: Stack, gpus: list[str], cap: int, cpu: bool = False,
+                  variant: dict[str, str] | None = None) -> list[str]:
+    """`visionq workers --gpus ...`: the launcher, one worker per GPU pinned with CUDA_VISIBLE_DEVICES, with the
+    variant's settings on top."""
     which = ["--cpu-workers", str(len(gpus))] if cpu else ["--gpus", ",".join(gpus)]
-    env = {**os.environ, **stack.extra_env, "VISIONQ_MAX_BATCH": str(cap), "VISIONQ_REDIS_URL": stack.redis_url}
+    env = {**os.environ, **stack.extra_env, "VISIONQ_MAX_BATCH": str(cap), "VISIONQ_REDIS_URL": stack.redis_url,
+           **(variant or {})}
     log = open(stack.log_dir / f"workers-{cap}-{len(gpus)}.log", "ab")  # noqa: SIM115 (closed with the process)
-    stack.processes["workers"] = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "workers", *which, "--log-dir", str(stack.log_dir)],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
     host = socket.gethostname()
     names = [f"cpu{i}@{host}" for i in range(len(gpus))] if cpu else [f"gpu{gpu}@{host}" for gpu in gpus]
     registry = WorkerRegistry(stack.redis_client())
+    earlier = {name: registry.info(name).get("pid") for name in names}  # a stopped worker's facts stay until then
+    stack.processes["workers"] = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "workers", *which, "--log-dir", str(stack.log_dir)],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
     for name in names:
         deadline = time.monotonic() + 300
-        while not registry.info(name).get("loads") or registry.info(name).get("max_batch") != cap:
+        while not registry.info(name).get("loads") or registry.info(name).get("pid") == earlier[name]:
             if stack.processes["workers"].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start; see {stack.log_dir}")
             time.sleep(0.2)
@@ -251,7 +256,11 @@ def main() -> None:
     parser.add_argument("--mixed-jobs", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-forced", action="store_true", help="only the mixed workload")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                        help="worker settings to run each cap with, in turn (repeatable; default: as they are), "
+                             "e.g. fp8:VISIONQ_KV_CACHE_DTYPE=fp8")
     args = parser.parse_args()
+    variants = dict(parse_variant(text) for text in args.variant) or {"default": {}}
     crops = [int(n) for n in args.num_crops_mix.split(",") if n] or [args.num_crops]
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="visionq-bench-"))
@@ -281,9 +290,13 @@ def main() -> None:
     with Stack(settings, env=env, api_port=settings.api_port, log_dir=work / "logs", worker=False) as stack:
         client = Client(stack.api_url, key=stack.api_key, timeout_s=120)
         store = JobStore(stack.redis_client(), 3600)
-        for cap in [int(c) for c in args.caps.split(",")]:
+        for cap, (variant, settings_of) in itertools.product([int(c) for c in args.caps.split(",")],
+                                                             variants.items()):
+            if len(variants) > 1:
+                print(f"variant {variant}: {settings_of or 'the settings as they are'}", flush=True)
             for count in range(1, len(gpus) + 1):
-                names = start_workers(stack, gpus[:count], cap, cpu=not torch.cuda.is_available())
+                names = start_workers(stack, gpus[:count], cap, cpu=not torch.cuda.is_available(),
+                                      variant=settings_of)
                 forced_jobs = max(16, min(args.jobs, 4 * cap)) * count
                 workloads = [] if args.skip_forced else [("forced", [args.new_tokens] * forced_jobs)]
                 if args.lengths:
@@ -299,6 +312,15 @@ def main() -> None:
                 if count == 1 and cap == max(int(c) for c in args.caps.split(",")):
                     idle_latency(client, WorkerRegistry(store.redis), names[0], images, args.new_tokens, crops[0])
                 stop_workers(stack, names)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """`fp8:VISIONQ_KV_CACHE_DTYPE=fp8,VISIONQ_MAX_BATCH=512` -> ("fp8", {...})."""
+    name, _, pairs = text.partition(":")
+    settings = dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
+    if not name or any(not key.startswith("VISIONQ_") for key in settings):
+        raise SystemExit(f"--variant {text!r}: expected NAME:VISIONQ_VAR=VALUE[,VISIONQ_VAR=VALUE]")
+    return name, settings
 
 
 def run_workload(client: Client, store: JobStore, stack: Stack, names: list[str], gpus: list[str], cap: int,
@@ -320,7 +342,7 @@ def run_workload(client: Client, store: JobStore, stack: Stack, names: list[str]
           f"{result['tokens_s']:.0f} output tokens/s{versus}; latency p50 {result['p50']:.2f} s, "
           f"p95 {result['p95']:.2f} s, jobs of <= 32 tokens p50 {result['short_p50']:.2f} s ({result['shorts']} jobs); "
           f"{sampler.summary()}; most rows at once {max(int(i.get('peak_rows', 0)) for i in infos)}, "
-          f"fused kernels {infos[0].get('fused')}, "
+          f"fused kernels {infos[0].get('fused')}, KV cache {infos[0].get('kv_cache_dtype')}, "
           f"worker peak {max(float(i.get('gpu_peak_gib', 0)) for i in infos):.1f} GiB; "
           f"submit {result['submit_s']:.2f} s; not succeeded with their tokens: {result['bad']}, "
           f"ran twice: {result['twice']}", flush=True)
