@@ -242,6 +242,8 @@ def invalid_fields(exc: ValidationError) -> VisionqError:
 
 def wait_seconds(settings: Settings) -> float:
     """The ?wait parameter, from 0 to settings.max_wait_s."""
+    if not request.query_string:  # most polls: no query to parse (request.args builds a MultiDict)
+        return 0.0
     raw = request.args.get("wait")
     if raw is None:
         return 0.0

@@ -193,10 +193,12 @@ class Job(BaseModel):
         return self.created_at.timestamp() + self.start_within_s if self.start_within_s else None
 
     @classmethod
-    def from_hash(cls, raw: dict[str, str]) -> Job:
-        """Rebuild a job from its Redis hash."""
+    def from_hash(cls, raw: dict[str, str], place: QueuePlace | None = None) -> Job:
+        """Rebuild a job from its Redis hash, with its place in the queue when it was read with it."""
         data: dict = dict(raw)
         data.pop("queue", None)  # the hash's queue name (lua/create_job.lua); Job.queue is the place, read apart
+        if place is not None:
+            data["queue"] = place
         data["images"] = json.loads(data.get("images", "[]"))
         for key in ("result", "error", "webhook"):
             if key in data:

@@ -168,11 +168,8 @@ class JobStore:
         raw = dict(zip(flat[::2], flat[1::2], strict=True))
         if not raw:
             return None
-        job = Job.from_hash(raw)
-        if place:
-            where = Place.from_reply(place, self.figures.of(raw["queue"]))
-            job = job.model_copy(update={"queue": where.public()})
-        return job
+        where = Place.from_reply(place, self.figures.of(raw["queue"])).public() if place else None
+        return Job.from_hash(raw, place=where)
 
     def status(self, job_id: str) -> JobStatus | None:
         """Only the job's status (one small read: the worker asks it between decode steps)."""
