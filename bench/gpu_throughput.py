@@ -258,7 +258,7 @@ def main() -> None:
     parser.add_argument("--skip-forced", action="store_true", help="only the mixed workload")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                         help="worker settings to run each cap with, in turn (repeatable; default: as they are), "
-                             "e.g. fp8:VISIONQ_KV_CACHE_DTYPE=fp8")
+                             "e.g. --variant budget4k:VISIONQ_STEP_PREFILL_TOKENS=4096 --variant budget16k:...")
     args = parser.parse_args()
     variants = dict(parse_variant(text) for text in args.variant) or {"default": {}}
     crops = [int(n) for n in args.num_crops_mix.split(",") if n] or [args.num_crops]
@@ -315,7 +315,7 @@ def main() -> None:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """`fp8:VISIONQ_KV_CACHE_DTYPE=fp8,VISIONQ_MAX_BATCH=512` -> ("fp8", {...})."""
+    """`small:VISIONQ_STEP_PREFILL_TOKENS=2048,VISIONQ_PREPROCESS_PROCESSES=8` -> ("small", {...})."""
     name, _, pairs = text.partition(":")
     settings = dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
     if not name or any(not key.startswith("VISIONQ_") for key in settings):
@@ -342,7 +342,7 @@ def run_workload(client: Client, store: JobStore, stack: Stack, names: list[str]
           f"{result['tokens_s']:.0f} output tokens/s{versus}; latency p50 {result['p50']:.2f} s, "
           f"p95 {result['p95']:.2f} s, jobs of <= 32 tokens p50 {result['short_p50']:.2f} s ({result['shorts']} jobs); "
           f"{sampler.summary()}; most rows at once {max(int(i.get('peak_rows', 0)) for i in infos)}, "
-          f"fused kernels {infos[0].get('fused')}, KV cache {infos[0].get('kv_cache_dtype')}, "
+          f"fused kernels {infos[0].get('fused')}, "
           f"worker peak {max(float(i.get('gpu_peak_gib', 0)) for i in infos):.1f} GiB; "
           f"submit {result['submit_s']:.2f} s; not succeeded with their tokens: {result['bad']}, "
           f"ran twice: {result['twice']}", flush=True)

@@ -130,11 +130,6 @@ class Settings(BaseSettings):
     # rows of one layout length (the longest need of the run's first prompts). On: on the H200, mixed lengths ran at
     # 1.32x the output tokens/s of rows of one length, uniform ones at 1.03x (README, "How a GPU worker batches").
     kv_blocks: bool = True
-    # The cached keys and values' type. auto: the model's (exact: a job's tokens equal a lone `generate`'s). fp8:
-    # float8 e4m3, one byte a value (needs kv_blocks, and on CUDA a GPU of compute capability 8.9 or newer): the
-    # decode step reads half the bytes, and the pool holds twice the tokens, at the cost of rounding every cached
-    # value to 3 bits of mantissa, so outputs may differ from the model's own (vLLM's kv_cache_dtype=fp8).
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 
     # --- Batches (shared/batches/): one request for many jobs ---------------------------------------------------
     batch_max_items: int = Field(default=100_000, ge=1)  # lines (or objects under an S3 prefix) of one batch
@@ -203,12 +198,6 @@ class Settings(BaseSettings):
     def _leases_outlast_heartbeats(self) -> Settings:
         if self.visibility_timeout_s < 3 * self.heartbeat_s:
             raise ValueError("visibility_timeout_s must be at least 3 heartbeats, or a live worker's job runs twice")
-        return self
-
-    @model_validator(mode="after")
-    def _fp8_cache_has_blocks(self) -> Settings:
-        if self.kv_cache_dtype == "fp8" and not self.kv_blocks:
-            raise ValueError("kv_cache_dtype=fp8 needs kv_blocks: only the block cache's attention reads fp8")
         return self
 
     @property

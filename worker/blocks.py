@@ -23,15 +23,6 @@ def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
     return -(-tokens // block_size)
 
 
-def store(pool: torch.Tensor, index: torch.Tensor, states: torch.Tensor) -> None:
-    """pool[index] = states (along dim 0), rounded to the pool's dtype; an fp8 pool is written as bytes, since
-    index_copy_ has no fp8 kernels."""
-    states = states.to(pool.dtype)
-    if pool.dtype.itemsize == 1:
-        pool, states = pool.view(torch.uint8), states.view(torch.uint8)
-    pool.index_copy_(0, index, states)
-
-
 class BlockKV:
     """The cache of the first `rows` rows for a decode step, quacking like transformers' Cache: attention layers call
     `update`, which writes each row's new key and value at its slot (device tensors, so a captured graph advances
@@ -44,8 +35,8 @@ class BlockKV:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         flat = (-1, *keys.shape[2:])  # [blocks * block_size, kv_heads, head_dim]
-        store(keys.view(flat), self.slots, key_states[:, :, 0])
-        store(values.view(flat), self.slots, value_states[:, :, 0])
+        keys.view(flat).index_copy_(0, self.slots, key_states[:, :, 0])
+        values.view(flat).index_copy_(0, self.slots, value_states[:, :, 0])
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -124,7 +115,7 @@ class BlockLayout:
         def update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
             for states, pool in ((key_states, self.keys[layer_idx]), (value_states, self.values[layer_idx])):
                 tokens = states.transpose(1, 2).reshape(-1, *pool.shape[2:])  # [rows * padded, kv_heads, head_dim]
-                store(pool.view(-1, *pool.shape[2:]), target_index, tokens.index_select(0, source_index))
+                pool.view(-1, *pool.shape[2:]).index_copy_(0, target_index, tokens.index_select(0, source_index))
             return key_states, value_states
 
         cache.update = update

@@ -72,7 +72,6 @@ def start(settings: Settings, name: str) -> GpuWorker:
     # The GPU thread launches kernels between the task threads' Python: let it have the GIL back sooner.
     sys.setswitchinterval(0.0005)
     workers.record(name, fresh=True, model=engine.model_id, device=str(engine.device), dtype=str(engine.dtype),
-                   kv_cache_dtype=str(engine.decoder.kv_shape.dtype),
                    attention=engine.model.config._attn_implementation, graphs=engine.decoder.use_graphs,
                    fused=engine.fused, max_batch=settings.max_batch, loads=load_count(), pid=os.getpid(),
                    preprocess_pids=preprocessor.pids)

@@ -36,7 +36,7 @@ from worker.rope import LONG_ROPE_TYPES, long_rope_modules, original_max_positio
 log = logging.getLogger(__name__)
 
 LENGTH_STEP = 64  # row lengths are rounded up to this, so that nearby needs share one layout (and its graphs)
-ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 def _cache_keyword() -> str:
@@ -100,12 +100,11 @@ class KVShape:
     dtype: torch.dtype
 
     @classmethod
-    def of(cls, model, dtype: torch.dtype | None = None) -> KVShape:
-        """The model's cache shape, in `dtype` (None: the model's own)."""
+    def of(cls, model) -> KVShape:
         config = model.config.get_text_config()
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, heads, head_dim, dtype or next(model.parameters()).dtype)
+        return cls(config.num_hidden_layers, heads, head_dim, next(model.parameters()).dtype)
 
     @property
     def bytes_per_token(self) -> int:
@@ -326,7 +325,7 @@ class Decoder:
     and hands back the rows that ended. Everything runs on the caller's one thread (the GPU thread)."""
 
     def __init__(self, model, eos_ids: Sequence[int], pad_id: int, *, use_graphs: bool, kv_budget_bytes: int,
-                 prefill_tokens: int = 16384, kv_blocks: bool = False, kv_dtype: torch.dtype | None = None):
+                 prefill_tokens: int = 16384, kv_blocks: bool = False):
         self.model, self.pad_id = model, pad_id
         self.eos_ids = frozenset(eos_ids)
         self.device = next(model.parameters()).device
@@ -334,9 +333,7 @@ class Decoder:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.kv_budget_bytes = kv_budget_bytes
         self.prefill_tokens = prefill_tokens
-        self.kv_shape = KVShape.of(model, kv_dtype)
-        if kv_dtype not in (None, self.dtype) and not kv_blocks:
-            raise ValueError("a KV cache of another dtype than the model's needs the block cache (kv_blocks)")
+        self.kv_shape = KVShape.of(model)
         # The KV cache by blocks (worker/blocks.py): rows hold their own tokens only; else rows of one length.
         self.blocks = kv_blocks
         self.arena: torch.Tensor | None = None
@@ -399,29 +396,26 @@ class Decoder:
         budget = self.kv_budget_bytes // per_block
         blocks = budget if self.device.type == "cuda" else min(budget, rows * blocks_for(length))
         blocks = max(blocks, blocks_for(length)) + 1
-        elements = blocks * per_block // shape.dtype.itemsize
+        elements = blocks * per_block // self.dtype.itemsize
         arena = self.arena if self.arena is not None and self.arena.numel() >= elements else None
         if arena is None:
             self.steps.clear()
             self.layout = None
             arena = self._arena(0, 0, elements)
-        return arena[:elements].view(
+        return arena[:blocks * per_block // self.dtype.itemsize].view(
             2 * shape.layers, blocks, BLOCK_SIZE, shape.heads, shape.head_dim)
 
     def _arena(self, rows: int, length: int, elements: int = 0) -> torch.Tensor:
         """The memory that layouts view: on CUDA the whole KV budget as one buffer, allocated once (changing the
         layout allocates nothing and nothing fragments); on the CPU only as much as the largest layout so far.
         Zeroed: slots that a mask hides must hold finite numbers (0 x NaN would reach the output)."""
-        itemsize = self.kv_shape.dtype.itemsize
-        elements = elements or rows * length * self.kv_shape.bytes_per_token // itemsize
+        elements = elements or rows * length * self.kv_shape.bytes_per_token // self.dtype.itemsize
         if self.arena is None or self.arena.numel() < elements:
             if self.device.type == "cuda":
-                elements = max(elements, self.kv_budget_bytes // itemsize)
+                elements = max(elements, self.kv_budget_bytes // self.dtype.itemsize)
             self.steps.clear()  # views of the old arena
             self.arena = None
-            # Zeroed as bytes: zero bits are 0.0 in every float type, fp8 included (whose fill is not everywhere).
-            self.arena = torch.zeros(elements * itemsize, dtype=torch.uint8, device=self.device).view(
-                self.kv_shape.dtype)
+            self.arena = torch.zeros(elements, dtype=self.dtype, device=self.device)
         return self.arena
 
     # --- joining ------------------------------------------------------------------------------------------------

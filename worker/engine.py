@@ -54,18 +54,6 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
 
 
-def resolve_kv_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """`auto` (None) caches keys and values in the model's dtype; `fp8` in float8 e4m3, which the attention kernel
-    widens as it loads (Triton compiles fp8 for compute capability 8.9 and newer: Ada, Hopper)."""
-    if name == "auto":
-        return None
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise ValueError(f"VISIONQ_KV_CACHE_DTYPE=fp8 needs a GPU of compute capability 8.9 or newer; this one is "
-                         f"{major}.{minor}")
-    return torch.float8_e4m3fn
-
-
 def load_count() -> int:
     """How many models this process has loaded."""
     return _loads
@@ -97,8 +85,7 @@ class Engine:
         pad = self.processor.tokenizer.pad_token_id
         self.decoder = Decoder(self.model, _eos_ids(self.model), pad if pad is not None else 0,
                                use_graphs=settings.cuda_graphs, kv_budget_bytes=_kv_budget(settings, self.device),
-                               prefill_tokens=settings.prefill_tokens, kv_blocks=settings.kv_blocks,
-                               kv_dtype=resolve_kv_dtype(settings.kv_cache_dtype, self.device))
+                               prefill_tokens=settings.prefill_tokens, kv_blocks=settings.kv_blocks)
         _loads += 1
         log.info("loaded %s on %s (%s) in %.1f s", self.model_id, self.device, self.dtype,
                  time.perf_counter() - started)

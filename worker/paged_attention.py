@@ -68,16 +68,15 @@ if triton is not None:
             valid = column * BLOCK + t < seen
             offsets = block * kv_block_stride + t[:, None] * kv_token_stride + kv_head * kv_head_stride + d[None, :]
             keep = valid[:, None] & (d < head_dim)[None, :]
-            # An fp8 cache (VISIONQ_KV_CACHE_DTYPE) is read as one byte a value and widened here, in registers.
-            k = tl.load(k_ptr + offsets, mask=keep, other=0.0).to(q.dtype)
-            v = tl.load(v_ptr + offsets, mask=keep, other=0.0).to(q.dtype)
+            k = tl.load(k_ptr + offsets, mask=keep, other=0.0)
+            v = tl.load(v_ptr + offsets, mask=keep, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP, BLOCK]
             scores = tl.where(valid[None, :], scores, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
             p = tl.exp(scores - new_top[:, None])
             alpha = tl.exp(top - new_top)
             total = total * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             top = new_top
         if SPLITS == 1:
             out = acc / total[:, None]
@@ -163,7 +162,7 @@ def reference_decode(query, keys, values, table, seen, scale):
     ids = table[:, :columns].long()
 
     def gather(pool):
-        view = pool[ids].to(query.dtype).reshape(rows, columns * block_size, kv_heads, head_dim).transpose(1, 2)
+        view = pool[ids].reshape(rows, columns * block_size, kv_heads, head_dim).transpose(1, 2)
         return view.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else view
 
     mask = torch.arange(columns * block_size, device=query.device) < seen.view(-1, 1)

@@ -3,9 +3,7 @@
 On the CPU (fp32) every row of a batch must equal its unbatched `generate` token for token: left padding, the
 static cache, the 4-D mask and per-row positions change nothing; nor does the KV cache by blocks (`cache` "blocks":
 worker/blocks.py, block attention by the torch reference on the CPU, by the Triton kernel in its interpreter in
-one test), whose rows join, end, give their blocks to new rows, get canceled and wait for blocks. With an fp8
-cache (VISIONQ_KV_CACHE_DTYPE=fp8) only the first token must equal generate's; rows must still not depend on
-their neighbours.
+one test), whose rows join, end, give their blocks to new rows, get canceled and wait for blocks.
 The CUDA tests (they skip without a GPU) check
 the captured graphs: fp32 graphed batches equal unbatched `generate` on every token; in bf16 a graph replay equals
 the same batch run eagerly on every token, while batched and unbatched bf16 runs are only compared on the first
@@ -360,51 +358,6 @@ def test_prompts_wait_for_free_blocks_when_the_pool_runs_short(tiny):
     assert not decoder.fits(prompts[1], [prompts[0]] * (decoder.layout.blocks // blocks_for(prompts[0].need)))
     for row, job in enumerate(batch):
         assert done[row] == unbatched(model, processor, job), f"row {row}"
-
-
-FP8 = torch.float8_e4m3fn
-
-
-def fp8_decoder(model, processor, kv_budget_bytes: int = 1 << 30) -> Decoder:
-    return Decoder(model, [model.generation_config.eos_token_id], processor.tokenizer.pad_token_id,
-                   use_graphs=False, kv_budget_bytes=kv_budget_bytes, kv_blocks=True, kv_dtype=FP8)
-
-
-def test_an_fp8_cache_keeps_each_row_independent_of_its_neighbours(tiny):
-    """fp8 rounds the cache, so tokens after the first may leave the model's own; but a job's tokens still never
-    depend on which jobs shared its batch (each prompt alone through the same fp8 decoder gives the same), and the
-    first token, which the prefill makes from unrounded keys, is generate's."""
-    arch, path, processor = tiny
-    model = load(path, "cpu", torch.float32)
-    batch = jobs(arch)
-    got = batched(fp8_decoder(model, processor), processor, batch)
-    for row, job in enumerate(batch):
-        assert got[row] == batched(fp8_decoder(model, processor), processor, [job])[0], f"row {row}"
-        assert got[row][:1] == unbatched(model, processor, job)[:1], f"row {row}"
-
-
-def test_an_fp8_cache_holds_the_keys_rounded_to_fp8_in_half_the_bytes(tiny):
-    arch, path, processor = tiny
-    model = load(path, "cpu", torch.float32)
-    prompt = prompts_of(processor, jobs(arch, 1))[0]
-    decoder = fp8_decoder(model, processor)
-    decoder.plan(prompt.need, 1)
-    assert decoder.layout.keys[0].dtype == FP8
-    assert decoder.kv_shape.bytes_per_token * 4 == KVShape.of(model).bytes_per_token  # fp32 model: a quarter
-    decoder.admit([(0, prompt)])
-    with torch.inference_mode():
-        fresh = model(**prompt.inputs, use_cache=True).past_key_values.layers[0].keys[0]
-    cached = decoder.layout.cached(0, 0)[0][:, :prompt.length]
-    assert cached.dtype == FP8
-    assert torch.equal(cached.float(), fresh.to(FP8).float())
-
-
-def test_an_fp8_cache_needs_blocks():
-    from shared.config import Settings
-
-    with pytest.raises(ValueError, match="kv_cache_dtype=fp8 needs kv_blocks"):
-        Settings(kv_cache_dtype="fp8", kv_blocks=False)
-    assert Settings(kv_cache_dtype="fp8").kv_cache_dtype == "fp8"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
