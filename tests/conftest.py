@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,12 @@ from cli.stack import Stack
 from shared.config import Settings
 from shared.store.connection import connect
 from shared.store.jobs import JobStore
+
+# A suite started in the background (`./run test &`, nohup) inherits SIGINT ignored, and so would every process
+# it starts (an ignored signal stays ignored across exec): the Ctrl-C tests would then see a `visionq` that cannot
+# be interrupted. A handler is reset at exec, so with one here each child Python installs its KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
