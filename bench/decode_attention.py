@@ -46,19 +46,9 @@ def timed(fn, repeats: int = 50) -> float:
 
 def launch(query, keys, values, table, seen, warps: int, stages: int):
     """The kernel with one split a row (as at many rows) and the given launch settings."""
-    rows, heads, _, head_dim = query.shape
-    group = heads // keys.shape[2]
-    out = torch.empty((rows, 1, heads, head_dim), dtype=query.dtype, device=query.device)
-    grid = (rows, keys.shape[2], 1)
-
-    def run():
-        paged_attention._decode_kernel[grid](
-            query, keys, values, table, seen, out, out, out, head_dim ** -0.5, group, head_dim,
-            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-            table.stride(0), out.stride(0), out.stride(2),
-            BLOCK=BLOCK_SIZE, HEAD_DIM=128, GROUP=max(16, 1 << (group - 1).bit_length()), SPLITS=1,
-            PRECISION="tf32", num_warps=warps, num_stages=stages)
-    return run
+    scale = query.shape[-1] ** -0.5
+    return lambda: paged_attention._triton_decode(query, keys, values, table, seen, scale, splits=1,
+                                                  num_warps=warps, num_stages=stages)
 
 
 def main() -> None:

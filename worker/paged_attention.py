@@ -130,7 +130,8 @@ def splits_for(rows: int, kv_heads: int, columns: int) -> int:
     return splits
 
 
-def _triton_decode(query, keys, values, table, seen, scale, splits: int | None = None):
+def _triton_decode(query, keys, values, table, seen, scale, splits: int | None = None, num_warps: int = 4,
+                   num_stages: int = 3):
     rows, heads, _, head_dim = query.shape
     block_size, kv_heads = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
@@ -146,7 +147,7 @@ def _triton_decode(query, keys, values, table, seen, scale, splits: int | None =
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         table.stride(0), out.stride(0), out.stride(2),
         BLOCK=block_size, HEAD_DIM=head_pad, GROUP=max(16, triton.next_power_of_2(group)), SPLITS=splits,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _merge_kernel[(rows, heads)](part, stat, out, heads, head_dim, out.stride(0), out.stride(2),
                                      SPLITS=splits, HEAD_DIM=head_pad, num_warps=1)

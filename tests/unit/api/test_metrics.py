@@ -22,8 +22,9 @@ def test_each_request_is_counted_and_timed_once_under_its_route_and_status():
     spec = sample("visionq_api_requests_total", method="GET", route="/openapi.json", status="200")
     for _ in range(3):
         assert client.get("/no/such/route").status_code == 404
+    assert client.get("/v1/jobs/some-id/cancel").status_code == 405  # a POST route: same method and route, 405
     assert client.get("/openapi.json").status_code == 200
     assert sample("visionq_api_requests_total", method="GET", route="unmatched", status="404") == before["404"] + 3
-    assert sample("visionq_api_requests_total", method="GET", route="unmatched", status="405") == before["405"]
-    assert sample("visionq_api_request_seconds_count", method="GET", route="unmatched") == timed + 3
+    assert sample("visionq_api_requests_total", method="GET", route="unmatched", status="405") == before["405"] + 1
+    assert sample("visionq_api_request_seconds_count", method="GET", route="unmatched") == timed + 4
     assert sample("visionq_api_requests_total", method="GET", route="/openapi.json", status="200") == spec + 1
