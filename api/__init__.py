@@ -12,6 +12,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """The Flask app factory; tests pass their own settings."""
     from api import batches, console, deliveries, errors, health, jobs, metrics, openapi, queues, uploads, webhooks
     from api.context import init_app
+    from api.fast_poll import FastPoll
 
     settings = settings or get_settings()
     configure_pillow(settings)
@@ -30,4 +31,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openapi.bp)
     console.register(app)
     metrics.init_app(app)
+    app.wsgi_app = FastPoll(app)
     return app

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 
 from flask import g, request
 
-from api.context import services
+from api.context import Services, services
+from shared.config import Settings
 from shared.errors import RateLimited, Unauthorized
 from shared.keys import ANONYMOUS_ID, ApiKey
 from shared.store.rates import Charge
@@ -19,9 +20,14 @@ def authenticate() -> None:
     """Set g.key from the Authorization header (or the anonymous key when auth is off), and g.charge: what
     each view takes from the key's token bucket, in the same round trip as its own work where it can."""
     svc = services()
-    g.key = caller_key() if svc.settings.auth_enabled else ANONYMOUS
-    rate, burst, _ = g.key.limits(svc.settings)
-    g.charge = Charge(g.key.id, rate, burst)
+    g.key = key_for(request.headers.get("Authorization", ""), svc) if svc.settings.auth_enabled else ANONYMOUS
+    g.charge = charge_of(g.key, svc.settings)
+
+
+def charge_of(key: ApiKey, settings: Settings) -> Charge:
+    """What one request of this key takes from its token bucket."""
+    rate, burst, _ = key.limits(settings)
+    return Charge(key.id, rate, burst)
 
 
 def charge_now() -> None:
@@ -35,11 +41,12 @@ def check_rate(wait_s: float) -> None:
         raise RateLimited(headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
 
 
-def caller_key() -> ApiKey:
-    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+def key_for(authorization: str, svc: Services) -> ApiKey:
+    """The key of an `Authorization: Bearer <secret>` header (outside Flask too: api/fast_poll.py)."""
+    scheme, _, secret = authorization.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthorized()
-    key = services().key_cache.lookup(secret.strip())
+    key = svc.key_cache.lookup(secret.strip())
     if key is None:
         raise Unauthorized("the API key is unknown or revoked")
     return key

@@ -24,31 +24,30 @@ HTTP_CODES = {
 
 
 def register(app: Flask) -> None:
-    """Install the handlers on the app."""
-    app.register_error_handler(VisionqError, _visionq_error)
-    app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(redis.RedisError, _store_unavailable)
-    app.register_error_handler(Exception, _unexpected_error)
+    """Install the handler on the app."""
+    for kind in (VisionqError, HTTPException, redis.RedisError, Exception):
+        app.register_error_handler(kind, _answer)
 
 
-def error_response(code: str, message: str, status: int):
-    return jsonify(error={"code": code, "message": message}), status
-
-
-def _visionq_error(exc: VisionqError):
-    return jsonify(error=exc.to_dict()), exc.http_status, exc.headers
-
-
-def _http_error(exc: HTTPException):
-    status = exc.code or 500
-    return error_response(HTTP_CODES.get(status, f"http_{status}"), exc.description or exc.name, status)
-
-
-def _store_unavailable(exc: redis.RedisError):
-    log.warning("job store unavailable: %s", type(exc).__name__)
-    return error_response("store_unavailable", "the job store cannot be reached; try again shortly", 503)
-
-
-def _unexpected_error(exc: Exception):
+def error_payload(exc: Exception) -> tuple[dict, int, dict[str, str]]:
+    """The body, status and headers an error is answered with, through Flask or below it (api/fast_poll.py).
+    Call it while the exception is being handled: an unexpected one logs its traceback."""
+    if isinstance(exc, VisionqError):
+        return {"error": exc.to_dict()}, exc.http_status, exc.headers
+    if isinstance(exc, HTTPException):
+        status = exc.code or 500
+        return _body(HTTP_CODES.get(status, f"http_{status}"), exc.description or exc.name), status, {}
+    if isinstance(exc, redis.RedisError):
+        log.warning("job store unavailable: %s", type(exc).__name__)
+        return _body("store_unavailable", "the job store cannot be reached; try again shortly"), 503, {}
     log.exception("unhandled error")  # the traceback goes to the log, never to the client
-    return error_response("internal_error", "internal server error", 500)
+    return _body("internal_error", "internal server error"), 500, {}
+
+
+def _body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def _answer(exc: Exception):
+    body, status, headers = error_payload(exc)
+    return jsonify(body), status, headers

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from werkzeug.datastructures import MultiDict
 
 from api.auth import authenticate, charge_now, check_rate
-from api.context import services
+from api.context import Services, services
 from api.uploads import read_files, store_images
 from shared.admission import build_job, check_image_count
 from shared.config import Settings
@@ -30,8 +30,9 @@ from shared.errors import (
 )
 from shared.images.refs import Access
 from shared.jobs import Job, JobFailure, JobRequest, JobStatus
+from shared.keys import ApiKey
 from shared.routing import queue_for
-from shared.store.rates import UNLIMITED
+from shared.store.rates import UNLIMITED, Charge
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -92,20 +93,27 @@ def list_jobs():
 def get_job(job_id: str):
     """The job as it stands, or once it ends when ?wait=<seconds> is given."""
     svc = services()
-    wait = wait_seconds(svc.settings)
+    body = poll(svc, g.key, g.charge, job_id, wait_seconds(svc.settings))
+    return Response(body, mimetype="application/json")
+
+
+def poll(svc: Services, key: ApiKey, charge: Charge, job_id: str, wait: float = 0.0) -> str:
+    """The public JSON of the key's job, charged to its bucket; after up to `wait` seconds for its end. Shared by
+    the view and the WSGI fast path that answers most polls below Flask (api/fast_poll.py)."""
     cached = svc.finished.get(job_id)
     if cached is not None:  # ended: the poll costs only its rate-limit check
-        charge_now()
-        if cached.owner != g.key.id:
+        check_rate(svc.rates.take(charge))
+        if cached.owner != key.id:
             raise NotFound(NOT_FOUND_MESSAGE)
-        return Response(cached.body, mimetype="application/json")
-    wait_s, job = svc.store.charged_get(job_id, g.charge)
+        return cached.body
+    wait_s, job = svc.store.charged_get(job_id, charge)
     check_rate(wait_s)
-    job = owned(job)  # before any wait: another key's job must answer at once, as unknown
+    if job is None or job.owner != key.id:  # before any wait: another key's job answers at once, as unknown
+        raise NotFound(NOT_FOUND_MESSAGE)
     if wait and not job.status.is_terminal():
         job = svc.store.wait(job_id, wait) or job
     svc.finished.remember(job)
-    return job_response(job)
+    return job.public_json()
 
 
 @bp.post("/<job_id>/cancel")

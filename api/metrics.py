@@ -43,11 +43,16 @@ def _count(response: Response) -> Response:
     started = g.get("metrics_started")
     # The route pattern, not the path, so that job ids do not make a series each.
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    counter, latency = _series(request.method, route, response.status_code)
+    record(request.method, route, response.status_code, started)
+    return response
+
+
+def record(method: str, route: str, status: int, started: float | None) -> None:
+    """Count a request answered, and time it from `started` (time.perf_counter()) when known."""
+    counter, latency = _series(method, route, status)
     counter.inc()
     if started is not None:
         latency.observe(time.perf_counter() - started)
-    return response
 
 
 _children: dict[tuple[str, str, int], tuple] = {}
