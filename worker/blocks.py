@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from worker.paged_attention import write_kv
+
 BLOCK_SIZE = 64  # tokens per block: one iteration of the attention kernel's loop over a row's blocks
 TRASH = 0  # the block that free rows write to
 
@@ -34,9 +36,7 @@ class BlockKV:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        flat = (-1, *keys.shape[2:])  # [blocks * block_size, kv_heads, head_dim]
-        keys.view(flat).index_copy_(0, self.slots, key_states[:, :, 0])
-        values.view(flat).index_copy_(0, self.slots, value_states[:, :, 0])
+        write_kv(key_states, value_states, keys, values, self.slots)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

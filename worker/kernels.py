@@ -71,20 +71,26 @@ if triton is not None:
         tl.store(out_ptr + row * n_cols + cols, weight * normed, mask=inside)
 
     @triton.jit
-    def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, length, head_dim, half,
+    def _rotary_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, out_x_ptr, out_y_ptr, heads, split, length, head_dim, half,
                        x_batch_stride, x_head_stride, x_pos_stride, cs_batch_stride, cs_pos_stride,
                        HEADS: tl.constexpr, HALF: tl.constexpr, PASS: tl.constexpr):
-        """One token (batch b, position p), every head: out = x * cos + rotate_half(x) * sin; dims past 2 * half
-        pass through."""
+        """One token (batch b, position p), HEADS of the heads of x (those below `split`) and then of y (the rest;
+        the same strides): out = x * cos + rotate_half(x) * sin; dims past 2 * half pass through. Queries and keys
+        in one launch, the heads over a few programs (at one row, one program for all 64 took twice as long)."""
         token = tl.program_id(0).to(tl.int64)
         b, p = token // length, token % length
-        h = tl.arange(0, HEADS)[:, None]
+        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]
         d = tl.arange(0, HALF)[None, :]
-        inside = (h < heads) & (d < half)
-        x = x_ptr + b * x_batch_stride + h * x_head_stride + p * x_pos_stride
+        of_x = h < split
+        of_y = (h >= split) & (h < heads)
+        head = tl.where(of_x, h, h - split)
+        offset = b * x_batch_stride + head * x_head_stride + p * x_pos_stride
+        x_in, y_in = of_x & (d < half), of_y & (d < half)
         # In the tensors' own dtype: each product and the sum rounded as eager bf16/fp16 arithmetic rounds them.
-        x1 = tl.load(x + d, mask=inside, other=0.0)
-        x2 = tl.load(x + half + d, mask=inside, other=0.0)
+        x1 = tl.where(of_x, tl.load(x_ptr + offset + d, mask=x_in, other=0.0),
+                      tl.load(y_ptr + offset + d, mask=y_in, other=0.0))
+        x2 = tl.where(of_x, tl.load(x_ptr + offset + half + d, mask=x_in, other=0.0),
+                      tl.load(y_ptr + offset + half + d, mask=y_in, other=0.0))
         cs = b * cs_batch_stride + p * cs_pos_stride + d
         cos1 = tl.load(cos_ptr + cs, mask=d < half, other=0.0)
         cos2 = tl.load(cos_ptr + cs + half, mask=d < half, other=0.0)
@@ -92,13 +98,19 @@ if triton is not None:
         sin2 = tl.load(sin_ptr + cs + half, mask=d < half, other=0.0)
         first = x1 * cos1 + -x2 * sin1
         second = x2 * cos2 + x1 * sin2
-        out = out_ptr + ((b * heads + h) * length + p) * head_dim
-        tl.store(out + d, first, mask=inside)
-        tl.store(out + half + d, second, mask=inside)
+        out_x = out_x_ptr + ((b * split + head) * length + p) * head_dim
+        out_y = out_y_ptr + ((b * (heads - split) + head) * length + p) * head_dim
+        tl.store(out_x + d, first, mask=x_in)
+        tl.store(out_x + half + d, second, mask=x_in)
+        tl.store(out_y + d, first, mask=y_in)
+        tl.store(out_y + half + d, second, mask=y_in)
         if PASS > 0:
             rest = tl.arange(0, PASS)[None, :]
-            keep = (h < heads) & (rest < head_dim - 2 * half)
-            tl.store(out + 2 * half + rest, tl.load(x + 2 * half + rest, mask=keep, other=0.0), mask=keep)
+            keep = rest < head_dim - 2 * half
+            kept = tl.where(of_x, tl.load(x_ptr + offset + 2 * half + rest, mask=of_x & keep, other=0.0),
+                            tl.load(y_ptr + offset + 2 * half + rest, mask=of_y & keep, other=0.0))
+            tl.store(out_x + 2 * half + rest, kept, mask=of_x & keep)
+            tl.store(out_y + 2 * half + rest, kept, mask=of_y & keep)
 
     @triton.jit
     def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, gate_row_stride, up_row_stride, n_cols, BLOCK: tl.constexpr):
@@ -138,16 +150,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x [batch, heads, length, head_dim] (any strides but the last) with cos and sin
     [batch or 1, length, rotary_dim]; a new contiguous tensor, as transformers' `apply_rotary_pos_emb` returns."""
-    batch, heads, length, head_dim = x.shape
+    return _rotary(x, x, cos, sin)[0]
+
+
+def rotary_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """`rotary` of the queries and the keys in one launch when they share their strides (views of one projection,
+    as Phi-3's fused qkv makes them; a decode step runs it once a layer), else in two."""
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or q.stride() != k.stride():
+        return rotary(q, cos, sin), rotary(k, cos, sin)
+    return _rotary(q, k, cos, sin)
+
+
+def _rotary(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    batch, x_heads, length, head_dim = x.shape
+    heads = x_heads + (y.shape[1] if y is not x else 0)
     half = cos.shape[-1] // 2
-    out = torch.empty((batch, heads, length, head_dim), dtype=x.dtype, device=x.device)
+    out_x = torch.empty((batch, x_heads, length, head_dim), dtype=x.dtype, device=x.device)
+    out_y = torch.empty((batch, heads - x_heads, length, head_dim), dtype=x.dtype, device=x.device) if y is not x \
+        else out_x
     cos_batch_stride = cos.stride(0) if cos.shape[0] > 1 else 0
-    _rotary_kernel[(batch * length,)](
-        x, cos, sin, out, heads, length, head_dim, half, x.stride(0), x.stride(1), x.stride(2),
-        cos_batch_stride, cos.stride(1), HEADS=triton.next_power_of_2(heads), HALF=triton.next_power_of_2(half),
+    per_program = min(16, triton.next_power_of_2(heads))
+    _rotary_kernel[(batch * length, triton.cdiv(heads, per_program))](
+        x, y, cos, sin, out_x, out_y, heads, x_heads, length, head_dim, half, x.stride(0), x.stride(1), x.stride(2),
+        cos_batch_stride, cos.stride(1), HEADS=per_program, HALF=triton.next_power_of_2(half),
         PASS=triton.next_power_of_2(head_dim - 2 * half) if head_dim > 2 * half else 0,
         num_warps=4, **EXACT)
-    return out
+    return out_x, out_y
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -199,7 +227,7 @@ def _fused_rotary(original):
         if args or kwargs.get("unsqueeze_dim", 1) != 1 or set(kwargs) - {"unsqueeze_dim"} or not _rotary_fits(
                 q, k, cos, sin):
             return original(q, k, cos, sin, *args, **kwargs)
-        return rotary(q, cos, sin), rotary(k, cos, sin)
+        return rotary_pair(q, k, cos, sin)
 
     apply_rotary_pos_emb.__wrapped__ = original
     return apply_rotary_pos_emb

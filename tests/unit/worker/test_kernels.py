@@ -58,6 +58,22 @@ def kernel_report(device: str, dtype_name: str) -> dict[str, list[float]]:
         expected_q, expected_k = modeling_phi3.apply_rotary_pos_emb(q, k, cos, sin)
         compare(f"rotary q dim {rotary_dim} cos batch {cos_batch}", kernels.rotary(q, cos, sin), expected_q)
         compare(f"rotary k dim {rotary_dim} cos batch {cos_batch}", kernels.rotary(k, cos, sin), expected_k)
+        for name, got, want in zip("qk", kernels.rotary_pair(q, k, cos, sin), (expected_q, expected_k), strict=True):
+            compare(f"rotary pair {name} dim {rotary_dim} cos batch {cos_batch}", got, want)
+    # Grouped-query heads: fewer keys than queries, the same strides (views of one projection).
+    k_few = qkv[..., heads * head_dim:(heads + 2) * head_dim].view(batch, length, 2, head_dim).transpose(1, 2)
+    expected_q, expected_k = modeling_phi3.apply_rotary_pos_emb(q, k_few, cos, sin)
+    for name, got, want in zip("qk", kernels.rotary_pair(q, k_few, cos, sin), (expected_q, expected_k), strict=True):
+        compare(f"rotary pair {name}, 2 key heads", got, want)
+    # Phi-3-mini's 32 + 32 heads: more than one program's share of heads per token.
+    wide = rand(batch, 3, 3 * 32 * head_dim)
+    q_wide, k_wide = (wide[..., i * 32 * head_dim:(i + 1) * 32 * head_dim].view(batch, 3, 32, head_dim).transpose(1, 2)
+                      for i in range(2))
+    cos, sin = rand(batch, 3, head_dim), rand(batch, 3, head_dim)
+    expected_q, expected_k = modeling_phi3.apply_rotary_pos_emb(q_wide, k_wide, cos, sin)
+    for name, got, want in zip("qk", kernels.rotary_pair(q_wide, k_wide, cos, sin), (expected_q, expected_k),
+                               strict=True):
+        compare(f"rotary pair {name}, 32 + 32 heads", got, want)
     gate, up = rand(9, 2 * 1500, scale=4).chunk(2, dim=-1)
     compare("silu_mul", kernels.silu_mul(gate, up), up * torch.nn.functional.silu(gate))
     x = rand(3, 50, 333, scale=4)
@@ -66,7 +82,7 @@ def kernel_report(device: str, dtype_name: str) -> dict[str, list[float]]:
 
 
 def check(report: dict[str, list[float]]) -> None:
-    assert len(report) == 10
+    assert len(report) == 20
     for name, (differ, units) in report.items():
         assert differ <= 0.01 and units <= 1.0, f"{name}: {differ:.2%} of elements differ, up to {units:.2f} eps"
 

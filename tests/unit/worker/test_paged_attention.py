@@ -73,13 +73,35 @@ def kernel_report(device: str, dtype_name: str) -> dict[str, float]:
                 (got.float() - expected).abs().max())
         reference = paged_attention.reference_decode(query, keys, values, table, seen, scale)
         report[f"reference {heads}/{kv_heads} x {head_dim}"] = float((reference.float() - expected).abs().max())
+        report[f"write {kv_heads} x {head_dim}"] = write_difference(keys, values, heads, kv_heads, head_dim)
     return report
 
 
+def write_difference(keys, values, heads: int, kv_heads: int, head_dim: int) -> float:
+    """write_kv of a decode step's new keys and values (strided views of one projection, as attention makes them)
+    into scattered slots, against two index_copy_: the largest difference between the pools (0: a copy)."""
+    rows = len(LENGTHS)
+    qkv = torch.randn(rows, 1, (heads + 2 * kv_heads) * head_dim).to(keys)
+    key_states = qkv[..., heads * head_dim:(heads + kv_heads) * head_dim].view(rows, 1, kv_heads, head_dim)
+    value_states = qkv[..., (heads + kv_heads) * head_dim:].view(rows, 1, kv_heads, head_dim)
+    key_states, value_states = key_states.transpose(1, 2), value_states.transpose(1, 2)
+    slots = torch.randperm(keys.shape[0] * keys.shape[1])[:rows].to(keys.device)
+    got = keys.clone(), values.clone()
+    from worker import paged_attention
+
+    paged_attention.write_kv(key_states, value_states, *got, slots)
+    expected = keys.clone(), values.clone()
+    flat = (-1, kv_heads, head_dim)
+    expected[0].view(flat).index_copy_(0, slots, key_states[:, :, 0])
+    expected[1].view(flat).index_copy_(0, slots, value_states[:, :, 0])
+    assert not torch.equal(expected[0], keys)
+    return max(float((g.float() - e.float()).abs().max()) for g, e in zip(got, expected, strict=True))
+
+
 def check(report: dict[str, float], tolerance: float) -> None:
-    assert len(report) == 9
+    assert len(report) == 12
     for name, difference in report.items():
-        assert difference <= tolerance, f"{name}: off by {difference:.2e}"
+        assert difference <= (0.0 if name.startswith("write") else tolerance), f"{name}: off by {difference:.2e}"
 
 
 @TRITON
