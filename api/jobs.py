@@ -108,8 +108,7 @@ def poll(svc: Services, key: ApiKey, charge: Charge, job_id: str, wait: float = 
         return cached.body
     wait_s, job = svc.store.charged_get(job_id, charge)
     check_rate(wait_s)
-    if job is None or job.owner != key.id:  # before any wait: another key's job answers at once, as unknown
-        raise NotFound(NOT_FOUND_MESSAGE)
+    job = owned_by(job, key)  # before any wait: another key's job must answer at once, as unknown
     if wait and not job.status.is_terminal():
         job = svc.store.wait(job_id, wait) or job
     svc.finished.remember(job)
@@ -140,7 +139,12 @@ def job_response(job: Job, status: int = 200, headers: dict | None = None) -> Re
 
 def owned(job: Job | None) -> Job:
     """The job if the caller's key made it; anyone else's job answers exactly as an unknown id."""
-    if job is None or job.owner != g.key.id:
+    return owned_by(job, g.key)
+
+
+def owned_by(job: Job | None, key: ApiKey) -> Job:
+    """The job if `key` made it (outside Flask's request too: the poll's fast path), else NotFound."""
+    if job is None or job.owner != key.id:
         raise NotFound(NOT_FOUND_MESSAGE)
     return job
 
