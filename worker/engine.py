@@ -81,7 +81,7 @@ class Engine:
                                                                                    self.device),
             trust_remote_code=remote,
         ).to(self.device).eval()
-        self.fused = kernels.fuse(self.model) if settings.fused_kernels else []
+        self.fused = kernels.fuse(self.model, settings.gemv_max_rows) if settings.fused_kernels else []
         pad = self.processor.tokenizer.pad_token_id
         self.decoder = Decoder(self.model, _eos_ids(self.model), pad if pad is not None else 0,
                                use_graphs=settings.cuda_graphs, kv_budget_bytes=_kv_budget(settings, self.device),

@@ -20,6 +20,8 @@ import types
 
 import torch
 
+from worker import gemv
+
 try:
     import triton
     import triton.language as tl
@@ -215,6 +217,12 @@ def _split_gate_up_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.down_proj(silu_mul(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
 
 
+def _few_rows_linear(max_rows: int):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv.linear(x, self.weight, self.bias, max_rows)
+    return forward
+
+
 class QuickGELU(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quick_gelu(x)
@@ -245,24 +253,12 @@ def fusable(model) -> bool:
     return triton is not None and parameter.is_cuda and parameter.dtype in DTYPES
 
 
-def fuse(model) -> list[str]:
-    """Swap the fused kernels into `model` where its modules allow; returns what was fused (for the log)."""
+def fuse(model, gemv_max_rows: int = gemv.MAX_ROWS) -> list[str]:
+    """Swap the fused kernels into `model` where its modules allow; returns what was fused (for the log). Linear
+    layers take worker/gemv.py's kernel for inputs of at most `gemv_max_rows` rows (0: never)."""
     if not fusable(model):
         return []
-    fused: set[str] = set()
-    for module in model.modules():
-        name = type(module).__name__
-        if name in RMS_NORMS:
-            module.forward = types.MethodType(_rms_norm_forward, module)
-        elif name in FUSED_GATE_UP_MLPS and _silu(module.activation_fn):
-            module.forward = types.MethodType(_fused_gate_up_forward, module)
-        elif name in SPLIT_GATE_UP_MLPS and _silu(module.act_fn):
-            module.forward = types.MethodType(_split_gate_up_forward, module)
-        elif name == "CLIPMLP" and type(module.activation_fn).__name__ == "QuickGELUActivation":
-            module.activation_fn = QuickGELU()
-        else:
-            continue
-        fused.add(name)
+    fused = {type(module).__name__ for module in model.modules() if _fuse_module(module, gemv_max_rows)}
     for family in ROTARY_MODULES:
         modeling = sys.modules.get(f"transformers.models.{family}.modeling_{family}")
         original = getattr(modeling, "apply_rotary_pos_emb", None)
@@ -272,6 +268,24 @@ def fuse(model) -> list[str]:
             fused.add(f"{family} rotary")
     log.info("fused kernels in use: %s", ", ".join(sorted(fused)) or "none")
     return sorted(fused)
+
+
+def _fuse_module(module, gemv_max_rows: int) -> bool:
+    """Swap the kernels into one module if its type is one they reproduce; whether it was."""
+    name = type(module).__name__
+    if name == "Linear" and gemv_max_rows > 0:
+        module.forward = types.MethodType(_few_rows_linear(gemv_max_rows), module)
+    elif name in RMS_NORMS:
+        module.forward = types.MethodType(_rms_norm_forward, module)
+    elif name in FUSED_GATE_UP_MLPS and _silu(module.activation_fn):
+        module.forward = types.MethodType(_fused_gate_up_forward, module)
+    elif name in SPLIT_GATE_UP_MLPS and _silu(module.act_fn):
+        module.forward = types.MethodType(_split_gate_up_forward, module)
+    elif name == "CLIPMLP" and type(module.activation_fn).__name__ == "QuickGELUActivation":
+        module.activation_fn = QuickGELU()
+    else:
+        return False
+    return True
 
 
 def _silu(activation) -> bool:
