@@ -122,9 +122,6 @@ class Settings(BaseSettings):
     # Linear layers of at most this many rows (a decode step of a few jobs) by worker/gemv.py's kernel on CUDA, which
     # reads the weights faster than cuBLAS there; 0: cuBLAS always. Only with fused_kernels.
     gemv_max_rows: int = Field(default=1, ge=0, le=16)
-    # Decode steps run back to back, their tokens read once after the last, while no prompt waits to join: the GPU
-    # does not wait for the host between them (a row that ends inside drops its later tokens). 1: read every step.
-    decode_window: int = Field(default=4, ge=1, le=64)
     # Of the GPU memory left after loading the weights, for the KV arena; the rest holds a prefill chunk's activations.
     kv_cache_fraction: float = Field(default=0.75, gt=0, le=1)
     cpu_kv_cache_mb: int = Field(default=2048, gt=0)

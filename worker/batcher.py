@@ -76,10 +76,9 @@ class Batcher:
     def __init__(self, decoder: Decoder, max_batch: int, wait_s: float, fill_wait_s: float = 0.0,
                  canceled: Callable[[list[str]], set[str]] = lambda ids: set(),
                  on_batch: Callable[[BatchStats], None] = lambda stats: None, short_lane: bool = True,
-                 step_tokens: int = 4096, window: int = 1):
+                 step_tokens: int = 4096):
         self.decoder, self.max_batch, self.wait_s = decoder, max_batch, wait_s
         self.step_tokens = step_tokens  # prompt tokens that join per step (the first prompt always does)
-        self.window = window  # decode steps per read of their tokens while no prompt waits (Decoder.step)
         self.short_lane = short_lane  # False: first come, first served
         self.short_turn = True  # whether the short lane takes the next free row
         self.arrivals = itertools.count()  # next() is atomic under the GIL: task threads number their tickets
@@ -231,11 +230,9 @@ class Batcher:
             self._prefill([ticket])
 
     def _step(self, stats: BatchStats) -> None:
-        # Steps back to back only while no prompt waits to join (or is being prepared): a joiner waits for none.
-        window = self.window if not self.deferred and self.waiting.empty() and not self.preparing else 1
         started = time.perf_counter()
         try:
-            _resolve(self.decoder.step(window))
+            _resolve(self.decoder.step())
         except Exception as exc:
             failure = exc.with_traceback(None)
             log.warning("a decode step of %d rows failed (%s: %s)", self.decoder.running, type(failure).__name__,
@@ -244,7 +241,7 @@ class Batcher:
                 self.decoder.out_of_memory()
             for ticket in self.decoder.abort():
                 _fail(ticket, failure)
-        stats.steps += self.decoder.last_window
+        stats.steps += 1
         stats.decode_s += time.perf_counter() - started
 
     def _poll_cancel(self) -> None:

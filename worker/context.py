@@ -66,8 +66,7 @@ def start(settings: Settings, name: str) -> GpuWorker:
     engine = get_engine(settings)
     batcher = Batcher(engine.decoder, settings.max_batch, settings.batch_wait_ms / 1000,
                       settings.batch_fill_ms / 1000, store.canceled_among,
-                      on_batch=batch_recorder(name, engine.device, workers), step_tokens=settings.step_prefill_tokens,
-                      window=settings.decode_window)
+                      on_batch=batch_recorder(name, engine.device, workers), step_tokens=settings.step_prefill_tokens)
     preprocessor = Preprocessor(settings, engine.encoder, pool_size(settings.preprocess_processes, engine.device))
     runner = JobRunner(settings, store, workers, engine, batcher, name, preprocessor, uploads=UploadStore(settings))
     # The GPU thread launches kernels between the task threads' Python: let it have the GIL back sooner.

@@ -340,7 +340,6 @@ class Decoder:
         self.layout: Layout | BlockLayout | None = None
         self.steps: dict[int, DecodeStep] = {}  # of the current layout, by rows
         self.rows: list[Row | None] = []
-        self.last_window = 0  # decode steps the last `step` ran
         self.rope = per_row_rope(model)
         long_rope = long_rope_modules(model)
         self.long_rope_at = original_max_positions(long_rope[0]) if long_rope else None
@@ -493,52 +492,24 @@ class Decoder:
     # --- decoding -----------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, window: int = 1) -> list[tuple[object, Completion]]:
-        """Decode steps of every running row, `window` of them back to back (fewer when a row's budget or
-        long-RoPE's threshold comes sooner) with one read of their tokens at the end, so that the GPU does not wait
-        for the host between them; returns the rows that ended (their rows are free now). A row that ends inside
-        the window (an end-of-text token) keeps its tokens up to that one: its later steps' tokens are dropped."""
+    def step(self) -> list[tuple[object, Completion]]:
+        """One decode step of every running row; returns the rows that ended (their rows are free now)."""
         top = max(i for i, row in enumerate(self.rows) if row is not None) + 1
         count = min(row_bucket(top), len(self.rows))
-        live = [i for i in range(top) if self.rows[i] is not None]
-        window = max(1, min([window, *(self._room(self.rows[i]) for i in live)]))
         with self.rope:
-            step = self._step(count)
-            if window == 1:
-                step.run()
-                columns = [self.layout.tokens[:top, 0].tolist()]
-            else:
-                history = torch.empty((window, top), dtype=self.layout.tokens.dtype, device=self.device)
-                for column in history:
-                    step.run()
-                    column.copy_(self.layout.tokens[:top, 0])
-                columns = history.tolist()
-            self.last_window = window
+            self._step(count).run()
+            tokens = self.layout.tokens[:top, 0].tolist()
+            live = [i for i in range(top) if self.rows[i] is not None]
             for i in live:
-                row = self.rows[i]
-                for column in columns:
-                    row.tokens.append(column[i])
-                    if self._ended(row):
-                        break
+                self.rows[i].tokens.append(tokens[i])
             return self._settle(live)
-
-    def _room(self, row: Row) -> int:
-        """Steps a row may take before the host must look at it: its token budget, and for a short row under
-        long-RoPE the steps until it crosses the threshold (where `_settle` prefills it again)."""
-        room = row.prompt.max_new_tokens - len(row.tokens)
-        if row.short and self.long_rope_at is not None:
-            room = min(room, self.long_rope_at - row.prompt.length - len(row.tokens) + 1)
-        return room
-
-    def _ended(self, row: Row) -> bool:
-        return row.tokens[-1] in self.eos_ids or len(row.tokens) >= row.prompt.max_new_tokens
 
     def _settle(self, indices: list[int]) -> list[tuple[object, Completion]]:
         """Free the rows that ended; re-prefill the ones that cross long-RoPE's threshold now."""
         ended, crossing = [], []
         for i in indices:
             row = self.rows[i]
-            if self._ended(row):
+            if row.tokens[-1] in self.eos_ids or len(row.tokens) >= row.prompt.max_new_tokens:
                 ended.append(i)
             elif row.short and self.long_rope_at is not None and row.prompt.length + len(row.tokens) > \
                     self.long_rope_at:
@@ -606,9 +577,9 @@ class Decoder:
     # --- all at once ----------------------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Prompt], on_done: Callable[[int, Completion], None],
-                 canceled: Callable[[], set[int]] = lambda: set(), max_rows: int = 0, window: int = 1) -> BatchStats:
+                 canceled: Callable[[], set[int]] = lambda: set(), max_rows: int = 0) -> BatchStats:
         """Greedy-decode every prompt; `on_done(i, completion)` fires as each ends. Prompts join as rows free up
-        (at most `max_rows` at once, 0: as many as the KV budget holds), after each `step` of `window` steps."""
+        (at most `max_rows` at once, 0: as many as the KV budget holds)."""
         prompts = list(prompts)
         self.plan(max(p.need for p in prompts), max_rows or len(prompts))
         stats = BatchStats(len(prompts), len(self.rows), self.layout.length, self.use_graphs)
@@ -626,10 +597,10 @@ class Decoder:
             if not self.running:
                 continue
             started = time.perf_counter()
-            for i, completion in self.step(window) + self.cancel(canceled()):
+            for i, completion in self.step() + self.cancel(canceled()):
                 on_done(i, completion)
             stats.decode_s += time.perf_counter() - started
-            stats.steps += self.last_window
+            stats.steps += 1
         return stats
 
     def _joining(self, waiting: list[tuple[int, Prompt]]) -> list[tuple[int, Prompt]]:

@@ -39,21 +39,10 @@ def alone(model, processor, one: Prompt) -> list[int]:
     return done[0]
 
 
-@pytest.mark.parametrize("window", [1, 4])
-def test_a_burst_runs_in_rows_up_to_the_cap_and_the_rest_join_as_rows_free_up(tiny, window):
-    """Also with windows of decode steps once nothing waits (Decoder.step): the same tokens, fewer reads."""
+def test_a_burst_runs_in_rows_up_to_the_cap_and_the_rest_join_as_rows_free_up(tiny):
     processor, model = tiny
-    runs, windows = [], []
-    noting = decoder(model, processor)
-    step = noting.step
-
-    def noting_step(window: int = 1):
-        ended = step(window)
-        windows.append(noting.last_window)
-        return ended
-
-    noting.step = noting_step
-    batcher = Batcher(noting, max_batch=4, wait_s=0.5, on_batch=runs.append, window=window)
+    runs = []
+    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=0.5, on_batch=runs.append)
     prompts = [prompt(processor, seed, max_new_tokens=8 + 5 * seed) for seed in range(6)]
     futures = [batcher.submit(f"job{i}", p) for i, p in enumerate(prompts)]
     results = [future.result(timeout=60).tokens for future in futures]
@@ -62,7 +51,6 @@ def test_a_burst_runs_in_rows_up_to_the_cap_and_the_rest_join_as_rows_free_up(ti
         time.sleep(0.01)
     assert len(runs) == 1 and runs[0].rows == 6 and runs[0].peak_rows == 4 and runs[0].cache_rows == 4
     assert results == [alone(model, processor, p) for p in prompts]
-    assert max(windows) == window and runs[0].steps == sum(windows)
 
 
 def test_a_short_job_submitted_while_long_ones_decode_ends_first(tiny):
@@ -186,9 +174,9 @@ class SteppingDecoder(Decoder):
         self.calls.append((len(tagged), self.steps_done))
         return super().admit(tagged)
 
-    def step(self, window=1):
+    def step(self):
         self.steps_done += 1
-        return super().step(window)
+        return super().step()
 
 
 def test_a_burst_joins_a_step_budget_of_prompt_tokens_at_a_time_and_decodes_in_between(tiny):
