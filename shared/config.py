@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     # Processes that decode images and run the processor (worker/preprocess.py), off the GPU thread's GIL. auto:
     # min(4, CPUs - 1) on CUDA, 0 on the CPU; 0: in the task threads.
     preprocess_processes: int | Literal["auto"] = "auto"
+    # An idle worker (no row decoding, no job waiting for the GPU) prepares a lone job in its own process, without
+    # the pool's round trip (~20 ms of a job's latency on the H200 host). Off by default: a decoder crash there ends
+    # the worker (its jobs are sent again) where in the pool it ends one pool process.
+    preprocess_inline_when_idle: bool = False
     cuda_graphs: bool = True  # capture the decode step per (rows, length) bucket on CUDA
     fused_kernels: bool = True  # Triton kernels for norms, rotary and activations on CUDA (worker/kernels.py)
     # Linear layers of at most this many rows (a decode step of a few jobs) by worker/gemv.py's kernel on CUDA, which

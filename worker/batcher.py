@@ -89,6 +89,7 @@ class Batcher:
         self.preparing = 0  # task threads loading images for a ticket right now (see `expect`)
         self.lock = threading.Lock()
         self.idle_since = time.monotonic()
+        self.in_run = False  # from a run's first ticket until no row is left (see `idle`)
         self.last_cancel_poll = time.monotonic()
         # One question (the job ids to check) and one answer (the canceled ones) in flight at a time.
         self.cancel_asks: queue.Queue[list[str]] = queue.Queue(maxsize=1)
@@ -109,6 +110,11 @@ class Batcher:
             with self.lock:
                 self.preparing -= 1
 
+    def idle(self) -> bool:
+        """Whether the GPU thread is between runs (no row decodes or prefills) and no ticket waits for it; read
+        from task threads: a hint, not a promise."""
+        return not self.in_run and self.waiting.empty()
+
     def submit(self, job_id: str, prompt: Prompt) -> Future:
         """Queue one prompt; the future gets its Completion (or the exception that ended its row)."""
         ticket = Ticket(job_id, prompt, arrival=next(self.arrivals))
@@ -118,6 +124,7 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             first = self.deferred.popleft() if self.deferred else self.waiting.get()
+            self.in_run = True
             idle_s = time.monotonic() - self.idle_since
             try:
                 self._run(first, idle_s)
@@ -126,6 +133,7 @@ class Batcher:
                 for ticket in self.decoder.abort():
                     _fail(ticket, RuntimeError("the GPU thread's run failed"))
             self.idle_since = time.monotonic()
+            self.in_run = False
 
     def _run(self, first: Ticket, idle_s: float) -> None:
         """From idle to idle: rows join while there are free rows and prompts that fit, and leave as they end."""

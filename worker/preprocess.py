@@ -105,15 +105,27 @@ class Preprocessor:
     def __init__(self, settings: Settings, encoder: Encoder, processes: int):
         self.settings, self.encoder, self.processes = settings, encoder, processes
         self.lock = threading.Lock()
+        self.alone = threading.Lock()  # held by the one job a pool's owner prepares `here` (see `prepare`)
         self.pids: list[int] = []  # the pool's processes, as they answered its warm-up
         self.pool: ProcessPoolExecutor | None = self._start() if processes else None
 
-    def prepare(self, blobs: list[bytes], question: str, max_new_tokens: int, num_crops: int | None) -> Prompt:
-        """Decode (shared/images/decode.py, with its bounds) and encode; image errors keep their codes."""
+    def prepare(self, blobs: list[bytes], question: str, max_new_tokens: int, num_crops: int | None,
+                here: bool = False) -> Prompt:
+        """Decode (shared/images/decode.py, with its bounds) and encode; image errors keep their codes. In the
+        calling thread without a pool, or when asked `here` and no other job is prepared here by that request at
+        the moment (an idle GPU's lone job: the pool's round trip would be its latency)."""
         if not self.processes:
-            images = [decode_image(blob, self.settings) for blob in blobs]
-            return Prompt(self.encoder.encode(images, question, num_crops), max_new_tokens)
+            return self._here(blobs, question, max_new_tokens, num_crops)
+        if here and self.alone.acquire(blocking=False):
+            try:
+                return self._here(blobs, question, max_new_tokens, num_crops)
+            finally:
+                self.alone.release()
         return Prompt(_unpack(self._in_pool(blobs, question, num_crops)), max_new_tokens)
+
+    def _here(self, blobs: list[bytes], question: str, max_new_tokens: int, num_crops: int | None) -> Prompt:
+        images = [decode_image(blob, self.settings) for blob in blobs]
+        return Prompt(self.encoder.encode(images, question, num_crops), max_new_tokens)
 
     def close(self) -> None:
         """Join the pool's processes (once no job needs them: the worker's tasks have ended)."""

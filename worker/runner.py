@@ -86,9 +86,10 @@ class JobRunner:
             blobs = self._fetch_images(job)  # mostly waiting on I/O, not on the GIL
             # Inline, the decode and the processor are this process's Python work; in the pool they are not, and
             # the pool's size bounds them.
+            here = self.settings.preprocess_inline_when_idle and self.batcher.idle()
             with self.cpu_work if not self.preprocessor.processes else nullcontext():
                 # Decode errors keep their image codes (shared/images/decode.py), also from a pool process.
-                prompt = self.preprocessor.prepare(blobs, job.question, job.max_new_tokens, job.num_crops)
+                prompt = self.preprocessor.prepare(blobs, job.question, job.max_new_tokens, job.num_crops, here)
             images_ms = (time.perf_counter() - started) * 1000
             future = self.batcher.submit(job.id, prompt)
         try:

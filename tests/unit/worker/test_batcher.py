@@ -68,6 +68,25 @@ def test_a_short_job_submitted_while_long_ones_decode_ends_first(tiny):
     assert all(f.result(timeout=60).canceled for f in long_ones)
 
 
+def test_the_batcher_is_idle_only_while_no_row_decodes_and_no_ticket_waits(tiny):
+    processor, model = tiny
+    endless = decoder(model, processor)
+    endless.eos_ids = frozenset()  # the row runs to its max_new_tokens, or until it is canceled
+    canceled: set[str] = set()
+    batcher = Batcher(endless, max_batch=4, wait_s=0.05, canceled=lambda ids: canceled & set(ids))
+    assert batcher.idle()
+    future = batcher.submit("long", prompt(processor, 70, max_new_tokens=1500))
+    deadline = time.monotonic() + 30
+    while not endless.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert endless.running and not batcher.idle()  # decoding
+    canceled.add("long")
+    assert future.result(timeout=60).canceled
+    while not batcher.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.idle()
+
+
 def test_a_job_that_breaks_its_batch_fails_alone(tiny):
     processor, model = tiny
     batcher = Batcher(decoder(model, processor), max_batch=8, wait_s=0.5)

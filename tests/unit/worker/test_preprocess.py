@@ -1,6 +1,6 @@
 """The preprocessing pool (worker/preprocess.py) on the tiny models: its prompts equal the inline ones bit for bit,
-image errors keep their codes across the process boundary, a dead pool process is replaced, and its processes end
-with the worker: closed, or the worker SIGKILLed."""
+image errors keep their codes across the process boundary, a dead pool process is replaced, its processes end
+with the worker (closed, or the worker SIGKILLed), and a job asked `here` skips it."""
 
 from __future__ import annotations
 
@@ -82,6 +82,22 @@ def test_close_ends_the_pool_processes(phi3v_path):
     assert wait_gone(pids) == []
     with pytest.raises(RuntimeError):
         pool.prepare(blobs(1), QUESTION, 4, None)
+
+
+def test_a_job_asked_here_skips_the_pool_one_at_a_time(phi3v_path):
+    """`here` (an idle worker's lone job, VISIONQ_PREPROCESS_INLINE_WHEN_IDLE) runs in the caller's process: it
+    works with the pool closed, and gives the inline prompt; while another job holds that turn, it takes the pool
+    (closed here: it fails)."""
+    settings = Settings(model=str(phi3v_path))
+    encoder = Encoder(settings.model, False, torch.bfloat16)
+    pool = Preprocessor(settings, encoder, 1)
+    pool.close()
+    got = pool.prepare(blobs(6), QUESTION, 5, 4, here=True)
+    want = Preprocessor(settings, encoder, 0).prepare(blobs(6), QUESTION, 5, 4)
+    for name, tensor in want.inputs.items():
+        assert torch.equal(got.inputs[name], tensor), name
+    with pool.alone, pytest.raises(RuntimeError):
+        pool.prepare(blobs(6), QUESTION, 5, 4, here=True)
 
 
 CHILD = """
