@@ -9,13 +9,11 @@ model's tokens are compared with the unfused model's in test_decoding.py).
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.kernel_checks import check_rounding, report_in_interpreter, rounding
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the kernel is compiled for it")
 TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -42,28 +40,18 @@ def gemv_report(device: str, dtype_name: str) -> dict[str, list[float]]:
         weight = rand(n_out, n_in) * 0.05
         got = gemv.gemv(x, weight, block_n=block_n, block_k=block_k)
         expected = (x.double() @ weight.double().T).to(dtype)
-        assert got.shape == expected.shape == (rows, 1, n_out) and got.dtype == dtype
-        diff = (got.double() - expected.double()).abs()
-        scale = expected.double().abs().clamp_min(1.0) * torch.finfo(dtype).eps
-        report[f"{rows}x{n_in} @ {n_in}x{n_out}"] = [float((got != expected).float().mean()),
-                                                    float((diff / scale).max())]
+        assert got.shape == (rows, 1, n_out)
+        report[f"{rows}x{n_in} @ {n_in}x{n_out}"] = rounding(got, expected)
     return report
 
 
 def check(report: dict[str, list[float]]) -> None:
-    assert len(report) == 4
-    for name, (differ, units) in report.items():
-        assert differ <= 0.05 and units <= 1.0, f"{name}: {differ:.2%} of outputs differ, up to {units:.2f} eps"
+    check_rounding(report, 4, 0.05)
 
 
 @TRITON
 def test_gemv_equals_the_product_in_the_triton_interpreter():
-    code = ("import json; from tests.unit.worker.test_gemv import gemv_report; "
-            "print(json.dumps(gemv_report('cpu', 'float16')))")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    check(json.loads(out.stdout.strip().splitlines()[-1]))
+    check(report_in_interpreter("tests.unit.worker.test_gemv", "gemv_report", "cpu", "float16"))
 
 
 @CUDA

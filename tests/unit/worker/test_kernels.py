@@ -9,13 +9,11 @@ tokens are compared with the same model unfused.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.kernel_checks import check_rounding, report_in_interpreter, rounding
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the kernels are compiled for it")
 TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -39,10 +37,7 @@ def kernel_report(device: str, dtype_name: str) -> dict[str, list[float]]:
     report = {}
 
     def compare(name, got, expected):
-        assert got.shape == expected.shape and got.dtype == expected.dtype, name
-        diff = (got.float() - expected.float()).abs()
-        scale = expected.float().abs().clamp_min(1.0) * torch.finfo(dtype).eps
-        report[name] = [float((got != expected).float().mean()), float((diff / scale).max())]
+        report[name] = rounding(got, expected)
 
     for rows, width in ((37, 3072), (5, 100)):
         x, weight = rand(rows, width, scale=3), rand(width, scale=0.1) + 1
@@ -82,19 +77,12 @@ def kernel_report(device: str, dtype_name: str) -> dict[str, list[float]]:
 
 
 def check(report: dict[str, list[float]]) -> None:
-    assert len(report) == 20
-    for name, (differ, units) in report.items():
-        assert differ <= 0.01 and units <= 1.0, f"{name}: {differ:.2%} of elements differ, up to {units:.2f} eps"
+    check_rounding(report, 20, 0.01)
 
 
 @TRITON
 def test_kernels_equal_eager_in_the_triton_interpreter():
-    code = ("import json; from tests.unit.worker.test_kernels import kernel_report; "
-            "print(json.dumps(kernel_report('cpu', 'float16')))")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    check(json.loads(out.stdout.strip().splitlines()[-1]))
+    check(report_in_interpreter("tests.unit.worker.test_kernels", "kernel_report", "cpu", "float16"))
 
 
 @CUDA

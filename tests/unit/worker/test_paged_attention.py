@@ -10,13 +10,11 @@ a row's blocks walked by one program or split over several (whose partial sums a
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.kernel_checks import report_in_interpreter
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the kernel is compiled for it")
 TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -107,12 +105,7 @@ def check(report: dict[str, float], tolerance: float) -> None:
 @TRITON
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("float16", 2e-3)])
 def test_the_kernel_equals_plain_attention_in_the_triton_interpreter(dtype, tolerance):
-    code = ("import json; from tests.unit.worker.test_paged_attention import kernel_report; "
-            f"print(json.dumps(kernel_report('cpu', '{dtype}')))")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    check(json.loads(out.stdout.strip().splitlines()[-1]), tolerance)
+    check(report_in_interpreter("tests.unit.worker.test_paged_attention", "kernel_report", "cpu", dtype), tolerance)
 
 
 def test_the_reference_equals_plain_attention():
