@@ -393,7 +393,15 @@ EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 3, 130  # 2: a usage error
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    from pydantic import ValidationError
+
+    try:
+        parser = build_parser()  # its defaults read the settings
+    except ValidationError as exc:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print(settings_error(exc), file=sys.stderr)
+        return EXIT_REFUSED
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
@@ -409,15 +417,26 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
+def settings_error(exc) -> str:
+    """A settings object the environment could not build (pydantic's ValidationError): a line per bad variable."""
+    lines = [f"error: VISIONQ_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
+             for e in exc.errors()]
+    return "\n".join(lines) + "\nhint: fix or unset these environment variables (the README's Settings lists them)"
+
+
 def explain(exc: Exception, args) -> tuple[str, str | None, int]:
     """What went wrong in one line, what to do about it, and the exit code."""
     import requests
+    from pydantic import ValidationError
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     from cli.client import ApiError
 
     if isinstance(exc, CliError):
         return exc.message, exc.hint, EXIT_REFUSED
+    if isinstance(exc, ValidationError) and exc.title == "Settings":
+        message, _, hint = settings_error(exc).removeprefix("error: ").rpartition("\nhint: ")
+        return message, hint, EXIT_REFUSED
     if isinstance(exc, ApiError):
         hint = "check the key (--key or VISIONQ_API_KEY)" if exc.status == 401 else None
         return str(exc), hint, EXIT_REFUSED

@@ -138,6 +138,11 @@ def test_client_errors_are_one_line_and_a_hint(tmp_path):
     assert busy.returncode == 1 and "Traceback" not in busy.stderr and "pick another --port" in busy.stderr
     debug = visionq("--debug", "get", "some-job", "--url", nobody, cwd=tmp_path)
     assert "Traceback" in debug.stderr
+    bad = visionq("keys", "list", cwd=tmp_path, VISIONQ_MAX_BATCH="abc", VISIONQ_GEMV_MAX_ROWS="99")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.splitlines()[:2] == [
+        "error: VISIONQ_MAX_BATCH='abc': Input should be a valid integer, unable to parse string as an integer",
+        "error: VISIONQ_GEMV_MAX_ROWS='99': Input should be less than or equal to 16"]
 
 
 def test_up_with_a_model_it_cannot_load_says_so_before_starting(tmp_path):
