@@ -256,6 +256,7 @@ def main() -> None:
     parser.add_argument("--mixed-jobs", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-forced", action="store_true", help="only the mixed workload")
+    parser.add_argument("--idle-jobs", type=int, default=8, help="lone jobs timed after the graph capture's")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                         help="worker settings to run each cap with, in turn (repeatable; default: as they are), "
                              "e.g. --variant budget4k:VISIONQ_STEP_PREFILL_TOKENS=4096 --variant budget16k:...")
@@ -310,7 +311,8 @@ def main() -> None:
                     if label == "forced":
                         forced_tokens_s = result["tokens_s"]
                 if count == 1 and cap == max(int(c) for c in args.caps.split(",")):
-                    idle_latency(client, WorkerRegistry(store.redis), names[0], images, args.new_tokens, crops[0])
+                    idle_latency(client, WorkerRegistry(store.redis), names[0], images, args.new_tokens, crops[0],
+                                 args.idle_jobs)
                 stop_workers(stack, names)
 
 
@@ -358,19 +360,21 @@ def run_workload(client: Client, store: JobStore, stack: Stack, names: list[str]
 
 
 def idle_latency(client: Client, registry: WorkerRegistry, name: str, images: list[str], new_tokens: int,
-                 num_crops: int) -> None:
-    """One job at a time on an idle worker, client-side from submit to result (?wait)."""
+                 num_crops: int, jobs: int = 8) -> None:
+    """One job at a time on an idle worker, client-side from submit to result (?wait): the first (it captures the
+    one-row graph), then `jobs` more and their median (a lone job's time moves by ±0.03 s from one to the next)."""
     seconds, timings = [], []
-    for i in range(4):
+    for i in range(1 + jobs):
         before = registry.info(name)
         started = time.perf_counter()
-        job = client.submit("describe", [images[i]], max_new_tokens=new_tokens, num_crops=num_crops)
+        job = client.submit("describe", [images[i % len(images)]], max_new_tokens=new_tokens, num_crops=num_crops)
         done = client.wait(job["id"], timeout_s=60)
         assert done["status"] == "succeeded", done
         seconds.append(time.perf_counter() - started)
         timings.append(done["result"]["timings"])
     print(f"idle single job, {new_tokens} tokens, submit to result: first {seconds[0]:.2f} s (captures the batch-1 "
-          f"graph), then {', '.join(f'{s:.2f}' for s in seconds[1:])} s", flush=True)
+          f"graph), then {', '.join(f'{s:.2f}' for s in seconds[1:])} s: median {statistics.median(seconds[1:]):.3f} s",
+          flush=True)
     # Where the last one's time went, as the worker measured it (inference: preprocessing, prefill and decode).
     time.sleep(0.5)  # the run's figures are recorded when it ends, just after its last result
     after = registry.info(name)
