@@ -400,8 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         if "--debug" in (sys.argv[1:] if argv is None else argv):
             raise
-        print(settings_error(exc), file=sys.stderr)
-        return EXIT_REFUSED
+        return report(exc, None)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
@@ -412,16 +411,20 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line and a hint; the traceback only with --debug
         if args.debug:
             raise
-        message, hint, code = explain(exc, args)
-        print(f"error: {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
-        return code
+        return report(exc, args)
 
 
-def settings_error(exc) -> str:
-    """A settings object the environment could not build (pydantic's ValidationError): a line per bad variable."""
-    lines = [f"error: VISIONQ_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
-             for e in exc.errors()]
-    return "\n".join(lines) + "\nhint: fix or unset these environment variables (the README's Settings lists them)"
+def report(exc: Exception, args) -> int:
+    """Print what went wrong and its hint (`explain`); the exit code."""
+    message, hint, code = explain(exc, args)
+    print(f"error: {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+    return code
+
+
+def bad_settings(exc) -> str:
+    """The variables a settings object could not be built from (pydantic's ValidationError), a line each."""
+    return "\nerror: ".join(f"VISIONQ_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
+                             for e in exc.errors())
 
 
 def explain(exc: Exception, args) -> tuple[str, str | None, int]:
@@ -435,8 +438,8 @@ def explain(exc: Exception, args) -> tuple[str, str | None, int]:
     if isinstance(exc, CliError):
         return exc.message, exc.hint, EXIT_REFUSED
     if isinstance(exc, ValidationError) and exc.title == "Settings":
-        message, _, hint = settings_error(exc).removeprefix("error: ").rpartition("\nhint: ")
-        return message, hint, EXIT_REFUSED
+        return bad_settings(exc), "fix or unset these environment variables (the README's Settings lists them)", \
+            EXIT_REFUSED
     if isinstance(exc, ApiError):
         hint = "check the key (--key or VISIONQ_API_KEY)" if exc.status == 401 else None
         return str(exc), hint, EXIT_REFUSED

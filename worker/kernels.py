@@ -40,7 +40,7 @@ RMS_NORMS = frozenset({"Phi3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RM
 FUSED_GATE_UP_MLPS = frozenset({"Phi3MLP"})  # gate_up_proj -> chunk(2) -> up * silu(gate) -> down_proj
 SPLIT_GATE_UP_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})  # down(silu(gate(x)) * up(x))
 ROTARY_MODULES = ("phi3", "llama", "mistral", "qwen2")  # transformers.models.<name>.modeling_<name>
-DTYPES = (torch.bfloat16, torch.float16)
+DTYPES = gemv.DTYPES  # bf16 and fp16: the dtypes every kernel here and in worker/gemv.py takes
 # Products and sums are rounded one by one, as eager PyTorch rounds them: no fused multiply-adds.
 EXACT = {"enable_fp_fusion": False}
 

@@ -112,8 +112,8 @@ class Preprocessor:
     def prepare(self, blobs: list[bytes], question: str, max_new_tokens: int, num_crops: int | None,
                 here: bool = False) -> Prompt:
         """Decode (shared/images/decode.py, with its bounds) and encode; image errors keep their codes. In the
-        calling thread without a pool, or when asked `here` and no other job is prepared here by that request at
-        the moment (an idle GPU's lone job: the pool's round trip would be its latency)."""
+        calling thread without a pool, or when asked `here` while no other job is being prepared here that way
+        (an idle GPU's lone job: the pool's round trip would be its latency); else in the pool."""
         if not self.processes:
             return self._here(blobs, question, max_new_tokens, num_crops)
         if here and self.alone.acquire(blocking=False):
