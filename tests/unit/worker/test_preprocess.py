@@ -16,6 +16,7 @@ from shared.config import Settings
 from shared.errors import ImageUnreadable
 from tests.images import encode, random_image
 from tests.processes import alive, wait_gone
+from worker.encoder_pool import EncoderProcess
 from worker.preprocess import Encoder, Preprocessor
 
 QUESTION = "Describe this image in detail."
@@ -30,7 +31,8 @@ def phi3v_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pooled(phi3v_path):
-    """One pool process on the tiny Phi-3-V, bf16 (the dtype that travels as int16), and the same inline."""
+    """One pool process on the tiny Phi-3-V, bf16 (the dtype numpy lacks: its bytes travel as such), and the same
+    inline."""
     settings = Settings(model=str(phi3v_path))
     encoder = Encoder(settings.model, False, torch.bfloat16)
     pool = Preprocessor(settings, encoder, processes=1)
@@ -74,6 +76,14 @@ def test_a_dead_pool_process_is_replaced_and_the_job_still_runs(pooled):
     assert pool.pids and pool.pids != before
 
 
+def test_a_process_past_its_timeout_is_killed_and_its_job_fails_with_a_timeout(phi3v_path):
+    process = EncoderProcess(Settings(model=str(phi3v_path)), torch.float32)
+    process.wait_ready()
+    with pytest.raises(TimeoutError):
+        process.encode(blobs(7), QUESTION, None, timeout_s=0)  # no image decodes and encodes in no time
+    assert wait_gone([process.pid]) == []
+
+
 def test_close_ends_the_pool_processes(phi3v_path):
     pool = Preprocessor(Settings(model=str(phi3v_path)), Encoder(str(phi3v_path), False, torch.float32), 1)
     pids = pool.pids
@@ -103,6 +113,7 @@ def test_a_job_asked_here_skips_the_pool_one_at_a_time(phi3v_path):
 CHILD = """
 import sys, time, torch
 from shared.config import Settings
+from worker.encoder_pool import EncoderProcess
 from worker.preprocess import Encoder, Preprocessor
 if __name__ == "__main__":
     pool = Preprocessor(Settings(model=sys.argv[1]), Encoder(sys.argv[1], False, torch.float32), 2)
@@ -122,6 +133,6 @@ def test_the_pool_processes_exit_when_their_worker_is_sigkilled(phi3v_path, tmp_
         assert len(pids) == 2 and all(alive(pid) for pid in pids)
         worker.kill()  # SIGKILL: no atexit, no shutdown, nothing tells the children
         worker.wait()
-        assert wait_gone(pids) == []  # their parent watch ends them (PARENT_CHECK_S)
+        assert wait_gone(pids) == []  # their sockets closed with the worker
     finally:
         worker.kill()
