@@ -21,7 +21,8 @@ of 5 and 15.5 ms in chunks of up to 21), so the default 4,096 tokens is five suc
 in a steady stream a step admits about as many jobs as end in a step.
 
 A run starts when the GPU thread is idle and a prompt arrives: it waits a little for a burst to gather (`wait_s`,
-longer while task threads are still preparing: the lanes then choose among more prompts), and lays the KV arena
+longer while task threads are still preparing: the lanes then choose among more prompts; not at all when no task
+thread is preparing one, as for an idle worker's lone job), and lays the KV arena
 out in rows long enough for every prompt waiting then. A later prompt whose need is longer waits, with those
 behind it, until the run's rows have ended, and starts the next run with longer rows. A message is acknowledged
 only when its task returns, after the result is stored, so a worker killed mid-run leaves every unfinished job to
@@ -68,6 +69,7 @@ class Ticket:
     prompt: Prompt
     future: Future = field(default_factory=Future)
     arrival: int = 0  # when it reached the GPU thread, in tickets
+    announced: bool = False  # submitted from inside `Batcher.expect` (the worker's tasks always are)
 
 
 class Batcher:
@@ -87,6 +89,7 @@ class Batcher:
         self.waiting: queue.Queue[Ticket] = queue.Queue()
         self.deferred: deque[Ticket] = deque()  # taken from the queue, not admitted yet: they go first
         self.preparing = 0  # task threads loading images for a ticket right now (see `expect`)
+        self.announcing = threading.local()  # .active: this thread is in `expect` and has not submitted yet
         self.lock = threading.Lock()
         self.idle_since = time.monotonic()
         self.in_run = False  # from a run's first ticket until no row is left (see `idle`)
@@ -100,15 +103,20 @@ class Batcher:
 
     @contextmanager
     def expect(self):
-        """Held by a task thread while it prepares a ticket: an idle GPU thread that has a first ticket waits for
-        such tickets (at most `fill_wait_s`), so a burst of jobs starts as one prefill rather than a trickle."""
+        """Held by a task thread while it prepares a ticket (and submits it, inside): an idle GPU thread that has a
+        first ticket waits for such tickets (at most `fill_wait_s`), so a burst of jobs starts as one prefill rather
+        than a trickle; and when every ticket so far was announced so and no thread is preparing one, it waits for
+        nothing (see `_gather`)."""
         with self.lock:
             self.preparing += 1
+        self.announcing.active = True
         try:
             yield
         finally:
             with self.lock:
-                self.preparing -= 1
+                if self.announcing.active:  # not submitted (its job failed before the GPU)
+                    self.preparing -= 1
+            self.announcing.active = False
 
     def idle(self) -> bool:
         """Whether the GPU thread is between runs (no row decodes or prefills) and no ticket waits for it; read
@@ -117,8 +125,13 @@ class Batcher:
 
     def submit(self, job_id: str, prompt: Prompt) -> Future:
         """Queue one prompt; the future gets its Completion (or the exception that ended its row)."""
-        ticket = Ticket(job_id, prompt, arrival=next(self.arrivals))
-        self.waiting.put(ticket)
+        announced = getattr(self.announcing, "active", False)
+        ticket = Ticket(job_id, prompt, arrival=next(self.arrivals), announced=announced)
+        with self.lock:  # one change: the GPU thread sees this thread preparing, or its ticket, never neither or both
+            if announced:
+                self.preparing -= 1
+                self.announcing.active = False
+            self.waiting.put(ticket)
         return ticket.future
 
     def _loop(self) -> None:
@@ -156,6 +169,8 @@ class Batcher:
         """A burst: wait up to wait_s for more tickets (longer while task threads still prepare some)."""
         deadline, fill_deadline = time.monotonic() + self.wait_s, time.monotonic() + self.fill_wait_s
         while len(self.deferred) < self.max_batch:
+            if self._nothing_coming():
+                return
             try:
                 self.deferred.append(self.waiting.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
@@ -163,6 +178,14 @@ class Batcher:
                     deadline = min(time.monotonic() + 0.005, fill_deadline)
                     continue
                 return
+
+    def _nothing_coming(self) -> bool:
+        """Every ticket here was announced and no task thread is preparing another: the worker's tasks submit only
+        from inside `expect`, so none can come before a new job has fetched and prepared its images, and an idle
+        worker's lone job need not wait `wait_s` for a burst that is not there (on the H200, 5-10 ms of its
+        latency). Tickets submitted otherwise (tests, probes) keep the plain `wait_s`."""
+        with self.lock:
+            return not self.preparing and self.waiting.empty() and all(t.announced for t in self.deferred)
 
     def _pull(self) -> None:
         while True:

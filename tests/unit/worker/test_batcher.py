@@ -3,7 +3,9 @@ and a bad job fails alone."""
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -85,6 +87,49 @@ def test_the_batcher_is_idle_only_while_no_row_decodes_and_no_ticket_waits(tiny)
     while not batcher.idle() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert batcher.idle()
+
+
+def test_a_lone_job_submitted_from_its_task_starts_without_waiting_for_a_burst(tiny):
+    """Announced (submitted inside `expect`, as the worker's tasks do) with no other task preparing, the ticket
+    does not wait `wait_s` (here 5 s) for others; a ticket submitted outside `expect` still does."""
+    processor, model = tiny
+    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=5.0, on_batch=lambda stats: None)
+    started = time.monotonic()
+    with batcher.expect():
+        future = batcher.submit("lone", prompt(processor, 80, max_new_tokens=2))
+    future.result(timeout=60)
+    assert time.monotonic() - started < 2.5
+    started = time.monotonic()
+    batcher.submit("unannounced", prompt(processor, 81, max_new_tokens=2)).result(timeout=60)
+    assert time.monotonic() - started >= 5.0
+
+
+def test_a_ticket_waits_for_a_task_still_preparing_and_they_start_together(tiny):
+    processor, model = tiny
+    runs = []
+    batcher = Batcher(decoder(model, processor), max_batch=4, wait_s=0.05, fill_wait_s=10.0, on_batch=runs.append)
+    preparing, release = threading.Event(), threading.Event()
+
+    def slow_task():
+        with batcher.expect():
+            preparing.set()
+            release.wait(30)
+            return batcher.submit("slow", prompt(processor, 82, max_new_tokens=2))
+
+    pool = ThreadPoolExecutor(1)
+    slow = pool.submit(slow_task)
+    preparing.wait(30)
+    with batcher.expect():
+        fast = batcher.submit("fast", prompt(processor, 83, max_new_tokens=2))
+    time.sleep(0.5)  # the GPU thread holds "fast" while the other task prepares
+    assert not fast.done()
+    release.set()
+    fast.result(timeout=60), slow.result(timeout=60).result(timeout=60)
+    deadline = time.monotonic() + 30
+    while not runs and time.monotonic() < deadline:  # a run is reported after its last row has resolved
+        time.sleep(0.01)
+    assert len(runs) == 1 and runs[0].rows == 2  # one run, both rows
+    pool.shutdown()
 
 
 def test_a_job_that_breaks_its_batch_fails_alone(tiny):
