@@ -111,15 +111,18 @@ class Settings(BaseSettings):
 
     # --- Batching and decoding in the GPU worker (worker/batcher.py, worker/decoding.py) -----------------------
     max_batch: int = Field(default=64, ge=1)  # jobs decoded together; the worker runs 2x this many task threads
-    batch_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill: a lone job's extra delay
+    # How long a run may wait to fill while the tickets it has were not all handed over by tasks (probes, tests);
+    # a worker's lone job, with no other task preparing one, waits for nothing (worker/batcher.py).
+    batch_wait_ms: float = Field(default=5.0, ge=0)
     batch_fill_ms: float = Field(default=20.0, ge=0)  # longer, but only for jobs the worker is already preparing
     prepare_threads: int = Field(default=4, ge=1)  # task threads running the processor or storing a result at once
     # Processes that decode images and run the processor (worker/preprocess.py), off the GPU thread's GIL. auto:
     # min(4, CPUs - 1) on CUDA, 0 on the CPU; 0: in the task threads.
     preprocess_processes: int | Literal["auto"] = "auto"
     # An idle worker (no row decoding, no job waiting for the GPU) prepares a lone job in its own process, without
-    # the pool's round trip (~20 ms of a job's latency on the H200 host). Off by default: a decoder crash there ends
-    # the worker (its jobs are sent again) where in the pool it ends one pool process.
+    # the pool's round trip (~20 ms of a job's latency on the H200 host with concurrent.futures' pool; not
+    # measurable with worker/encoder_pool.py's). Off by default: a decoder crash there ends the worker (its jobs
+    # are sent again) where in the pool it ends one pool process.
     preprocess_inline_when_idle: bool = False
     cuda_graphs: bool = True  # capture the decode step per (rows, length) bucket on CUDA
     fused_kernels: bool = True  # Triton kernels for norms, rotary and activations on CUDA (worker/kernels.py)
