@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from worker import lone_prefill as lone_prefill_module
 from worker.blocks import BLOCK_SIZE, BlockLayout, blocks_for
 from worker.paged_attention import blocks_attention
 from worker.rope import LONG_ROPE_TYPES, long_rope_modules, original_max_positions, per_row_rope
@@ -325,7 +326,7 @@ class Decoder:
     and hands back the rows that ended. Everything runs on the caller's one thread (the GPU thread)."""
 
     def __init__(self, model, eos_ids: Sequence[int], pad_id: int, *, use_graphs: bool, kv_budget_bytes: int,
-                 prefill_tokens: int = 16384, kv_blocks: bool = False):
+                 prefill_tokens: int = 16384, kv_blocks: bool = False, lone_prefill: bool | None = None):
         self.model, self.pad_id = model, pad_id
         self.eos_ids = frozenset(eos_ids)
         self.device = next(model.parameters()).device
@@ -339,6 +340,11 @@ class Decoder:
         self.arena: torch.Tensor | None = None
         self.layout: Layout | BlockLayout | None = None
         self.steps: dict[int, DecodeStep] = {}  # of the current layout, by rows
+        # One prompt alone prefills through worker/lone_prefill.py (None: where it is graphed, with graphs on CUDA;
+        # True: also eagerly, as the CPU tests run it): with blocks, SDPA and a model that embeds its own images.
+        self.lone_prefill = (self.use_graphs if lone_prefill is None else lone_prefill) and kv_blocks and \
+            lone_prefill_module.embeds_of(model) is not None and model.config._attn_implementation == "sdpa"
+        self.lones: dict[int, lone_prefill_module.LonePrefill] = {}  # of the current layout, by padded length
         self.rows: list[Row | None] = []
         self.rope = per_row_rope(model)
         long_rope = long_rope_modules(model)
@@ -379,7 +385,7 @@ class Decoder:
             rows = max(1, min(max_rows, self.max_rows(length)))
         if self.layout is not None and (self.layout.rows, self.layout.length) == (rows, length):
             return
-        self.steps.clear()
+        self._drop_graphs()
         self.layout = None
         if self.blocks:
             self.layout = BlockLayout(self.kv_shape.layers, rows, length, pool)
@@ -399,7 +405,7 @@ class Decoder:
         elements = blocks * per_block // self.dtype.itemsize
         arena = self.arena if self.arena is not None and self.arena.numel() >= elements else None
         if arena is None:
-            self.steps.clear()
+            self._drop_graphs()
             self.layout = None
             arena = self._arena(0, 0, elements)
         return arena[:blocks * per_block // self.dtype.itemsize].view(
@@ -413,7 +419,7 @@ class Decoder:
         if self.arena is None or self.arena.numel() < elements:
             if self.device.type == "cuda":
                 elements = max(elements, self.kv_budget_bytes // self.dtype.itemsize)
-            self.steps.clear()  # views of the old arena
+            self._drop_graphs()  # views of the old arena
             self.arena = None
             self.arena = torch.zeros(elements, dtype=self.dtype, device=self.device)
         return self.arena
@@ -460,18 +466,12 @@ class Decoder:
         index = torch.tensor(free, device=self.device)
         if self.blocks:
             layout.take(free, [row.prompt.need for row in rows])  # raises, taking none, if they are not free
-            sink = layout.prefill_sink(free, [row.prompt.length for row in rows], length)
-        else:
-            sink = layout.prefill_sink(index)
         try:
-            out = self.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
-                             logits_to_keep=1, **{CACHE_KW: sink})
+            firsts = self._forward(rows, free, index, inputs, length)
         except BaseException:
             if self.blocks:
                 layout.free(free)  # the chunk's blocks go back: the caller may prefill its prompts again
             raise
-        firsts = out.logits[:, -1].argmax(-1)
-        del out
         if self.blocks:
             lengths = torch.tensor([row.prompt.length for row in rows], device=self.device)
             layout.lengths.index_copy_(0, index, lengths)
@@ -488,6 +488,52 @@ class Decoder:
             row.short = self.long_rope_at is None or row.prompt.length <= self.long_rope_at
             self.rows[i] = row
         return self._settle(free)
+
+    def _forward(self, rows: list[Row], free: list[int], index: torch.Tensor, inputs: dict, length: int):
+        """The prefill forward of a chunk (its rows' blocks taken); returns each row's first token. One prompt
+        alone goes through its length bucket's LonePrefill where it has one."""
+        lone = self._lone(length) if len(rows) == 1 else None
+        if lone is not None:
+            embed = lone_prefill_module.embeds_of(self.model)
+            lone.fill(embed(inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_sizes")), free[0])
+            if lone.graph is None and not lone.tried and self.use_graphs and self.graphable(lone.length):
+                self._capture_lone(lone)  # after the fill: the warm-up writes what the run writes again
+            return lone.run().clone()
+        mask = inputs["attention_mask"]
+        if self.blocks:
+            sink = self.layout.prefill_sink(free, [row.prompt.length for row in rows], length)
+        else:
+            sink = self.layout.prefill_sink(index)
+        out = self.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
+                         logits_to_keep=1, **{CACHE_KW: sink})
+        return out.logits[:, -1].argmax(-1)
+
+    def _lone(self, length: int) -> lone_prefill_module.LonePrefill | None:
+        """The LonePrefill of a prompt of `length` tokens (None: this prompt prefills as chunks do)."""
+        bucket = length_bucket(length)
+        if not self.lone_prefill or bucket > min(lone_prefill_module.MAX_TOKENS, self.layout.length):
+            return None
+        lone = self.lones.get(bucket)
+        if lone is None:
+            if len(self.lones) >= lone_prefill_module.GRAPHS:
+                return None
+            lone = self.lones[bucket] = lone_prefill_module.LonePrefill(self.model, self.layout, bucket, CACHE_KW)
+        return lone
+
+    def _capture_lone(self, lone: lone_prefill_module.LonePrefill) -> None:
+        lone.tried = True
+        try:
+            with _static_rope(self.model):
+                lone.capture()
+        except RuntimeError:
+            log.exception("could not capture the prefill of one %d-token prompt in a CUDA graph; it runs eagerly",
+                          lone.length)
+            lone.graph = None
+
+    def _drop_graphs(self) -> None:
+        """The decode steps and lone prefills of the current layout (they view its arena)."""
+        self.steps.clear()
+        self.lones.clear()
 
     # --- decoding -----------------------------------------------------------------------------------------------
 

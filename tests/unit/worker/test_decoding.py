@@ -83,10 +83,11 @@ def unbatched(model, processor, job) -> list[int]:
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def decoder_for(model, processor, use_graphs: bool, cache: str = "rows", kv_budget_bytes: int = 1 << 30) -> Decoder:
+def decoder_for(model, processor, use_graphs: bool, cache: str = "rows", kv_budget_bytes: int = 1 << 30,
+                **options) -> Decoder:
     eos = model.generation_config.eos_token_id
     return Decoder(model, [eos], processor.tokenizer.pad_token_id, use_graphs=use_graphs,
-                   kv_budget_bytes=kv_budget_bytes, kv_blocks=cache == "blocks")
+                   kv_budget_bytes=kv_budget_bytes, kv_blocks=cache == "blocks", **options)
 
 
 def prompts_of(processor, batch) -> list[Prompt]:
@@ -214,6 +215,41 @@ def test_cuda_fused_kernels_keep_the_first_tokens_and_graph_like_eager_in_bf16(t
                      len(unfused[r])) for r in range(len(batch))]
         print(f"{arch}: leading tokens equal, fused vs unfused kernels, per row: {same} of "
               f"{[len(unfused[r]) for r in range(len(batch))]}")
+
+
+def test_prompts_prefilled_alone_equal_their_unbatched_generate(tiny):
+    """A prompt alone prefills through worker/lone_prefill.py (padded on the left to its length bucket, a 4-D mask,
+    a slot per position): here eagerly, the step a CUDA graph captures on the GPU; chunks of one prompt each. LLaVA
+    does not embed its images in one function: it prefills as chunks do."""
+    arch, path, processor = tiny
+    model = load(path, "cpu", torch.float32)
+    decoder = decoder_for(model, processor, use_graphs=False, cache="blocks", prefill_tokens=1, lone_prefill=True)
+    if arch != "phi3v":
+        assert not decoder.lone_prefill
+        return
+    batch = jobs(arch)
+    prompts = prompts_of(processor, batch)
+    assert any(length_bucket(p.length) != p.length for p in prompts)  # padding the lone prefill must mask
+    assert len({p.length for p in prompts}) > 1  # one LonePrefill of a bucket serves prompts of several lengths
+    got = batched(decoder, processor, batch)
+    assert decoder.lones and all(lone.graph is None for lone in decoder.lones.values())
+    for row, job in enumerate(batch):
+        assert got[row] == unbatched(model, processor, job), f"row {row}"
+
+
+@CUDA
+def test_cuda_a_lone_prompts_graphed_prefill_equals_its_eager_one_in_bf16(tiny):
+    arch, path, processor = tiny
+    if arch != "phi3v":
+        pytest.skip("LLaVA prefills one prompt as chunks do")
+    model = load(path, "cuda", torch.bfloat16)
+    batch = jobs(arch)[:3]
+    graphed_decoder = decoder_for(model, processor, use_graphs=True, cache="blocks", prefill_tokens=1)
+    graphed = batched(graphed_decoder, processor, batch)
+    assert graphed_decoder.lones and all(lone.graph is not None for lone in graphed_decoder.lones.values())
+    eager = batched(decoder_for(model, processor, use_graphs=False, cache="blocks", prefill_tokens=1,
+                                lone_prefill=True), processor, batch)
+    assert graphed == eager
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
