@@ -9,7 +9,9 @@ released), and reads each tensor's bytes straight into a tensor of its own (`rec
 kernel. A process that dies (a decoder crash) loses the one job it had, not the pool's other jobs.
 
 A process ignores SIGINT (a Ctrl-C reaches the terminal's whole group, and the warm shutdown still needs it) and
-ends when its socket closes: `close`, or the worker's death, SIGKILL included (the worker holds the only other end).
+ends when its socket closes (`close`, or the worker's death: the worker holds the only other end) or, whatever
+holds the socket, within PARENT_CHECK_S of its parent's death (a SIGKILLed worker tells it nothing), with
+`os._exit`: nothing of an interpreter's shutdown (atexit handlers, threads a library started) can keep it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from shared.images.decode import configure_pillow, decode_image
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300  # spawning a process and loading its processor (transformers, the tokenizer)
+PARENT_CHECK_S = 0.5
 
 
 class ProcessDied(Exception):
@@ -181,11 +184,26 @@ def _read_exactly(sock: socket.socket, into: memoryview) -> None:
 # --- in a pool process ----------------------------------------------------------------------------------------
 
 def _serve(connection, settings: Settings, dtype: torch.dtype) -> None:
-    """A pool process: load the processor once, then encode jobs until the socket closes or says None. One
-    intra-op thread: the pool is the parallelism."""
+    """A pool process: serve jobs until the socket closes or says None, then exit at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="visionq-parent-watch", daemon=True).start()
+    try:
+        _serve_jobs(connection, settings, dtype)
+    finally:
+        os._exit(0)
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
+
+
+def _serve_jobs(connection, settings: Settings, dtype: torch.dtype) -> None:
+    """Load the processor once, then encode jobs. One intra-op thread: the pool is the parallelism."""
     from worker.preprocess import Encoder  # here, not at import: worker.preprocess imports this module
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     configure_pillow(settings)
     encoder = Encoder(settings.model, settings.trust_remote_code, dtype)

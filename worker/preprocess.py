@@ -15,7 +15,7 @@ thread is itself CPU work; more processes would take its cores), 0 runs everythi
 
 Lifetime: the pool (worker/encoder_pool.py) starts with the worker and is warm before the worker says it is ready;
 `close` (Celery's worker_shutdown, after the warm shutdown has drained the tasks) ends it; a SIGKILLed worker's
-processes end as their sockets close. A process that dies (a decoder crash) loses only its job: another process
+processes end within 0.5 s. A process that dies (a decoder crash) loses only its job: another process
 replaces it and the job is sent once more; a job that kills the second one too fails as `image_unreadable`.
 """
 

@@ -127,12 +127,13 @@ def test_the_pool_processes_exit_when_their_worker_is_sigkilled(phi3v_path, tmp_
     script.write_text(CHILD)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     worker = subprocess.Popen([sys.executable, str(script), str(phi3v_path)], stdout=subprocess.PIPE, text=True,
-                              cwd=root, env={**os.environ, "PYTHONPATH": root})
+                              cwd=root, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  filter(None, [root, os.environ.get("PYTHONPATH")]))})
     try:
         pids = [int(pid) for pid in worker.stdout.readline().strip().split(",")]
         assert len(pids) == 2 and all(alive(pid) for pid in pids)
         worker.kill()  # SIGKILL: no atexit, no shutdown, nothing tells the children
         worker.wait()
-        assert wait_gone(pids) == []  # their sockets closed with the worker
+        assert wait_gone(pids) == []  # their sockets closed with the worker, and their parent is gone
     finally:
         worker.kill()
