@@ -45,6 +45,11 @@ from shared.store.api_keys import KeyStore
 from shared.store.connection import connect
 from shared.store.jobs import JobStore
 
+HSET, SEND_TASK, GET = ("baseline: Flask POST, HSET+LPUSH", "baseline: Flask POST, Celery send_task",
+                        "baseline: Flask GET, one Redis GET")
+SUBMIT = "visionq POST /v1/jobs (auth, rate limit, quota)"
+FINISHED, QUEUED = "visionq GET /v1/jobs/<id> (finished job)", "visionq GET /v1/jobs/<id> (queued, position)"
+
 WRK_SCRIPT = """
 wrk.method = "{method}"
 wrk.body = {body}
@@ -234,15 +239,16 @@ def main() -> None:
         job_id = finished_job(JobStore(connect(settings), settings.result_ttl_s), key.id)
         waiting_id = queued_job(JobStore.from_settings(connect(settings), settings), key.id, settings)
         baseline = "bench.baseline_apps:app"
+        # In each round the GET baseline runs just before the two polls it is compared with (and after the submit
+        # case, whose writes' AOF rewrite `settle` waits out): this machine's speed drifts within a round by more
+        # than the difference measured, and adjacent windows drift least.
         cases = {  # name: (app, path, method, body, key, BENCH_APP)
-            "baseline: Flask POST, HSET+LPUSH": (baseline, "/submit", "POST", {}, None, "hset_lpush"),
-            "baseline: Flask POST, Celery send_task": (baseline, "/submit", "POST", {}, None, "send_task"),
-            "baseline: Flask GET, one Redis GET": (baseline, "/poll", "GET", None, None, "redis_get"),
-            "visionq POST /v1/jobs (auth, rate limit, quota)": ("api.wsgi:app", "/v1/jobs", "POST", body, secret, ""),
-            "visionq GET /v1/jobs/<id> (finished job)": ("api.wsgi:app", f"/v1/jobs/{job_id}", "GET", None, secret,
-                                                         ""),
-            "visionq GET /v1/jobs/<id> (queued, position)": ("api.wsgi:app", f"/v1/jobs/{waiting_id}", "GET", None,
-                                                             secret, ""),
+            HSET: (baseline, "/submit", "POST", {}, None, "hset_lpush"),
+            SEND_TASK: (baseline, "/submit", "POST", {}, None, "send_task"),
+            SUBMIT: ("api.wsgi:app", "/v1/jobs", "POST", body, secret, ""),
+            GET: (baseline, "/poll", "GET", None, None, "redis_get"),
+            QUEUED: ("api.wsgi:app", f"/v1/jobs/{waiting_id}", "GET", None, secret, ""),
+            FINISHED: ("api.wsgi:app", f"/v1/jobs/{job_id}", "GET", None, secret, ""),
         }
         rounds: dict[str, list[dict]] = {name: [] for name in cases}
         for round_number in range(args.rounds):  # interleaved, so that a noisy moment hits every case alike
@@ -255,12 +261,12 @@ def main() -> None:
                for name, results in rounds.items()}
     for name, result in medians.items():
         print(f"{name:<48} {result['rps']:8.0f} req/s  p99 {result['p99_ms']:6.2f} ms")
-    hset, celery, get, submit, poll, queued_poll = medians.values()
-    names = list(rounds)
-    per_round = [{name: rounds[name][i]["rps"] for name in names} for i in range(args.rounds)]
-    poll_ratios = [r[names[4]] / r[names[2]] for r in per_round]
-    queued_ratios = [r[names[5]] / r[names[2]] for r in per_round]
-    submit_ratios = [r[names[3]] / r[names[1]] for r in per_round]
+    hset, celery, submit, poll, queued_poll = (medians[name] for name in (HSET, SEND_TASK, SUBMIT, FINISHED, QUEUED))
+    get = medians[GET]
+    per_round = [{name: rounds[name][i]["rps"] for name in rounds} for i in range(args.rounds)]
+    poll_ratios = [r[FINISHED] / r[GET] for r in per_round]
+    queued_ratios = [r[QUEUED] / r[GET] for r in per_round]
+    submit_ratios = [r[SUBMIT] / r[SEND_TASK] for r in per_round]
     print(f"submit: {submit['rps']:.0f} jobs/s, p99 {submit['p99_ms']:.1f} ms (goal >= 1,200 jobs/s, p99 <= 50 ms); "
           f"{submit['rps'] / hset['rps']:.2f}x HSET+LPUSH, {submit['rps'] / celery['rps']:.2f}x send_task "
           f"(per round: {', '.join(f'{r:.2f}' for r in submit_ratios)})")
