@@ -29,7 +29,8 @@ import torch
 
 from bench.phi3v_gpu import image
 from shared.config import Settings
-from worker.preprocess import Encoder, Preprocessor
+from worker.encoder import Encoder
+from worker.preprocess import Preprocessor
 
 QUESTION = "Describe this image in detail."
 

@@ -44,8 +44,8 @@ from bench.phi3v_gpu import CONFIG, image, synced
 from cli.tiny_model import build_phi3v_tokenizer
 from worker import kernels
 from worker.decoding import BlockDecodeStep, Decoder, DecodeStep, Prompt, collate
+from worker.encoder import PHI3_PROMPT_MODEL_TYPES
 from worker.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
-from worker.preprocess import PHI3_PROMPT_MODEL_TYPES
 from worker.prompts import chat_messages, phi3_prompt
 
 QUESTION = "Describe this image in detail."

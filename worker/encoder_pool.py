@@ -1,4 +1,4 @@
-"""Processes that each run an Encoder (worker/preprocess.py) on one job at a time, each over a socket of its own.
+"""Processes that each run an Encoder (worker/encoder.py) on one job at a time, each over a socket of its own.
 
 Why not `concurrent.futures.ProcessPoolExecutor`: its round trip is three thread hops in the worker (the caller, the
 executor's manager thread, its call queue's feeder thread) and four copies of the result (pickled into bytes,
@@ -29,6 +29,7 @@ import torch
 
 from shared.config import Settings
 from shared.images.decode import configure_pillow, decode_image
+from worker.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,6 @@ def _exit_with_parent(parent: int) -> None:
 
 def _serve_jobs(connection, settings: Settings, dtype: torch.dtype) -> None:
     """Load the processor once, then encode jobs. One intra-op thread: the pool is the parallelism."""
-    from worker.preprocess import Encoder  # here, not at import: worker.preprocess imports this module
-
     torch.set_num_threads(1)
     configure_pillow(settings)
     encoder = Encoder(settings.model, settings.trust_remote_code, dtype)

@@ -15,7 +15,7 @@ import worker.models.phi3v  # noqa: F401  (registers the native Phi-3-vision por
 from shared.config import Settings
 from worker import kernels
 from worker.decoding import Completion, Decoder, Prompt
-from worker.preprocess import Encoder
+from worker.encoder import Encoder
 
 log = logging.getLogger(__name__)
 

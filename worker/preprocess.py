@@ -7,8 +7,8 @@ millisecond of it is a millisecond in which the GPU thread may wait to launch it
 0.85x the decoder alone. A child process holds only its own GIL. What crosses: the image bytes going in (fetched
 by the task thread, so that network, Redis, the SSRF guard and the key's access all stay in the worker, and the
 headers checked there: bounds and the job's pixels before any decode) and the tensors coming back, their bytes
-read straight into the worker's tensors (~3.4 MB for one image at num_crops=4 in bf16). The same `Encoder` code
-runs inline and in a child, so a job's tensors are the same either way.
+read straight into the worker's tensors (~3.4 MB for one image at num_crops=4 in bf16). The same `Encoder`
+(worker/encoder.py) runs inline and in a child, so a job's tensors are the same either way.
 
 `VISIONQ_PREPROCESS_PROCESSES` sizes the pool: `auto` is min(4, CPUs - 1) on CUDA and 0 on the CPU (there the GPU
 thread is itself CPU work; more processes would take its cores), 0 runs everything in the task thread.
@@ -21,57 +21,18 @@ replaces it and the job is sent once more; a job that kills the second one too f
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 from typing import Literal
 
 import torch
-from PIL import Image
-from transformers import AutoConfig, AutoProcessor
 
-import worker.models.phi3v  # noqa: F401  (registers the native Phi-3-vision port with the Auto classes)
 from shared.config import Settings
-from shared.errors import ImageUnreadable, NumCropsUnsupported
+from shared.errors import ImageUnreadable
 from shared.images.decode import decode_image
 from worker.decoding import Prompt
+from worker.encoder import Encoder
 from worker.encoder_pool import EncoderPool, ProcessDied
-from worker.prompts import chat_messages, phi3_prompt
-
-# Checkpoints prompted with the Phi-3 cookbook string rather than a chat template.
-PHI3_PROMPT_MODEL_TYPES = frozenset({"phi3_v"})
-
-
-class Encoder:
-    """The processor side of one model (no weights): its prompt format and its processor, in the model's dtype."""
-
-    def __init__(self, model_id: str, trust_remote_code: bool, dtype: torch.dtype):
-        self.model_id, self.dtype = model_id, dtype
-        self.config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-        self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-        # Phi-3-vision's processor (the port, worker/models/phi3v) takes a crop count per call.
-        self.takes_num_crops = "num_crops" in inspect.signature(self.processor.__call__).parameters
-
-    def prompt(self, n_images: int, question: str) -> str:
-        """The prompt text: the Phi-3 cookbook string, or the same turn through the processor's chat template."""
-        if self.config.model_type in PHI3_PROMPT_MODEL_TYPES or not getattr(self.processor, "chat_template", None):
-            return phi3_prompt(n_images, question)
-        return self.processor.apply_chat_template(
-            chat_messages(n_images, question), add_generation_prompt=True, tokenize=False
-        )
-
-    def encode(self, images: list[Image.Image], question: str, num_crops: int | None) -> dict[str, torch.Tensor]:
-        """The processor's tensors for one prompt, on the CPU. `num_crops` (None: the processor's own) is for
-        Phi-3-vision's processor only."""
-        options = {}
-        if num_crops is not None:
-            if not self.takes_num_crops:  # the API let it through: VISIONQ_NUM_CROPS_MODELS names this model
-                raise NumCropsUnsupported(f"this worker's model ({self.model_id}) does not take num_crops")
-            options["num_crops"] = num_crops
-        encoded = self.processor(text=self.prompt(len(images), question), images=images, return_tensors="pt",
-                                 **options)
-        # Pixels in the model's dtype already: half the bytes for the GPU thread to batch and copy (same rounding).
-        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in encoded.items()}
 
 
 def pool_size(setting: int | Literal["auto"], device: torch.device) -> int:

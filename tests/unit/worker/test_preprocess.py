@@ -16,8 +16,9 @@ from shared.config import Settings
 from shared.errors import ImageUnreadable
 from tests.images import encode, random_image
 from tests.processes import alive, wait_gone
+from worker.encoder import Encoder
 from worker.encoder_pool import EncoderProcess
-from worker.preprocess import Encoder, Preprocessor
+from worker.preprocess import Preprocessor
 
 QUESTION = "Describe this image in detail."
 
@@ -114,7 +115,8 @@ CHILD = """
 import sys, time, torch
 from shared.config import Settings
 from worker.encoder_pool import EncoderProcess
-from worker.preprocess import Encoder, Preprocessor
+from worker.encoder import Encoder
+from worker.preprocess import Preprocessor
 if __name__ == "__main__":
     pool = Preprocessor(Settings(model=sys.argv[1]), Encoder(sys.argv[1], False, torch.float32), 2)
     print(",".join(map(str, pool.pids)), flush=True)
