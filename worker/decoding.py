@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from worker import graphs
 from worker import lone_prefill as lone_prefill_module
 from worker.blocks import BLOCK_SIZE, BlockLayout, blocks_for
 from worker.paged_attention import blocks_attention
@@ -243,17 +244,7 @@ class DecodeStep:
         before it reads them."""
         saved = [t.clone() for t in self.state()]
         with _static_rope(self.model):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.step()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            # A private memory pool per graph: graphs come and go with their layouts, and a pool shared with a
-            # freed graph cannot be captured into again.
-            with torch.cuda.graph(graph):
-                self.step()
+            graph = graphs.capture(self.step)
         for tensor, value in zip(self.state(), saved, strict=True):
             tensor.copy_(value)
         self.graph = graph

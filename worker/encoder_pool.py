@@ -127,12 +127,14 @@ class EncoderPool:
             process = self._take()
             try:
                 tensors = process.encode(blobs, question, num_crops, self.settings.job_timeout_s)
-            except (ProcessDied, TimeoutError) as exc:
-                if isinstance(exc, ProcessDied):
-                    log.warning("preprocessing process %d died (attempt %d of this job); starting another",
-                                process.pid, attempt)
+            except TimeoutError:
                 self._replace(process)
-                if isinstance(exc, TimeoutError) or attempt == 2:
+                raise
+            except ProcessDied:
+                log.warning("preprocessing process %d died (attempt %d of this job); starting another", process.pid,
+                            attempt)
+                self._replace(process)
+                if attempt == 2:
                     raise
                 continue
             except BaseException:

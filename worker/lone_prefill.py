@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from worker import graphs
 from worker.blocks import TRASH, BlockLayout
 
 GRAPHS = 8  # buckets kept per layout (each holds its own activations' memory)
@@ -102,14 +103,5 @@ class LonePrefill:
         return self.first
 
     def capture(self) -> None:
-        """Warm up on a side stream (its writes go where the next run writes again), then record one prefill."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # a private pool: it goes with the layout
-            self.step()
-        self.graph = graph
+        """Record one prefill (worker/graphs.py; the warm-up's writes go where the next run writes again)."""
+        self.graph = graphs.capture(self.step)
