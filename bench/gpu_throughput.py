@@ -166,10 +166,16 @@ def run_jobs(client: Client, store: JobStore, lengths: list[int], images: list[s
            if job.status != JobStatus.SUCCEEDED or job.result.tokens.completion != new_tokens]
     latencies = [(job.finished_at - job.created_at).total_seconds() for job in jobs]
     short = [latency for latency, new_tokens in zip(latencies, lengths, strict=True) if new_tokens <= 32]
+    # Where a short job's time went (medians, ms): before its task started, fetching and preparing its images, and
+    # from its submit to the GPU thread until its result (waiting for a row, prefill, decode).
+    short_parts = {part: statistics.median(getattr(job.result.timings, part) for job, new_tokens in
+                                           zip(jobs, lengths, strict=True) if new_tokens <= 32 and job.result)
+                   for part in ("queue_ms", "images_ms", "inference_ms")} if short else {}
     tokens = sum(job.result.tokens.completion for job in jobs if job.result)
     return {"jobs_s": len(ids) / elapsed, "tokens_s": tokens / elapsed, "p50": percentile(latencies, 0.5),
             "p95": percentile(latencies, 0.95), "short_p50": percentile(short, 0.5) if short else float("nan"),
-            "shorts": len(short), "elapsed": elapsed, "submit_s": submitted, "bad": len(bad),
+            "shorts": len(short), "short_parts": short_parts, "elapsed": elapsed, "submit_s": submitted,
+            "bad": len(bad),
             "twice": sum(job.attempts > 1 for job in jobs),
             "first_bad": bad[0].model_dump(mode="json") if bad else None}
 
@@ -349,6 +355,9 @@ def run_workload(client: Client, store: JobStore, stack: Stack, names: list[str]
           f"submit {result['submit_s']:.2f} s; not succeeded with their tokens: {result['bad']}, "
           f"ran twice: {result['twice']}", flush=True)
     print(f"  {load.summary()}", flush=True)
+    if result["short_parts"]:
+        print("  jobs of <= 32 tokens, medians: " + ", ".join(f"{k} {v:.0f}" for k, v in result["short_parts"].items()),
+              flush=True)
     runs = sum(int(i.get("batches", 0)) for i in infos) - sum(int(i.get("batches", 0)) for i in before)
     seconds = {field: sum(float(i.get(field, 0)) for i in infos) - sum(float(i.get(field, 0)) for i in before)
                for field in ("prefill_s", "decode_s", "idle_s")}
