@@ -22,11 +22,12 @@ in a steady stream a step admits about as many jobs as end in a step.
 
 A run starts when the GPU thread is idle and a prompt arrives: it waits a little for a burst to gather (`wait_s`,
 longer while task threads are still preparing: the lanes then choose among more prompts; not at all when no task
-thread is preparing one, as for an idle worker's lone job), and lays the KV arena
-out in rows long enough for every prompt waiting then. A later prompt whose need is longer waits, with those
-behind it, until the run's rows have ended, and starts the next run with longer rows. A message is acknowledged
-only when its task returns, after the result is stored, so a worker killed mid-run leaves every unfinished job to
-be redelivered.
+thread is preparing one, as for an idle worker's lone job), and lays the KV arena out: with blocks (the default),
+in rows that may grow as long as the pool holds, so any later prompt joins once its blocks are free; without, in
+rows long enough for every prompt waiting then, and a later prompt whose need is longer waits, with those behind
+it, until the run's rows have ended, and starts the next run with longer rows. A message is acknowledged only when
+its task returns, after the result is stored, so a worker killed mid-run leaves every unfinished job to be
+redelivered.
 
 Admission order, when more prompts wait than rows are free: two lanes take turns, one free row each. The short
 lane admits the waiting job with the fewest max_new_tokens (ties: the earlier), the other the job that has waited
@@ -196,7 +197,8 @@ class Batcher:
 
     def _admit(self, stats: BatchStats) -> None:
         """Prefill waiting tickets into free rows, in the lanes' order, up to `step_tokens` prompt tokens (at least one
-        ticket); a ticket that needs longer rows stops the admissions until the run ends."""
+        ticket); a ticket that needs longer rows (or more blocks than are free) stops the admissions until the run
+        ends (or blocks are freed)."""
         joining: list[Ticket] = []
         joining_prompts: list = []  # kept beside `joining`: fits() is asked once per candidate, on the GPU thread
         budget = self.step_tokens

@@ -372,6 +372,7 @@ class Decoder:
         if self.blocks:
             pool = self._pool(max_rows, length)
             rows = max(1, min(max_rows, pool.shape[1] - 1))
+            length = self._longest_row(pool, length)
         else:
             rows = max(1, min(max_rows, self.max_rows(length)))
         if self.layout is not None and (self.layout.rows, self.layout.length) == (rows, length):
@@ -383,6 +384,16 @@ class Decoder:
         else:
             self.layout = Layout(self.kv_shape, rows, length, self._arena(rows, length))
         self.rows = [None] * rows
+
+    def _longest_row(self, pool: torch.Tensor, need: int) -> int:
+        """With blocks, a row's length bounds nothing but its block table's width: a layout whose rows may grow as
+        long as the pool (and the model's positions) allow, so that a prompt needing more than the run's first
+        prompts joins as soon as its blocks are free instead of waiting for every row to end (in a burst of mixed
+        lengths, the first few prompts gathered set the length, and a longer one came soon after). Dynamic NTK keeps
+        the need's length: its graphs hold only up to the original positions (see `graphable`)."""
+        positions = self.model.config.get_text_config().max_position_embeddings
+        longest = min((pool.shape[1] - 1) * pool.shape[2], positions) // LENGTH_STEP * LENGTH_STEP
+        return longest if longest > need and self.graphable(longest) else need
 
     def _pool(self, rows: int, length: int) -> torch.Tensor:
         """The block pool, [2 x layers, blocks, BLOCK_SIZE, kv_heads, head_dim] over the arena: on CUDA the whole KV

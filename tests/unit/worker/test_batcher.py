@@ -179,6 +179,37 @@ def test_with_blocks_a_burst_waits_for_free_blocks_and_every_result_is_exact(tin
     assert results == [alone(model, processor, p) for p in prompts]
 
 
+def test_with_blocks_a_prompt_needing_more_than_the_first_joins_its_run(tiny):
+    """The run's first prompt sets no row length with blocks: a later prompt that needs more tokens (a longer
+    question here) joins while the first decodes, instead of waiting for every row to end and a new run."""
+    processor, model = tiny
+    endless = Decoder(model, [model.generation_config.eos_token_id], processor.tokenizer.pad_token_id,
+                      use_graphs=False, kv_budget_bytes=1 << 30, kv_blocks=True)
+    endless.eos_ids = frozenset()  # rows run to their max_new_tokens, or until they are canceled
+    canceled: set[str] = set()
+    runs = []
+    batcher = Batcher(endless, max_batch=4, wait_s=0.05, canceled=lambda ids: canceled & set(ids),
+                      on_batch=runs.append)
+    first = prompt(processor, 1, max_new_tokens=1500)
+    question = "Describe this image in detail. " + "Mention every colour you see. " * 70
+    inputs = processor(text=TEXT.replace("Describe this image in detail.", question),
+                       images=[random_image(40, 40, 2)], return_tensors="pt")
+    longer = Prompt(dict(inputs), 4)
+    assert longer.need > first.need + 64  # past the first prompt's length bucket: the check is not vacuous
+    expected = alone(model, processor, longer)  # before the GPU thread uses the model
+    running = batcher.submit("first", first)
+    while not endless.running:
+        time.sleep(0.005)
+    assert batcher.submit("longer", longer).result(timeout=60).tokens == expected
+    assert not running.done()  # it joined the first's run
+    canceled.add("first")
+    assert running.result(timeout=60).canceled
+    deadline = time.monotonic() + 10
+    while not runs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(runs) == 1 and runs[0].rows == 2
+
+
 class RecordingDecoder(Decoder):
     """The real decoder, noting the order in which prompts are admitted."""
 
