@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import queue
 import signal
 import socket
 import threading
@@ -30,6 +29,7 @@ import torch
 from shared.config import Settings
 from shared.images.decode import configure_pillow, decode_image
 from worker.encoder import Encoder
+from worker.lending import Lender, LenderClosed
 
 log = logging.getLogger(__name__)
 
@@ -102,29 +102,32 @@ class EncoderProcess:
 
 
 class EncoderPool:
-    """`size` EncoderProcesses, each lent to one calling thread at a time."""
+    """`size` EncoderProcesses, each lent to one calling thread at a time, in the lanes' order of worker/lending.py
+    (a burst's short jobs are not prepared after all of its long ones)."""
 
     def __init__(self, settings: Settings, dtype: torch.dtype, size: int):
         self.settings, self.dtype = settings, dtype
-        self.idle: queue.Queue[EncoderProcess | None] = queue.Queue()
+        self.idle: Lender[EncoderProcess] = Lender()
         self.lock = threading.Lock()
         self.closed = False
         started = time.perf_counter()
         self.processes = [EncoderProcess(settings, dtype) for _ in range(size)]  # spawned together, then waited
         for process in self.processes:
             process.wait_ready()
-            self.idle.put(process)
+            self.idle.give(process)
         log.info("preprocessing pool: %d processes (%s) in %.1f s", size, self.pids, time.perf_counter() - started)
 
     @property
     def pids(self) -> list[int]:
         return sorted(process.pid for process in self.processes)
 
-    def encode(self, blobs: list[bytes], question: str, num_crops: int | None) -> dict[str, torch.Tensor]:
-        """The job's tensors from an idle process. A process that dies under the job is replaced and the job goes to
-        another once; dying twice, it fails as ProcessDied."""
+    def encode(self, blobs: list[bytes], question: str, num_crops: int | None,
+               max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
+        """The job's tensors from an idle process (`max_new_tokens`: the job's place in the short lane). A process
+        that dies under the job is replaced and the job goes to another once; dying twice, it fails as
+        ProcessDied."""
         for attempt in (1, 2):
-            process = self._take()
+            process = self._take(max_new_tokens)
             try:
                 tensors = process.encode(blobs, question, num_crops, self.settings.job_timeout_s)
             except TimeoutError:
@@ -138,9 +141,9 @@ class EncoderPool:
                     raise
                 continue
             except BaseException:
-                self.idle.put(process)
+                self.idle.give(process)
                 raise
-            self.idle.put(process)
+            self.idle.give(process)
             return tensors
         raise AssertionError("unreachable")
 
@@ -148,16 +151,15 @@ class EncoderPool:
         """End every process (once no job needs them: the worker's tasks have ended)."""
         with self.lock:
             self.closed, processes = True, list(self.processes)
+        self.idle.close()  # wakes any thread still waiting for a process: it fails
         for process in processes:
             process.close()
-        self.idle.put(None)  # wakes any thread still waiting for a process (it passes the None on, and fails)
 
-    def _take(self) -> EncoderProcess:
-        process = None if self.closed else self.idle.get()
-        if process is None:
-            self.idle.put(None)
-            raise RuntimeError("the preprocessing pool is closed (the worker is stopping)")
-        return process
+    def _take(self, max_new_tokens: int) -> EncoderProcess:
+        try:
+            return self.idle.take(max_new_tokens)
+        except LenderClosed:
+            raise RuntimeError("the preprocessing pool is closed (the worker is stopping)") from None
 
     def _replace(self, dead: EncoderProcess) -> None:
         dead.kill()
@@ -168,7 +170,7 @@ class EncoderPool:
                 fresh.close()
                 return
             self.processes[self.processes.index(dead)] = fresh
-        self.idle.put(fresh)
+        self.idle.give(fresh)
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:

@@ -72,7 +72,7 @@ class Preprocessor:
             finally:
                 self.alone.release()
         try:
-            return Prompt(self.pool.encode(blobs, question, num_crops), max_new_tokens)
+            return Prompt(self.pool.encode(blobs, question, num_crops, max_new_tokens), max_new_tokens)
         except ProcessDied:
             raise ImageUnreadable("an image of the job crashed the image decoder") from None
         except TimeoutError:
