@@ -67,7 +67,8 @@ def start(settings: Settings, name: str) -> GpuWorker:
     batcher = Batcher(engine.decoder, settings.max_batch, settings.batch_wait_ms / 1000,
                       settings.batch_fill_ms / 1000, store.canceled_among,
                       on_batch=batch_recorder(name, engine.device, workers), step_tokens=settings.step_prefill_tokens)
-    preprocessor = Preprocessor(settings, engine.encoder, pool_size(settings.preprocess_processes, engine.device))
+    preprocessor = Preprocessor(settings, engine.encoder, pool_size(settings.preprocess_processes, engine.device),
+                                on_respawn=lambda pids: workers.record(name, preprocess_pids=pids))
     runner = JobRunner(settings, store, workers, engine, batcher, name, preprocessor, uploads=UploadStore(settings))
     # The GPU thread launches kernels between the task threads' Python: let it have the GIL back sooner.
     sys.setswitchinterval(0.0005)

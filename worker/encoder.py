@@ -11,7 +11,9 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
 import worker.models.phi3v  # noqa: F401  (registers the native Phi-3-vision port with the Auto classes)
+from shared.config import Settings
 from shared.errors import NumCropsUnsupported
+from shared.images.decode import decode_image
 from worker.prompts import chat_messages, phi3_prompt
 
 # Checkpoints prompted with the Phi-3 cookbook string rather than a chat template.
@@ -48,3 +50,9 @@ class Encoder:
                                  **options)
         # Pixels in the model's dtype already: half the bytes for the GPU thread to batch and copy (same rounding).
         return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in encoded.items()}
+
+    def encode_bytes(self, blobs: list[bytes], question: str, num_crops: int | None,
+                     settings: Settings) -> dict[str, torch.Tensor]:
+        """`encode` of images still as bytes, decoded within the settings' bounds (shared/images/decode.py: its
+        errors keep their image codes)."""
+        return self.encode([decode_image(blob, settings) for blob in blobs], question, num_crops)

@@ -23,11 +23,12 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from shared.config import Settings
-from shared.images.decode import configure_pillow, decode_image
+from shared.images.decode import configure_pillow
 from worker.encoder import Encoder
 from worker.lending import Lender, LenderClosed
 
@@ -105,8 +106,10 @@ class EncoderPool:
     """`size` EncoderProcesses, each lent to one calling thread at a time, in the lanes' order of worker/lending.py
     (a burst's short jobs are not prepared after all of its long ones)."""
 
-    def __init__(self, settings: Settings, dtype: torch.dtype, size: int):
+    def __init__(self, settings: Settings, dtype: torch.dtype, size: int,
+                 on_respawn: Callable[[list[int]], None] = lambda pids: None):
         self.settings, self.dtype = settings, dtype
+        self.on_respawn = on_respawn  # told the pool's pids after a process was replaced (the worker's record)
         self.idle: Lender[EncoderProcess] = Lender()
         self.lock = threading.Lock()
         self.closed = False
@@ -171,6 +174,10 @@ class EncoderPool:
                 return
             self.processes[self.processes.index(dead)] = fresh
         self.idle.give(fresh)
+        try:
+            self.on_respawn(self.pids)
+        except Exception:  # the record is for operators: its failure must not fail the job
+            log.warning("could not record the preprocessing pool's new processes", exc_info=True)
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
@@ -221,8 +228,8 @@ def _serve_jobs(connection, settings: Settings, dtype: torch.dtype) -> None:
             return
         blobs, question, num_crops = request
         try:
-            images = [decode_image(blob, settings) for blob in blobs]
-            tensors = {name: t.contiguous() for name, t in encoder.encode(images, question, num_crops).items()}
+            tensors = {name: t.contiguous() for name, t in
+                       encoder.encode_bytes(blobs, question, num_crops, settings).items()}
         except Exception as exc:  # the job's error, for its caller to raise (image errors keep their codes)
             _send_error(connection, exc)
             continue

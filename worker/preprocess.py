@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 
 from shared.config import Settings
 from shared.errors import ImageUnreadable
-from shared.images.decode import decode_image
 from worker.decoding import Prompt
 from worker.encoder import Encoder
 from worker.encoder_pool import EncoderPool, ProcessDied
@@ -49,10 +49,11 @@ class Preprocessor:
     """Turns a job's image bytes and question into its Prompt: in the calling thread (`processes` 0) or in a pool
     of processes that each load the processor only (worker/encoder_pool.py)."""
 
-    def __init__(self, settings: Settings, encoder: Encoder, processes: int):
+    def __init__(self, settings: Settings, encoder: Encoder, processes: int,
+                 on_respawn: Callable[[list[int]], None] = lambda pids: None):
         self.settings, self.encoder, self.processes = settings, encoder, processes
         self.alone = threading.Lock()  # held by the one job a pool's owner prepares `here` (see `prepare`)
-        self.pool = EncoderPool(settings, encoder.dtype, processes) if processes else None
+        self.pool = EncoderPool(settings, encoder.dtype, processes, on_respawn) if processes else None
 
     @property
     def pids(self) -> list[int]:
@@ -80,8 +81,7 @@ class Preprocessor:
                 from None
 
     def _here(self, blobs: list[bytes], question: str, max_new_tokens: int, num_crops: int | None) -> Prompt:
-        images = [decode_image(blob, self.settings) for blob in blobs]
-        return Prompt(self.encoder.encode(images, question, num_crops), max_new_tokens)
+        return Prompt(self.encoder.encode_bytes(blobs, question, num_crops, self.settings), max_new_tokens)
 
     def close(self) -> None:
         """End the pool's processes (once no job needs them: the worker's tasks have ended)."""

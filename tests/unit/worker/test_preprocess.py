@@ -69,12 +69,14 @@ def test_an_image_error_keeps_its_code_across_the_process_boundary(pooled):
 
 def test_a_dead_pool_process_is_replaced_and_the_job_still_runs(pooled):
     pool, inline = pooled
+    told = []
+    pool.pool.on_respawn = told.append  # the worker records the new pids (worker/context.py)
     before = pool.pids
     os.kill(before[0], signal.SIGKILL)
     assert wait_gone(before) == []
     got = pool.prepare(blobs(5), QUESTION, 4, 4)
     assert torch.equal(got.inputs["input_ids"], inline.prepare(blobs(5), QUESTION, 4, 4).inputs["input_ids"])
-    assert pool.pids and pool.pids != before
+    assert pool.pids and pool.pids != before and told == [pool.pids]
 
 
 def test_a_process_past_its_timeout_is_killed_and_its_job_fails_with_a_timeout(phi3v_path):
