@@ -118,6 +118,26 @@ def test_zero_padding_of_missing_crops():
     assert out["pixel_values"][1, :13].flatten(1).abs().sum(1).gt(0).all()
 
 
+@pytest.mark.parametrize("sizes, num_crops", [([(336, 336)], 4), ([(400, 300), (300, 420)], 16), ([(1000, 200)], 4)])
+def test_crops_written_in_place_equal_the_originals_concatenation(sizes, num_crops):
+    """write_crops against the original's formulation (global view, crops by reshape, concatenated, zero-padded,
+    stacked), bit for bit."""
+    from worker.models.phi3v.image_processing_phi3_v import hd_transform, to_normalized_tensor
+
+    images = [random_image(w, h, seed) for seed, (w, h) in enumerate(sizes)]
+    got = Phi3VImageProcessor(num_crops=num_crops)(images, return_tensors="pt")["pixel_values"]
+    expected = []
+    for image in images:
+        hd = to_normalized_tensor(hd_transform(image, num_crops), OPENAI_MEAN, OPENAI_STD)
+        _, height, width = hd.shape
+        glob = torch.nn.functional.interpolate(hd.unsqueeze(0), size=(336, 336), mode="bicubic")
+        crops = hd.reshape(1, 3, height // 336, 336, width // 336, 336).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, 336,
+                                                                                                          336)
+        both = torch.cat([glob, crops])
+        expected.append(torch.cat([both, both.new_zeros((num_crops + 1 - len(both), 3, 336, 336))]))
+    assert torch.equal(got, torch.stack(expected))
+
+
 def test_hd_padding_is_white_and_centred():
     out = Phi3VImageProcessor(num_crops=4)(random_image(500, 300, 6), return_tensors="pt")
     # 672x403 resized, padded with int(269 / 2) = 134 white rows on top and 135 at the bottom.
