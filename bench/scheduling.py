@@ -160,7 +160,8 @@ def run(lengths: list[int], args, settings: dict[str, str]) -> dict:
     fill_s = float(settings.get("fill_ms", 20)) / 1000
     batcher = Batcher(decoder, args.cap, wait_s=0.005, fill_wait_s=fill_s,
                       short_lane=settings.get("short_lane", "1") == "1",
-                      step_tokens=int(settings.get("step_tokens", 4096)))
+                      step_tokens=int(settings.get("step_tokens", 4096)), on_batch=lambda stats: runs.append(stats))
+    runs = []
     processes = Lender(list(range(args.prep_processes)))
     by_length = settings.get("prep_lanes", "1") == "1"  # 0: the processes go to waiting tasks in arrival order
     started = time.perf_counter()
@@ -190,7 +191,8 @@ def run(lengths: list[int], args, settings: dict[str, str]) -> dict:
     parts = {"prepared": [submitted[i] - created[i] for i in shorts],
              "waited": [decoder.admitted[f"job{i}"] - submitted[i] for i in shorts],
              "ran": [done[i] - decoder.admitted[f"job{i}"] for i in shorts]}
-    return {"short_parts": {k: statistics.median(v) for k, v in parts.items() if v},
+    time.sleep(0.1)  # a run is reported just after its last row resolved
+    return {"runs": len(runs), "short_parts": {k: statistics.median(v) for k, v in parts.items() if v},
             "jobs_s": len(lengths) / elapsed, "tokens_s": sum(lengths) / elapsed, "p50": percentile(latencies, 0.5),
             "p95": percentile(latencies, 0.95), "short_p50": percentile(short, 0.5) if short else float("nan")}
 
@@ -219,7 +221,8 @@ def main() -> None:
         result = run(mixed, args, settings)
         print(f"{name:>12} {settings or ''}: forced {forced['jobs_s']:.2f} jobs/s {forced['tokens_s']:.0f} tok/s | "
               f"mixed {result['jobs_s']:.2f} jobs/s {result['tokens_s']:.0f} tok/s "
-              f"({result['tokens_s'] / forced['tokens_s']:.2f}x), p50 {result['p50']:.2f} s, p95 {result['p95']:.2f} s,"
+              f"({result['tokens_s'] / forced['tokens_s']:.2f}x) in {result['runs']} run(s), "
+              f"p50 {result['p50']:.2f} s, p95 {result['p95']:.2f} s,"
               f" <= 32 tokens p50 {result['short_p50']:.2f} s ("
               + ", ".join(f"{k} {v:.2f}" for k, v in result["short_parts"].items()) + ")", flush=True)
 
