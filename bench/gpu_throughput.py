@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -391,6 +392,16 @@ def idle_latency(client: Client, registry: WorkerRegistry, name: str, images: li
            for field in ("prefill_s", "decode_s", "idle_s")}
     print("  last job's timings: " + ", ".join(f"{k} {v:.0f} ms" for k, v in timings[-1].items())
           + "; its GPU thread run: " + ", ".join(f"{k} {v:.0f} ms" for k, v in gpu.items()), flush=True)
+    # What the job's timings do not cover: on the server, from the end of inference to the stored end (the result
+    # stored); outside it, the client's two requests and the ?wait's wake-up (client total - created to finished).
+    server = (_instant(done["finished_at"]) - _instant(done["created_at"])) * 1000
+    print(f"  last job: created to finished {server:.0f} ms, of which not in its timings "
+          f"{server - sum(timings[-1].values()):.0f} ms; client total minus that {seconds[-1] * 1000 - server:.0f} ms",
+          flush=True)
+
+
+def _instant(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 if __name__ == "__main__":
