@@ -183,6 +183,27 @@ def test_cuda_graphed_batches_equal_unbatched_generate_in_fp32(tiny, cache):
 
 
 @CUDA
+def test_cuda_with_blocks_a_later_run_keeps_the_layout_and_its_graphs(tiny):
+    """On CUDA the pool is the whole KV budget and a row may grow as long as it holds: a run whose first prompts
+    need more than the last run's keeps the layout, and the decode steps captured for it (a new layout would
+    capture every row bucket again)."""
+    arch, path, processor = tiny
+    model = load(path, "cuda", torch.float32)
+    decoder = decoder_for(model, processor, use_graphs=True, cache="blocks")
+    short, longer = prompts_of(processor, [(text, images, new) for (text, images, _), new
+                                           in zip(jobs(arch, 2), [4, 300], strict=True)])
+    decoder.plan(short.need, 4)
+    layout = decoder.layout
+    decoder.admit([(0, short)])
+    while decoder.running:
+        decoder.step()
+    steps = dict(decoder.steps)
+    assert steps and length_bucket(longer.need) > length_bucket(short.need)
+    decoder.plan(longer.need, 4)
+    assert decoder.layout is layout and decoder.steps == steps and decoder.fits(longer)
+
+
+@CUDA
 def test_cuda_graph_replay_equals_eager_steps_in_bf16(tiny, cache):
     arch, path, processor = tiny
     model = load(path, "cuda", torch.bfloat16)
