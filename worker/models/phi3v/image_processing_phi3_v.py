@@ -167,7 +167,8 @@ class Phi3VImageProcessor(PilBackend):
     ) -> BatchFeature:
         hd_images = [to_normalized_tensor(hd_transform(image, num_crops), image_mean, image_std) for image in images]
         image_sizes = [[int(image.shape[1]), int(image.shape[2])] for image in hd_images]
-        pixel_values = torch.empty((len(hd_images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=torch.get_default_dtype())
+        pixel_values = torch.empty((len(hd_images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE),
+                                   dtype=torch.get_default_dtype())
         for image, slots in zip(hd_images, pixel_values, strict=True):
             write_crops(image, slots)
         data = {
