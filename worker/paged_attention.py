@@ -68,8 +68,10 @@ if triton is not None:
             valid = column * BLOCK + t < seen
             offsets = block * kv_block_stride + t[:, None] * kv_token_stride + kv_head * kv_head_stride + d[None, :]
             keep = valid[:, None] & (d < head_dim)[None, :]
-            k = tl.load(k_ptr + offsets, mask=keep, other=0.0)
-            v = tl.load(v_ptr + offsets, mask=keep, other=0.0)
+            # In the query's dtype: a no-op for the pools visionq keeps (the model's dtype); fp8 pools for
+            # bench/decode_attention.py's --kv-dtype.
+            k = tl.load(k_ptr + offsets, mask=keep, other=0.0).to(q.dtype)
+            v = tl.load(v_ptr + offsets, mask=keep, other=0.0).to(q.dtype)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP, BLOCK]
             scores = tl.where(valid[None, :], scores, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))

@@ -108,6 +108,26 @@ def test_the_kernel_equals_plain_attention_in_the_triton_interpreter(dtype, tole
     check(report_in_interpreter("tests.unit.worker.test_paged_attention", "kernel_report", "cpu", dtype), tolerance)
 
 
+@torch.inference_mode()
+def fp8_pools_report(device: str) -> dict[str, float]:
+    """fp8 pools (bench/decode_attention.py's --kv-dtype) with a float16 query: the kernel against plain attention
+    over the same fp8 values, per split count."""
+    from worker import paged_attention
+
+    query, keys, values, table, seen = case(device, torch.float16, 4, 2, 16)
+    keys, values = keys.to(torch.float8_e4m3fn), values.to(torch.float8_e4m3fn)
+    expected = plain(query, keys.to(torch.float16), values.to(torch.float16), table, seen, 0.25)
+    return {f"{splits} splits": float((paged_attention._triton_decode(query, keys, values, table, seen, 0.25,
+                                                                       splits=splits).float() - expected).abs().max())
+            for splits in (1, 4)}
+
+
+@TRITON
+def test_the_kernel_reads_fp8_pools_in_the_querys_dtype_in_the_triton_interpreter():
+    report = report_in_interpreter("tests.unit.worker.test_paged_attention", "fp8_pools_report", "cpu")
+    assert len(report) == 2 and all(difference <= 2e-3 for difference in report.values()), report
+
+
 def test_the_reference_equals_plain_attention():
     from worker import paged_attention
 
