@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     # rows of one layout length (the longest need of the run's first prompts). On: on the H200, mixed lengths ran at
     # 1.32x the output tokens/s of rows of one length, uniform ones at 1.03x (README, "How a GPU worker batches").
     kv_blocks: bool = True
+    # auto: keys and values in the model's dtype (a job's output is exactly the model's). fp8 (float8_e4m3fn,
+    # saturating, no scales): half the bytes, so twice the tokens in the budget and a decode step at many rows reads
+    # half as much; outputs drift from the model's. Opt-in, as vLLM's kv_cache_dtype; needs kv_blocks.
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 
     # --- Batches (shared/batches/): one request for many jobs ---------------------------------------------------
     batch_max_items: int = Field(default=100_000, ge=1)  # lines (or objects under an S3 prefix) of one batch
@@ -208,6 +212,12 @@ class Settings(BaseSettings):
     def _leases_outlast_heartbeats(self) -> Settings:
         if self.visibility_timeout_s < 3 * self.heartbeat_s:
             raise ValueError("visibility_timeout_s must be at least 3 heartbeats, or a live worker's job runs twice")
+        return self
+
+    @model_validator(mode="after")
+    def _fp8_cache_has_blocks(self) -> Settings:
+        if self.kv_cache_dtype == "fp8" and not self.kv_blocks:
+            raise ValueError("kv_cache_dtype fp8 needs kv_blocks (the block kernels read and write fp8)")
         return self
 
     @property

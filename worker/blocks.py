@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.paged_attention import write_kv
+from worker.paged_attention import store, write_kv
 
 BLOCK_SIZE = 64  # tokens per block: one iteration of the attention kernel's loop over a row's blocks
 TRASH = 0  # the block that free rows write to
@@ -115,7 +115,7 @@ class BlockLayout:
         def update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
             for states, pool in ((key_states, self.keys[layer_idx]), (value_states, self.values[layer_idx])):
                 tokens = states.transpose(1, 2).reshape(-1, *pool.shape[2:])  # [rows * padded, kv_heads, head_dim]
-                pool.view(-1, *pool.shape[2:]).index_copy_(0, target_index, tokens.index_select(0, source_index))
+                store(pool.view(-1, *pool.shape[2:]), target_index, tokens.index_select(0, source_index))
             return key_states, value_states
 
         cache.update = update

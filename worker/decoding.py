@@ -102,11 +102,12 @@ class KVShape:
     dtype: torch.dtype
 
     @classmethod
-    def of(cls, model) -> KVShape:
+    def of(cls, model, dtype: torch.dtype | None = None) -> KVShape:
+        """The model's cache shape, in `dtype` (None: the model's own)."""
         config = model.config.get_text_config()
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, heads, head_dim, next(model.parameters()).dtype)
+        return cls(config.num_hidden_layers, heads, head_dim, dtype or next(model.parameters()).dtype)
 
     @property
     def bytes_per_token(self) -> int:
@@ -317,7 +318,8 @@ class Decoder:
     and hands back the rows that ended. Everything runs on the caller's one thread (the GPU thread)."""
 
     def __init__(self, model, eos_ids: Sequence[int], pad_id: int, *, use_graphs: bool, kv_budget_bytes: int,
-                 prefill_tokens: int = 16384, kv_blocks: bool = False, lone_prefill: bool | None = None):
+                 prefill_tokens: int = 16384, kv_blocks: bool = False, lone_prefill: bool | None = None,
+                 kv_dtype: torch.dtype | None = None):
         self.model, self.pad_id = model, pad_id
         self.eos_ids = frozenset(eos_ids)
         self.device = next(model.parameters()).device
@@ -325,7 +327,11 @@ class Decoder:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.kv_budget_bytes = kv_budget_bytes
         self.prefill_tokens = prefill_tokens
-        self.kv_shape = KVShape.of(model)
+        # Keys and values in the model's dtype, or `kv_dtype` (fp8: half the bytes a decode step reads; its outputs
+        # are no longer exactly the model's): only with blocks, whose kernels convert.
+        if kv_dtype not in (None, self.dtype) and not kv_blocks:
+            raise ValueError(f"a {kv_dtype} KV cache needs the KV cache by blocks")
+        self.kv_shape = KVShape.of(model, kv_dtype)
         # The KV cache by blocks (worker/blocks.py): rows hold their own tokens only; else rows of one length.
         self.blocks = kv_blocks
         self.arena: torch.Tensor | None = None
@@ -404,26 +410,27 @@ class Decoder:
         budget = self.kv_budget_bytes // per_block
         blocks = budget if self.device.type == "cuda" else min(budget, rows * blocks_for(length))
         blocks = max(blocks, blocks_for(length)) + 1
-        elements = blocks * per_block // self.dtype.itemsize
+        elements = blocks * per_block // shape.dtype.itemsize
         arena = self.arena if self.arena is not None and self.arena.numel() >= elements else None
         if arena is None:
             self._drop_graphs()
             self.layout = None
             arena = self._arena(0, 0, elements)
-        return arena[:blocks * per_block // self.dtype.itemsize].view(
+        return arena[:elements].view(
             2 * shape.layers, blocks, BLOCK_SIZE, shape.heads, shape.head_dim)
 
     def _arena(self, rows: int, length: int, elements: int = 0) -> torch.Tensor:
         """The memory that layouts view: on CUDA the whole KV budget as one buffer, allocated once (changing the
         layout allocates nothing and nothing fragments); on the CPU only as much as the largest layout so far.
         Zeroed: slots that a mask hides must hold finite numbers (0 x NaN would reach the output)."""
-        elements = elements or rows * length * self.kv_shape.bytes_per_token // self.dtype.itemsize
+        dtype = self.kv_shape.dtype
+        elements = elements or rows * length * self.kv_shape.bytes_per_token // dtype.itemsize
         if self.arena is None or self.arena.numel() < elements:
             if self.device.type == "cuda":
-                elements = max(elements, self.kv_budget_bytes // self.dtype.itemsize)
+                elements = max(elements, self.kv_budget_bytes // dtype.itemsize)
             self._drop_graphs()  # views of the old arena
             self.arena = None
-            self.arena = torch.zeros(elements, dtype=self.dtype, device=self.device)
+            self.arena = torch.zeros(elements, dtype=dtype, device=self.device)
         return self.arena
 
     # --- joining ------------------------------------------------------------------------------------------------

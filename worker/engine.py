@@ -85,7 +85,8 @@ class Engine:
         pad = self.processor.tokenizer.pad_token_id
         self.decoder = Decoder(self.model, _eos_ids(self.model), pad if pad is not None else 0,
                                use_graphs=settings.cuda_graphs, kv_budget_bytes=_kv_budget(settings, self.device),
-                               prefill_tokens=settings.prefill_tokens, kv_blocks=settings.kv_blocks)
+                               prefill_tokens=settings.prefill_tokens, kv_blocks=settings.kv_blocks,
+                               kv_dtype=torch.float8_e4m3fn if settings.kv_cache_dtype == "fp8" else None)
         _loads += 1
         log.info("loaded %s on %s (%s) in %.1f s", self.model_id, self.device, self.dtype,
                  time.perf_counter() - started)

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from worker import graphs
 from worker.blocks import TRASH, BlockLayout
+from worker.paged_attention import store
 
 GRAPHS = 8  # buckets kept per layout (each holds its own activations' memory)
 # Longer prompts prefill as chunks do: bound by compute, they gain nothing from a graph and lose to the padding and
@@ -47,7 +48,7 @@ class SlotSink(DynamicCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
         for states, pool in ((key_states, self.layout.keys[layer_idx]), (value_states, self.layout.values[layer_idx])):
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, self.slots, states[0].transpose(0, 1))
+            store(pool.view(-1, *pool.shape[2:]), self.slots, states[0].transpose(0, 1))
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -59,7 +60,7 @@ class LonePrefill:
 
     def __init__(self, model, layout: BlockLayout, length: int, cache_keyword: str):
         self.model, self.layout, self.length, self.cache_keyword = model, layout, length, cache_keyword
-        device, dtype = layout.tokens.device, layout.keys[0].dtype
+        device, dtype = layout.tokens.device, model.get_input_embeddings().weight.dtype
         hidden = model.get_input_embeddings().weight.shape[1]
         self.embeds = torch.zeros((1, length, hidden), dtype=dtype, device=device)
         self.positions = torch.zeros((1, length), dtype=torch.long, device=device)

@@ -115,8 +115,9 @@ if triton is not None:
     @triton.jit
     def _write_kernel(key_ptr, value_ptr, key_pool_ptr, value_pool_ptr, slots_ptr, kv_heads, head_dim,
                       key_row_stride, key_head_stride, value_row_stride, value_head_stride, pool_slot_stride,
-                      pool_head_stride, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """One program per row: its new key and value, every kv head, copied to its slot of the layer's pools."""
+                      pool_head_stride, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SATURATE: tl.constexpr):
+        """One program per row: its new key and value, every kv head, copied to its slot of the layer's pools (in
+        the pools' dtype; fp8 saturating at +-SATURATE when it is not 0)."""
         row = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, HEADS)[:, None]
         d = tl.arange(0, HEAD_DIM)[None, :]
@@ -125,8 +126,11 @@ if triton is not None:
         to = slot * pool_slot_stride + h * pool_head_stride + d
         key = tl.load(key_ptr + row * key_row_stride + h * key_head_stride + d, mask=inside)
         value = tl.load(value_ptr + row * value_row_stride + h * value_head_stride + d, mask=inside)
-        tl.store(key_pool_ptr + to, key, mask=inside)
-        tl.store(value_pool_ptr + to, value, mask=inside)
+        if SATURATE:
+            key = tl.clamp(key.to(tl.float32), -SATURATE, SATURATE)
+            value = tl.clamp(value.to(tl.float32), -SATURATE, SATURATE)
+        tl.store(key_pool_ptr + to, key.to(key_pool_ptr.dtype.element_ty), mask=inside)
+        tl.store(value_pool_ptr + to, value.to(value_pool_ptr.dtype.element_ty), mask=inside)
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
@@ -148,13 +152,29 @@ def write_kv(key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.T
     rows, kv_heads, _, head_dim = key_states.shape
     strided = key_states.stride(-1) == value_states.stride(-1) == 1 and keys.is_contiguous() and values.is_contiguous()
     if triton is None or not (keys.is_cuda or INTERPRETED) or not strided:
-        keys.view(flat).index_copy_(0, slots, key_states[:, :, 0])
-        values.view(flat).index_copy_(0, slots, value_states[:, :, 0])
+        store(keys.view(flat), slots, key_states[:, :, 0])
+        store(values.view(flat), slots, value_states[:, :, 0])
         return
     _write_kernel[(rows,)](key_states, value_states, keys, values, slots, kv_heads, head_dim,
                            key_states.stride(0), key_states.stride(1), value_states.stride(0), value_states.stride(1),
                            keys.stride(1), keys.stride(2), HEADS=triton.next_power_of_2(kv_heads),
-                           HEAD_DIM=triton.next_power_of_2(head_dim), num_warps=4)
+                           HEAD_DIM=triton.next_power_of_2(head_dim),
+                           SATURATE=FP8_MAX if keys.dtype == FP8 else 0.0, num_warps=4)
+
+
+FP8 = torch.float8_e4m3fn  # VISIONQ_KV_CACHE_DTYPE=fp8
+FP8_MAX = 448.0  # its largest finite value: a larger key or value saturates (a plain cast would make it NaN)
+
+
+def store(pool: torch.Tensor, index: torch.Tensor, states: torch.Tensor) -> None:
+    """`pool.index_copy_(0, index, states)` in the pool's dtype: fp8 pools get saturated values, copied as bytes
+    (torch has no fp8 index_copy_)."""
+    if states.dtype == pool.dtype:
+        pool.index_copy_(0, index, states)
+    elif pool.dtype == FP8:
+        pool.view(torch.uint8).index_copy_(0, index, states.clamp(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8))
+    else:
+        pool.index_copy_(0, index, states.to(pool.dtype))
 
 
 def splits_for(rows: int, kv_heads: int, columns: int) -> int:
@@ -199,7 +219,7 @@ def reference_decode(query, keys, values, table, seen, scale):
     ids = table[:, :columns].long()
 
     def gather(pool):
-        view = pool[ids].reshape(rows, columns * block_size, kv_heads, head_dim).transpose(1, 2)
+        view = pool[ids].reshape(rows, columns * block_size, kv_heads, head_dim).transpose(1, 2).to(query.dtype)
         return view.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else view
 
     mask = torch.arange(columns * block_size, device=query.device) < seen.view(-1, 1)

@@ -31,6 +31,13 @@ def test_a_lease_must_outlast_several_heartbeats():
     assert Settings(heartbeat_s=1, visibility_timeout_s=3).visibility_timeout_s == 3
 
 
+def test_an_fp8_kv_cache_needs_the_cache_by_blocks():
+    assert Settings().kv_cache_dtype == "auto"  # the model's own dtype, and its exact outputs, by default
+    with pytest.raises(ValidationError, match="kv_blocks"):
+        Settings(kv_cache_dtype="fp8", kv_blocks=False)
+    assert Settings(kv_cache_dtype="fp8").kv_blocks
+
+
 def test_served_models_put_the_default_first_without_repeats():
     settings = Settings(model="a/one", models=" b/two, a/one,,c/three ")
     assert settings.served_models == ["a/one", "b/two", "c/three"]

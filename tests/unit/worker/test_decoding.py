@@ -153,6 +153,35 @@ def test_a_canceled_row_ends_early_and_the_others_go_on(tiny, cache):
         assert got[row] == unbatched(model, processor, batch[row])
 
 
+@pytest.mark.parametrize("lone_prefill", [False, True])
+def test_an_fp8_cache_keeps_each_row_independent_of_its_batch(tiny, lone_prefill):
+    """VISIONQ_KV_CACHE_DTYPE=fp8 changes a job's output (the model's own is not reproduced: none is asserted),
+    but never makes it depend on its neighbours: each row batched equals its prompt alone through the same fp8
+    cache, and the first token (from the prefill's own keys and values) is the model's."""
+    arch, path, processor = tiny
+    model = load(path, "cpu", torch.float32)
+    batch = jobs(arch)
+
+    def fp8_decoder() -> Decoder:
+        return decoder_for(model, processor, use_graphs=False, cache="blocks", kv_dtype=torch.float8_e4m3fn,
+                           lone_prefill=lone_prefill)
+
+    decoder = fp8_decoder()
+    got = batched(decoder, processor, batch)
+    assert decoder.arena.dtype == torch.float8_e4m3fn
+    for row, job in enumerate(batch):
+        assert got[row] == batched(fp8_decoder(), processor, [job])[0], f"row {row}"
+        assert got[row][0] == unbatched(model, processor, job)[0], f"row {row}"
+    bf16_bytes = KVShape.of(model, torch.bfloat16).bytes_per_token
+    assert decoder.kv_shape.bytes_per_token * 2 == bf16_bytes  # twice the tokens in the same budget
+
+
+def test_an_fp8_cache_needs_blocks(tiny):
+    arch, path, processor = tiny
+    with pytest.raises(ValueError, match="by blocks"):
+        decoder_for(load(path, "cpu", torch.float32), processor, use_graphs=False, kv_dtype=torch.float8_e4m3fn)
+
+
 def test_collate_left_pads_tokens_and_stacks_images():
     one = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
            "pixel_values": torch.ones(1, 2, 3)}

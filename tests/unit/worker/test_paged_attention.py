@@ -122,10 +122,50 @@ def fp8_pools_report(device: str) -> dict[str, float]:
             for splits in (1, 4)}
 
 
+def fp8_write_report(device: str, representable: str = "") -> dict[str, float]:
+    """write_kv into fp8 pools (VISIONQ_KV_CACHE_DTYPE=fp8), one key past fp8's range, against `store` (the
+    torch path: saturate, convert, copy bytes): how many pool bytes differ, and the saturated key's value. With
+    `representable`, the other values are fp8 values already: Triton's interpreter rounds fp8 wrongly (1.987 to
+    1.0), so there only the kernel's copying and saturation are compared, and the rounding on CUDA."""
+    from worker import paged_attention
+
+    rows, kv_heads, head_dim = len(LENGTHS), 2, 16
+    pools = [torch.zeros(8, 64, kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=device) for _ in range(4)]
+    states = torch.randn(rows, kv_heads, 1, head_dim, device=device, dtype=torch.float16)
+    if representable:
+        states = states.to(torch.float8_e4m3fn).to(torch.float16)
+    states[0, 0, 0, 0] = 1000.0  # past 448: saturates
+    slots = torch.randperm(8 * 64)[:rows].to(device)
+    paged_attention.write_kv(states, states, pools[0], pools[1], slots)
+    for pool in pools[2:]:
+        paged_attention.store(pool.view(-1, kv_heads, head_dim), slots, states[:, :, 0])
+    differ = sum(int((a.view(torch.uint8) != b.view(torch.uint8)).sum()) for a, b in
+                 zip(pools[:2], pools[2:], strict=True))
+    return {"bytes that differ": float(differ),
+            "saturated": float(pools[0].view(-1, kv_heads, head_dim)[slots[0], 0, 0].float())}
+
+
 @TRITON
 def test_the_kernel_reads_fp8_pools_in_the_querys_dtype_in_the_triton_interpreter():
     report = report_in_interpreter("tests.unit.worker.test_paged_attention", "fp8_pools_report", "cpu")
     assert len(report) == 2 and all(difference <= 2e-3 for difference in report.values()), report
+
+
+@TRITON
+def test_the_write_kernel_saturates_into_fp8_pools_as_the_torch_path_does_in_the_triton_interpreter():
+    report = report_in_interpreter("tests.unit.worker.test_paged_attention", "fp8_write_report", "cpu",
+                                   "representable")
+    assert report == {"bytes that differ": 0.0, "saturated": 448.0}, report
+
+
+def test_storing_into_an_fp8_pool_saturates_instead_of_making_nan():
+    report = fp8_write_report("cpu")  # write_kv takes the torch path here (no interpreter)
+    assert report == {"bytes that differ": 0.0, "saturated": 448.0}, report
+
+
+@CUDA
+def test_the_write_kernel_rounds_into_fp8_pools_as_torch_does_on_cuda():
+    assert fp8_write_report("cuda") == {"bytes that differ": 0.0, "saturated": 448.0}
 
 
 def test_the_reference_equals_plain_attention():
