@@ -24,6 +24,9 @@ import os
 import torch
 from transformers import AttentionInterface
 
+FP8 = torch.float8_e4m3fn  # VISIONQ_KV_CACHE_DTYPE=fp8
+FP8_MAX = 448.0  # its largest finite value: a larger key or value saturates (a plain cast would make it NaN)
+
 try:
     import triton
     import triton.language as tl
@@ -68,8 +71,8 @@ if triton is not None:
             valid = column * BLOCK + t < seen
             offsets = block * kv_block_stride + t[:, None] * kv_token_stride + kv_head * kv_head_stride + d[None, :]
             keep = valid[:, None] & (d < head_dim)[None, :]
-            # In the query's dtype: a no-op for the pools visionq keeps (the model's dtype); fp8 pools for
-            # bench/decode_attention.py's --kv-dtype.
+            # In the query's dtype: a no-op for pools in the model's dtype; fp8 pools (VISIONQ_KV_CACHE_DTYPE=fp8)
+            # widen here, block by block.
             k = tl.load(k_ptr + offsets, mask=keep, other=0.0).to(q.dtype)
             v = tl.load(v_ptr + offsets, mask=keep, other=0.0).to(q.dtype)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP, BLOCK]
@@ -160,10 +163,6 @@ def write_kv(key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.T
                            keys.stride(1), keys.stride(2), HEADS=triton.next_power_of_2(kv_heads),
                            HEAD_DIM=triton.next_power_of_2(head_dim),
                            SATURATE=FP8_MAX if keys.dtype == FP8 else 0.0, num_warps=4)
-
-
-FP8 = torch.float8_e4m3fn  # VISIONQ_KV_CACHE_DTYPE=fp8
-FP8_MAX = 448.0  # its largest finite value: a larger key or value saturates (a plain cast would make it NaN)
 
 
 def store(pool: torch.Tensor, index: torch.Tensor, states: torch.Tensor) -> None:
