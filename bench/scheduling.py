@@ -22,7 +22,8 @@ Variants (`--variant NAME:KEY=VALUE,...`, repeatable; default one as the worker 
 `short_lane` (0/1), `rows_grow` (0: a layout's rows as long as its first prompts' longest need, as before
 the blocks' rows could grow), `mixed_steps` (1: a step's prefill in the decode step's forward, modelled as saving
 the step's fixed 2.9 ms: its weights read once and its launches, while the rows' keys and values are read as
-before), `fill_ms`, `prep_lanes` (0: the preprocessing processes go to waiting tasks in
+before), `kv_bytes` (a cached token's bytes: 196608 for fp8 keys and values, which also doubles the pool's
+tokens), `fill_ms`, `prep_lanes` (0: the preprocessing processes go to waiting tasks in
 arrival order, not in the lanes' order of worker/lending.py).
 """
 
@@ -54,12 +55,13 @@ class Cost:
     step_s: float = 2.9e-3
     row_s: float = 0.01e-3
     bandwidth: float = 3.5e12
+    kv_bytes: int = BYTES_PER_TOKEN  # a cached token's keys and values (half with VISIONQ_KV_CACHE_DTYPE=fp8)
 
     def prefill(self, tokens: int) -> float:
         return self.chunk_s + self.token_s * tokens
 
     def step(self, rows: int, cached: int) -> float:
-        return self.step_s + self.row_s * rows + cached * BYTES_PER_TOKEN / self.bandwidth
+        return self.step_s + self.row_s * rows + cached * self.kv_bytes / self.bandwidth
 
 
 @dataclass
@@ -162,7 +164,8 @@ class TimedDecoder:
 def run(lengths: list[int], args, settings: dict[str, str]) -> dict:
     """Every job of `lengths` (its max_new_tokens) through a fresh Batcher over a TimedDecoder; figures as
     bench.gpu_throughput prints them."""
-    decoder = TimedDecoder(Cost(), pool_blocks=args.pool_tokens // BLOCK_SIZE,
+    cost = Cost(kv_bytes=int(settings.get("kv_bytes", BYTES_PER_TOKEN)))
+    decoder = TimedDecoder(cost, pool_blocks=args.pool_tokens * BYTES_PER_TOKEN // cost.kv_bytes // BLOCK_SIZE,
                            rows_grow=settings.get("rows_grow", "1") == "1",
                            mixed_steps=settings.get("mixed_steps", "0") == "1")
     fill_s = float(settings.get("fill_ms", 20)) / 1000
