@@ -22,7 +22,6 @@ import gc
 import inspect
 import logging
 import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -244,8 +243,7 @@ class DecodeStep:
         the keys and values the warm-up wrote land in slots their mask hides, which the next step writes again
         before it reads them."""
         saved = [t.clone() for t in self.state()]
-        with _static_rope(self.model):
-            graph = graphs.capture(self.step)
+        graph = graphs.capture(self.step, self.model)
         for tensor, value in zip(self.state(), saved, strict=True):
             tensor.copy_(value)
         self.graph = graph
@@ -285,24 +283,13 @@ class BlockDecodeStep(DecodeStep):
         self.positions.add_(self.live.view(-1, 1))
 
 
-class _static_rope:
-    """Within the block, rotary embeddings skip transformers' dynamic frequency update (dynamic NTK): it compares
-    a tensor in Python, which a CUDA graph cannot capture. Graphs are only used for lengths where the frequencies
-    the update would pick cannot change (see `Decoder.graphable`). Long-RoPE chooses per row without a branch."""
-
-    def __init__(self, model):
-        per_row = set(map(id, long_rope_modules(model)))  # these have a capturable forward (worker/rope.py)
-        self.modules = [m for m in model.modules() if hasattr(type(m).forward, "__wrapped__")
-                        and "rotary" in type(m).__name__.lower() and id(m) not in per_row]
-
-    def __enter__(self):
-        for module in self.modules:
-            # Under both decorators (no_grad, dynamic_rope_update); the decode runs in inference mode anyway.
-            module.forward = types.MethodType(inspect.unwrap(type(module).forward), module)
-
-    def __exit__(self, *_exc):
-        for module in self.modules:
-            del module.forward
+def _capture(graphed: DecodeStep | lone_prefill_module.LonePrefill, what: str) -> None:
+    """Capture `graphed` in its CUDA graph; one that cannot be captured runs eagerly (and says so)."""
+    try:
+        graphed.capture()
+    except RuntimeError:
+        log.exception("could not capture %s in a CUDA graph; it runs eagerly", what)
+        graphed.graph = None
 
 
 def row_bucket(rows: int) -> int:
@@ -506,7 +493,9 @@ class Decoder:
             embed = lone_prefill_module.embeds_of(self.model)
             lone.fill(embed(inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_sizes")), free[0])
             if lone.graph is None and not lone.tried and self.use_graphs and self.graphable(lone.length):
-                self._capture_lone(lone)  # after the fill: the warm-up writes what the run writes again
+                # After the fill: the warm-up writes what the run writes again.
+                lone.tried = True
+                _capture(lone, f"the prefill of one {lone.length}-token prompt")
             return lone.run().clone()
         mask = inputs["attention_mask"]
         if self.blocks:
@@ -528,16 +517,6 @@ class Decoder:
                 return None
             lone = self.lones[bucket] = lone_prefill_module.LonePrefill(self.model, self.layout, bucket, CACHE_KW)
         return lone
-
-    def _capture_lone(self, lone: lone_prefill_module.LonePrefill) -> None:
-        lone.tried = True
-        try:
-            with _static_rope(self.model):
-                lone.capture()
-        except RuntimeError:
-            log.exception("could not capture the prefill of one %d-token prompt in a CUDA graph; it runs eagerly",
-                          lone.length)
-            lone.graph = None
 
     def _drop_graphs(self) -> None:
         """The decode steps and lone prefills of the current layout (they view its arena)."""
@@ -582,12 +561,7 @@ class Decoder:
             kind = BlockDecodeStep if self.blocks else DecodeStep
             step = self.steps[rows] = kind(self.model, self.layout, rows)
             if self.use_graphs and self.graphable(self.layout.length):
-                try:
-                    step.capture()
-                except RuntimeError:
-                    log.exception("could not capture the decode step of %d rows in a CUDA graph; it runs eagerly",
-                                  rows)
-                    step.graph = None
+                _capture(step, f"the decode step of {rows} rows")
         return step
 
     @torch.inference_mode()

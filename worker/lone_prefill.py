@@ -105,4 +105,4 @@ class LonePrefill:
 
     def capture(self) -> None:
         """Record one prefill (worker/graphs.py; the warm-up's writes go where the next run writes again)."""
-        self.graph = graphs.capture(self.step)
+        self.graph = graphs.capture(self.step, self.model)
