@@ -110,9 +110,8 @@ class EncoderPool:
                  on_respawn: Callable[[list[int]], None] = lambda pids: None):
         self.settings, self.dtype = settings, dtype
         self.on_respawn = on_respawn  # told the pool's pids after a process was replaced (the worker's record)
-        self.idle: Lender[EncoderProcess] = Lender()
-        self.lock = threading.Lock()
-        self.closed = False
+        self.idle: Lender[EncoderProcess] = Lender()  # closed with the pool
+        self.lock = threading.Lock()  # `processes` against `close`
         started = time.perf_counter()
         self.processes = [EncoderProcess(settings, dtype) for _ in range(size)]  # spawned together, then waited
         for process in self.processes:
@@ -153,8 +152,8 @@ class EncoderPool:
     def close(self) -> None:
         """End every process (once no job needs them: the worker's tasks have ended)."""
         with self.lock:
-            self.closed, processes = True, list(self.processes)
-        self.idle.close()  # wakes any thread still waiting for a process: it fails
+            self.idle.close()  # wakes any thread still waiting for a process: it fails
+            processes = list(self.processes)
         for process in processes:
             process.close()
 
@@ -169,7 +168,7 @@ class EncoderPool:
         fresh = EncoderProcess(self.settings, self.dtype)
         fresh.wait_ready()
         with self.lock:
-            if self.closed:
+            if self.idle.closed:
                 fresh.close()
                 return
             self.processes[self.processes.index(dead)] = fresh
