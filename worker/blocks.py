@@ -97,6 +97,12 @@ class BlockLayout:
     def view(self, rows: int) -> BlockKV:
         return BlockKV(self.keys, self.values, self.slots[:rows])
 
+    def slots_of(self, row: int, tokens: int) -> torch.Tensor:
+        """The pool-wide slots of a row's first `tokens` tokens, through its blocks in order (on the CPU)."""
+        own = torch.arange(tokens)
+        blocks = torch.tensor(self.owned[row], dtype=torch.long)[own // self.block_size]
+        return blocks * self.block_size + own % self.block_size
+
     def prefill_sink(self, rows: list[int], lengths: list[int], padded: int):
         """A cache for one prefill chunk (left-padded to `padded` tokens) that stores each row's own tokens, not its
         padding, in its blocks from slot 0, and hands the keys and values back to attention unchanged."""
@@ -105,10 +111,8 @@ class BlockLayout:
         device = self.tokens.device
         source, target = [], []
         for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-            slots = torch.arange(length)
-            blocks = torch.tensor(self.owned[row])[slots // self.block_size]
-            target.append(blocks * self.block_size + slots % self.block_size)
-            source.append(i * padded + padded - length + slots)
+            target.append(self.slots_of(row, length))
+            source.append(i * padded + padded - length + torch.arange(length))
         source_index, target_index = torch.cat(source).to(device), torch.cat(target).to(device)
         cache = DynamicCache()
 

@@ -84,10 +84,8 @@ class LonePrefill:
         self.positions.copy_((self.index - pad).clamp_min(0).view(1, -1))
         real = self.index >= pad
         torch.logical_or(self.causal & real[None, :], self.itself, out=self.mask.view(self.length, self.length))
-        own = torch.arange(tokens)
-        blocks = torch.tensor(self.layout.owned[row], dtype=torch.long)[own // size]
         slots = TRASH * size + torch.arange(self.length) % size
-        slots[pad:] = blocks * size + own % size
+        slots[pad:] = self.layout.slots_of(row, tokens)
         self.slots.copy_(slots)
 
     def step(self) -> None:
