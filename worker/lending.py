@@ -11,7 +11,6 @@ Each waiter sleeps on an event of its own: a returned thing wakes the one thread
 
 from __future__ import annotations
 
-import itertools
 import threading
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -26,7 +25,6 @@ class LenderClosed(Exception):
 @dataclass
 class _Waiter(Generic[Thing]):
     tokens: int
-    arrival: int
     woken: threading.Event = field(default_factory=threading.Event)
     thing: Thing | None = None
 
@@ -36,7 +34,6 @@ class Lender(Generic[Thing]):
         self.lock = threading.Lock()
         self.free: list[Thing] = list(things)
         self.waiting: list[_Waiter[Thing]] = []  # in arrival order
-        self.arrivals = itertools.count()
         self.short_turn = True
         self.closed = False
 
@@ -47,7 +44,7 @@ class Lender(Generic[Thing]):
                 raise LenderClosed()
             if self.free and not self.waiting:
                 return self.free.pop()
-            waiter = _Waiter(tokens, next(self.arrivals))
+            waiter = _Waiter(tokens)
             self.waiting.append(waiter)
         waiter.woken.wait()
         if waiter.thing is None:
@@ -61,7 +58,7 @@ class Lender(Generic[Thing]):
                 self.free.append(thing)
                 return
             if self.short_turn:
-                waiter = min(self.waiting, key=lambda w: (w.tokens, w.arrival))
+                waiter = min(self.waiting, key=lambda w: w.tokens)  # the first of the fewest: ties by arrival
             else:
                 waiter = self.waiting[0]
             self.short_turn = not self.short_turn
