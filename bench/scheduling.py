@@ -197,8 +197,8 @@ def run(lengths: list[int], args, settings: dict[str, str]) -> dict:
         thread.join()
     elapsed = max(done) - started
     latencies = [d - c for c, d in zip(created, done, strict=True)]
-    short = [latency for latency, n in zip(latencies, lengths, strict=True) if n <= 32]
     shorts = [i for i, n in enumerate(lengths) if n <= 32]
+    short = [latencies[i] for i in shorts]
     parts = {"prepared": [submitted[i] - created[i] for i in shorts],
              "waited": [decoder.admitted[f"job{i}"] - submitted[i] for i in shorts],
              "ran": [done[i] - decoder.admitted[f"job{i}"] for i in shorts]}
