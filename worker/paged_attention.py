@@ -25,7 +25,9 @@ import torch
 from transformers import AttentionInterface
 
 FP8 = torch.float8_e4m3fn  # VISIONQ_KV_CACHE_DTYPE=fp8
-FP8_MAX = 448.0  # its largest finite value: a larger key or value saturates (a plain cast would make it NaN)
+# Its largest finite value: a larger key or value is clamped to it first, as a plain cast saturates or gives NaN
+# depending on the torch build (this project's CPU torch 2.13 saturates; Triton's interpreter wraps around).
+FP8_MAX = 448.0
 
 try:
     import triton
