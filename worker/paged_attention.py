@@ -25,8 +25,8 @@ import torch
 from transformers import AttentionInterface
 
 FP8 = torch.float8_e4m3fn  # VISIONQ_KV_CACHE_DTYPE=fp8
-# Its largest finite value: a larger key or value is clamped to it first, as a plain cast saturates or gives NaN
-# depending on the torch build (this project's CPU torch 2.13 saturates; Triton's interpreter wraps around).
+# Its largest finite value: a larger key or value is clamped to it first. This project's CPU torch 2.13 saturates
+# a plain cast by itself, Triton's interpreter wraps around (1000 -> 256); other builds are not checked here.
 FP8_MAX = 448.0
 
 try:
