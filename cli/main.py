@@ -422,9 +422,10 @@ def report(exc: Exception, args) -> int:
 
 
 def bad_settings(exc) -> str:
-    """The variables a settings object could not be built from (pydantic's ValidationError), a line each."""
+    """The variables a settings object could not be built from (pydantic's ValidationError), a line each; a check
+    across several settings (no one variable to name) as its own message, which names them."""
     return "\nerror: ".join(f"VISIONQ_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
-                             for e in exc.errors())
+                             if e["loc"] else e["msg"].removeprefix("Value error, ") for e in exc.errors())
 
 
 def explain(exc: Exception, args) -> tuple[str, str | None, int]:

@@ -143,6 +143,10 @@ def test_client_errors_are_one_line_and_a_hint(tmp_path):
     assert bad.stderr.splitlines()[:2] == [
         "error: VISIONQ_MAX_BATCH='abc': Input should be a valid integer, unable to parse string as an integer",
         "error: VISIONQ_GEMV_MAX_ROWS='99': Input should be less than or equal to 16"]
+    clash = visionq("keys", "list", cwd=tmp_path, VISIONQ_KV_CACHE_DTYPE="fp8", VISIONQ_KV_BLOCKS="false")
+    assert clash.returncode == 1 and "Traceback" not in clash.stderr, clash.stderr
+    assert clash.stderr.splitlines()[0] == \
+        "error: kv_cache_dtype fp8 needs kv_blocks (the block kernels read and write fp8)"
 
 
 def test_up_with_a_model_it_cannot_load_says_so_before_starting(tmp_path):
