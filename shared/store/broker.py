@@ -74,6 +74,11 @@ def make_celery(settings: Settings) -> Celery:
             # Sweep for abandoned jobs every restore_interval_s (kombu's default is every 100 s).
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,
+            # The sweep's lock (kombu's default: 5 minutes) outlives a worker killed while it sweeps, and with
+            # Redis's append-only file it outlives a Redis restart too: no worker could sweep until it expired. A
+            # sweep takes milliseconds, and two at once are safe (each message is moved back in a WATCH
+            # transaction), so a dead holder now delays the sweep by one interval.
+            "unacked_mutex_expire": settings.restore_interval_s,
             **({"master_name": settings.redis_sentinel_master} if is_sentinel_url(settings.broker_url) else {}),
         },
         broker_connection_retry_on_startup=True,

@@ -68,6 +68,7 @@ API_KEY_IDS = f"{PREFIX}:apikeys"  # hash: key id -> secret hash
 
 KOMBU_UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages (visionq sets no key prefix)
 KOMBU_UNACKED_INDEX = "unacked_index"  # kombu's zset of their delivery times
+KOMBU_UNACKED_MUTEX = "unacked_mutex"  # kombu's lock on its sweep for abandoned messages
 
 
 def job_queue(queue_prefix: str, model: str) -> str:

@@ -13,8 +13,10 @@ import pytest
 from cli.client import Client
 from cli.embedded_redis import free_port
 from cli.stack import Stack
+from shared.store.broker import make_celery
 from shared.store.connection import connect
 from shared.store.jobs import JobStore
+from shared.store.keys import KOMBU_UNACKED_MUTEX
 from shared.store.workers import WorkerRegistry
 from tests.conftest import settings_env
 from tests.processes import alive, wait_gone
@@ -108,6 +110,22 @@ def test_worker_killed_mid_batch_leaves_each_unfinished_job_to_run_again_once(fa
         assert again["attempts"] == 1 and again["finished_at"] == job["finished_at"]  # never run a second time
     info = WorkerRegistry(store.redis).info(fault_stack.worker_name)
     assert info["largest_batch"] >= 2, info  # the killed batch held more than one job
+
+
+def test_a_worker_killed_while_it_sweeps_for_abandoned_jobs_delays_them_by_a_sweep_not_minutes(
+        fault_stack, settings):
+    store = JobStore(connect(settings), settings.result_ttl_s)
+    client = Client(fault_stack.api_url, key=fault_stack.api_key)
+    job = client.submit("describe", ["street_night.png"], max_new_tokens=LONG)
+    wait_for_attempt(store, job["id"], 1)
+    fault_stack.stop_process("worker", signal.SIGKILL)
+    # As if it died inside kombu's sweep: its lock stays, with the expiry the workers' settings give it.
+    workers = settings.model_copy(update={"restore_interval_s": int(FAULT_ENV["VISIONQ_RESTORE_INTERVAL_S"])})
+    expire = make_celery(workers).conf.broker_transport_options.get("unacked_mutex_expire", 300)
+    assert store.redis.lock(KOMBU_UNACKED_MUTEX, timeout=expire).acquire(blocking=False)
+    kill_worker_mid_job(fault_stack, store)  # the worker is down already: this restarts it
+    finished = client.wait(job["id"], timeout_s=60)
+    assert finished["status"] == "succeeded" and finished["attempts"] == 2, finished
 
 
 def test_job_that_keeps_killing_its_worker_fails_as_worker_lost(fault_stack, settings):
