@@ -263,7 +263,7 @@ def main() -> None:
     parser.add_argument("--mixed-jobs", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-forced", action="store_true", help="only the mixed workload")
-    parser.add_argument("--idle-jobs", type=int, default=8, help="lone jobs timed after the graph capture's")
+    parser.add_argument("--idle-jobs", type=int, default=8, help="lone jobs timed after the graph capture's (0: no idle run)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                         help="worker settings to run each cap with, in turn (repeatable; default: as they are), "
                              "e.g. --variant budget4k:VISIONQ_STEP_PREFILL_TOKENS=4096 --variant budget16k:...")
@@ -317,7 +317,7 @@ def main() -> None:
                                           crops, seed_rate, forced_tokens_s)
                     if label == "forced":
                         forced_tokens_s = result["tokens_s"]
-                if count == 1 and cap == max(int(c) for c in args.caps.split(",")):
+                if args.idle_jobs and count == 1 and cap == max(int(c) for c in args.caps.split(",")):
                     idle_latency(client, WorkerRegistry(store.redis), names[0], images, args.new_tokens, crops[0],
                                  args.idle_jobs)
                 stop_workers(stack, names)
