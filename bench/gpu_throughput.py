@@ -263,7 +263,8 @@ def main() -> None:
     parser.add_argument("--mixed-jobs", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-forced", action="store_true", help="only the mixed workload")
-    parser.add_argument("--idle-jobs", type=int, default=8, help="lone jobs timed after the graph capture's (0: no idle run)")
+    parser.add_argument("--idle-jobs", type=int, default=8,
+                        help="lone jobs timed after the graph capture's (0: no idle run)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                         help="worker settings to run each cap with, in turn (repeatable; default: as they are), "
                              "e.g. --variant budget4k:VISIONQ_STEP_PREFILL_TOKENS=4096 --variant budget16k:...")
