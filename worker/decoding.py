@@ -243,10 +243,11 @@ class DecodeStep:
         the keys and values the warm-up wrote land in slots their mask hides, which the next step writes again
         before it reads them."""
         saved = [t.clone() for t in self.state()]
-        graph = graphs.capture(self.step, self.model)
-        for tensor, value in zip(self.state(), saved, strict=True):
-            tensor.copy_(value)
-        self.graph = graph
+        try:
+            self.graph = graphs.capture(self.step, self.model)
+        finally:  # also when the capture fails after its warm-up: the rows then go on eagerly from where they were
+            for tensor, value in zip(self.state(), saved, strict=True):
+                tensor.copy_(value)
 
 
 class BlockDecodeStep(DecodeStep):

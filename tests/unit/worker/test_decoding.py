@@ -182,6 +182,29 @@ def test_an_fp8_cache_needs_blocks(tiny):
         decoder_for(load(path, "cpu", torch.float32), processor, use_graphs=False, kv_dtype=torch.float8_e4m3fn)
 
 
+def test_a_capture_that_fails_after_its_warm_up_leaves_the_rows_where_they_were(tiny, cache, monkeypatch):
+    """A CUDA capture can fail after its warm-up steps ran (out of memory, say): the step then runs eagerly, and must
+    start from the rows' state before the warm-up, or each row loses the warm-up's tokens. The capture is stood in
+    for on the CPU by its warm-up and an error."""
+    from worker import graphs
+
+    arch, path, processor = tiny
+    model = load(path, "cpu", torch.float32)
+    batch = jobs(arch, 3)
+    plain = batched(decoder_for(model, processor, use_graphs=False, cache=cache), processor, batch)
+
+    def failing_capture(step, _model):
+        for _ in range(graphs.WARM_UP):
+            step()
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(graphs, "capture", failing_capture)
+    decoder = decoder_for(model, processor, use_graphs=False, cache=cache)
+    decoder.use_graphs = True  # the CUDA branch of the decode step, whose capture fails
+    assert batched(decoder, processor, batch) == plain
+    assert decoder.steps and all(step.graph is None for step in decoder.steps.values())
+
+
 def test_collate_left_pads_tokens_and_stacks_images():
     one = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
            "pixel_values": torch.ones(1, 2, 3)}
@@ -241,6 +264,29 @@ def test_cuda_graph_replay_equals_eager_steps_in_bf16(tiny, cache):
     graphed = batched(graphed_decoder, processor, batch)
     assert graphed_decoder.steps and all(step.graph is not None for step in graphed_decoder.steps.values())
     assert graphed == batched(decoder_for(model, processor, use_graphs=False, cache=cache), processor, batch)
+    firsts = [unbatched(model, processor, job)[0] for job in batch]
+    assert [graphed[row][0] for row in range(len(batch))] == firsts
+
+
+@CUDA
+@pytest.mark.parametrize("lone_prefill", [False, True])
+def test_cuda_an_fp8_cache_graphs_like_eager_and_keeps_the_first_tokens_in_bf16(tiny, lone_prefill):
+    """VISIONQ_KV_CACHE_DTYPE=fp8 on CUDA: the compiled write and decode kernels over fp8 pools, inside captured
+    decode steps (and lone prefills), give what the same cache gives eagerly; the prefill's first tokens are the
+    model's."""
+    arch, path, processor = tiny
+    model = load(path, "cuda", torch.bfloat16)
+    batch = jobs(arch)
+
+    def fp8_decoder(use_graphs: bool) -> Decoder:
+        return decoder_for(model, processor, use_graphs=use_graphs, cache="blocks", kv_dtype=torch.float8_e4m3fn,
+                           lone_prefill=lone_prefill)
+
+    graphed_decoder = fp8_decoder(use_graphs=True)
+    graphed = batched(graphed_decoder, processor, batch)
+    assert graphed_decoder.arena.dtype == torch.float8_e4m3fn
+    assert graphed_decoder.steps and all(step.graph is not None for step in graphed_decoder.steps.values())
+    assert graphed == batched(fp8_decoder(use_graphs=False), processor, batch)
     firsts = [unbatched(model, processor, job)[0] for job in batch]
     assert [graphed[row][0] for row in range(len(batch))] == firsts
 
